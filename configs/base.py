@@ -1,0 +1,80 @@
+"""Defaults shared by every preset. A preset changes what differs; `model_for_depth` is the one size dial."""
+import ml_collections
+
+
+def model_for_depth(depth: int, family: str = "gpt2", head_dim: int = 64) -> ml_collections.ConfigDict:
+    """Width, heads and MLP size derived from depth (nanochat's aspect ratio: d_model = 64 * depth)."""
+    d_model = 64 * depth
+    n_heads = max(1, d_model // head_dim)
+    return ml_collections.ConfigDict(dict(
+        family=family,
+        vocab_size=0,            # 0: take it from the tokenizer
+        n_layers=depth,
+        d_model=d_model,
+        n_heads=n_heads,
+        n_kv_heads=n_heads if family == "gpt2" else max(1, n_heads // 2),
+        d_ff=4 * d_model if family == "gpt2" else _swiglu_width(d_model),
+        max_len=1024,
+        dtype="bfloat16",        # compute dtype
+        param_dtype="float32",
+        attention="xla",         # xla | dot_product (jax.nn.dot_product_attention: cuDNN on GPU)
+        remat="none",            # none | full | dots
+        scan_layers=False,
+        rope_theta=10000.0,
+        norm_eps=1e-5,
+        tie_embeddings=family == "gpt2",
+    ))
+
+
+def _swiglu_width(d_model: int, multiple: int = 64) -> int:
+    width = int(8 * d_model / 3)
+    return multiple * ((width + multiple - 1) // multiple)
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.data = ml_collections.ConfigDict(dict(
+        inputs=(),               # empty: the bundled corpus (CPython's documentation)
+    ))
+    c.tokenizer = ml_collections.ConfigDict(dict(
+        kind="bpe",              # bpe: train our own | pretrained: load `name` (cl100k_base, gpt2, a path)
+        name="",
+        vocab_size=4096,
+    ))
+    c.dataset = ml_collections.ConfigDict(dict(
+        val_fraction=0.05,
+        shard_tokens=1 << 24,
+        packing="concat",        # concat: windows cross documents | document: each window starts a document
+        workers=0,               # 0: all cores
+    ))
+    c.model = model_for_depth(12)
+    c.train = ml_collections.ConfigDict(dict(
+        steps=1000,
+        batch_size=32,           # global, in sequences
+        seq_len=1024,
+        grad_accum=1,
+        lr=6e-4,
+        schedule="cosine",
+        warmup_steps=100,
+        min_lr_ratio=0.1,
+        weight_decay=0.1,
+        b1=0.9,
+        b2=0.95,
+        eps=1e-8,
+        grad_clip=1.0,
+        log_every=10,
+        eval_every=200,
+        eval_batches=8,
+        checkpoint_every=200,
+        keep_checkpoints=3,
+    ))
+    c.sample = ml_collections.ConfigDict(dict(
+        max_new_tokens=64,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        num_samples=2,
+    ))
+    return c

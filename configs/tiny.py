@@ -1,0 +1,18 @@
+"""A tiny model that trains on a laptop CPU in minutes. `configs/tiny.py:llama` selects the LLaMA family."""
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import base  # noqa: E402
+
+
+def get_config(arg: str = "gpt2"):
+    c = base.get_config()
+    c.model = base.model_for_depth(2, family=arg)
+    c.model.max_len = 256
+    c.model.dtype = "float32"
+    c.tokenizer.vocab_size = 2048
+    c.train.update(steps=300, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=30, log_every=10,
+                   eval_every=100, eval_batches=4, checkpoint_every=100)
+    c.sample.max_new_tokens = 48
+    return c

@@ -1,0 +1,50 @@
+"""`lm`: a JAX codebase that builds a ChatGPT-style assistant end to end."""
+from setuptools import find_packages, setup
+
+# One set of versions known to install together (see README, "Dependencies").
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "tensorflow-cpu==2.21.0",
+    "tensorflow-datasets==4.9.10",
+    "importlib_resources",
+    "sentencepiece==0.2.3",
+    "ml-collections==1.1.0",
+    "absl-py==2.5.1",
+    "numpy==2.4.6",
+    "tiktoken==0.14.0",
+    "rustbpe==0.1.0",
+    "tokenizers==0.23.3",
+    "datatrove==0.10.1",
+    "trafilatura==2.3.1",
+    "fasttext-predict==0.9.2.4",
+    "spacy==3.8.18",
+    "warcio==1.8.1",
+    "faust-cchardet==3.2.0",
+    "python-magic==0.4.27",
+    "orjson==3.13.0",
+    "tldextract>=5,<6",
+    "pyarrow==26.0.1",
+    "matplotlib==3.11.2",
+    "safetensors==0.8.0",
+]
+
+TEST_REQUIRES = [
+    "pytest",
+    "hypothesis",
+    "torch==2.13.0",       # HF parity tests and the PyTorch benchmark peer (CPU build)
+    "transformers==5.24.0",
+]
+
+setup(
+    name="lm",
+    version="0.1.0",
+    description="A JAX research codebase that builds a ChatGPT-style assistant end to end.",
+    python_requires=">=3.10",
+    packages=find_packages(include=["lm", "lm.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require={"test": TEST_REQUIRES},
+)
