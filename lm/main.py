@@ -1,0 +1,154 @@
+"""The whole pipeline from one config into one workdir: corpus → filter → tokenizer → tokens → pretrain → sample.
+
+    python -m lm.main --config=configs/tiny.py --workdir=runs/tiny [--data=<paths or globs>] [--force]
+
+A stage whose outputs are already in the workdir is skipped (`--force` redoes every stage; `--stages` picks some).
+Each stage is also a module of its own (`python -m lm.data.filter`, `python -m lm.train`, ...).
+"""
+import dataclasses
+import glob
+import hashlib
+import json
+import pathlib
+import shutil
+import time
+from typing import Callable
+
+from absl import app, flags, logging
+
+from lm import config as lm_config
+from lm import mesh as lm_mesh
+
+_CONFIG = lm_config.define_config_flag()
+_WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Directory for every output of the pipeline.")
+_DATA = flags.DEFINE_list("data", [], "Corpus files or globs (WARC, HTML, jsonl, parquet, txt). "
+                                      "Default: config.data.inputs, else the bundled corpus (CPython's documentation).")
+_FORCE = flags.DEFINE_bool("force", False, "Redo stages whose outputs already exist.")
+_STAGES = flags.DEFINE_list("stages", [], "Run only these stages (default: all, in order).")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    name: str
+    outputs: tuple          # paths (globs) relative to the workdir that --force removes first
+    run: Callable           # run(config, workdir, inputs) -> dict of results for the report
+    keys: tuple = ()        # config sections whose change makes the stage (and those after it) run again
+
+
+def run_corpus(config, workdir, inputs):
+    from lm.data import bundled
+    n = bundled.write_corpus(workdir / "corpus" / "python_docs.jsonl.gz")
+    return {"documents": n, "source": "bundled CPython documentation"}
+
+
+def run_filter(config, workdir, inputs):
+    from lm.data import filter as data_filter
+    return data_filter.run(config.filter, inputs, workdir)
+
+
+def run_tokenizer(config, workdir, inputs):
+    from lm import tokenizer
+    from lm.data import documents
+    out = workdir / "tokenizer"
+    if config.tokenizer.kind == "pretrained":
+        tok = tokenizer.load(config.tokenizer.name)
+        tok.save(out)
+    else:
+        from lm.tokenizer import train
+        texts = (d.text for d in documents.iter_documents([str(workdir / "text" / "*.jsonl.gz")]))
+        tok = train.train(texts, config.tokenizer.vocab_size, out)
+    return {"name": tok.name, "n_vocab": tok.n_vocab, "hash": tok.hash}
+
+
+def run_tokenize(config, workdir, inputs):
+    from lm import tokenizer
+    from lm.data import tokenize
+    tok = tokenizer.load(workdir / "tokenizer")
+    return tokenize.run(tok, [str(workdir / "text" / "*.jsonl.gz")], workdir / "tokens", config.dataset)
+
+
+def run_pretrain(config, workdir, inputs):
+    from lm.train import pretrain
+    return pretrain.run(config, workdir)
+
+
+def run_sample(config, workdir, inputs):
+    from lm import sample
+    return sample.report(config, workdir)
+
+
+STAGES = (
+    Stage("corpus", ("corpus",), run_corpus, ("data",)),
+    Stage("filter", ("text", "filter*"), run_filter, ("filter",)),
+    Stage("tokenizer", ("tokenizer",), run_tokenizer, ("tokenizer",)),
+    Stage("tokenize", ("tokens",), run_tokenize, ("dataset",)),
+    Stage("pretrain", ("checkpoints", "metrics.jsonl", "tb", "*.png"), run_pretrain, ("seed", "model", "train", "mesh")),
+    Stage("sample", (), run_sample, ("sample",)),
+)
+
+
+def run_pipeline(config, workdir, data=(), force=False, only=()) -> dict:
+    """Runs the stages in order; returns {stage: results}. A stage is done once <workdir>/stages/<name>.json exists."""
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    data = list(data) or list(config.data.inputs)
+    inputs = data or [str(workdir / "corpus" / "python_docs.jsonl.gz")]
+    unknown = set(only) - {s.name for s in STAGES}
+    if unknown:
+        raise ValueError(f"unknown stages {sorted(unknown)}; known: {[s.name for s in STAGES]}")
+    results = {}
+    fingerprint = _fingerprint(inputs)
+    for i, stage in enumerate(STAGES, 1):
+        fingerprint = _fingerprint([fingerprint] + [config.get(key) for key in stage.keys])
+        if (only and stage.name not in only) or (stage.name == "corpus" and data):
+            continue
+        done_marker = workdir / "stages" / f"{stage.name}.json"
+        done = json.loads(done_marker.read_text()) if done_marker.exists() else {}
+        if done.get("fingerprint") == fingerprint and not force:
+            results[stage.name] = done
+            logging.info("[%d/%d] %s: done already (%s); --force redoes it", i, len(STAGES), stage.name, done_marker)
+            continue
+        if done:
+            logging.info("[%d/%d] %s: inputs or config changed since it ran; running it again", i, len(STAGES),
+                         stage.name)
+        if force:
+            for output in stage.outputs:
+                _remove(workdir / output)
+        logging.info("[%d/%d] %s ...", i, len(STAGES), stage.name)
+        start = time.time()
+        result = stage.run(config, workdir, inputs) or {}
+        result = {"seconds": round(time.time() - start, 1), "fingerprint": fingerprint, **result}
+        done_marker.parent.mkdir(exist_ok=True)
+        done_marker.write_text(json.dumps(result, indent=1, default=str))
+        results[stage.name] = result
+        logging.info("[%d/%d] %s finished in %.1fs", i, len(STAGES), stage.name, result["seconds"])
+    write_report(workdir, results)
+    return results
+
+
+def _fingerprint(values) -> str:
+    text = json.dumps([v.to_dict() if hasattr(v, "to_dict") else v for v in values], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _remove(path: pathlib.Path):
+    for match in glob.glob(str(path)):
+        shutil.rmtree(match) if pathlib.Path(match).is_dir() else pathlib.Path(match).unlink()
+
+
+def write_report(workdir: pathlib.Path, results: dict) -> None:
+    from lm import report
+    (workdir / "report.md").write_text(report.render(workdir, results))
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    lm_mesh.initialize_distributed()
+    config = lm_config.validate(_CONFIG.value)
+    run_pipeline(config, _WORKDIR.value, _DATA.value, _FORCE.value, _STAGES.value)
+    logging.info("report: %s", pathlib.Path(_WORKDIR.value) / "report.md")
+
+
+if __name__ == "__main__":
+    app.run(main)
