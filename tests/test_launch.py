@@ -11,7 +11,7 @@ def test_sweep_grid_is_the_product_of_axes():
     commands = list(sweep.grid_commands("lm.train", "configs/tiny.py", "runs/s",
                                         ["train.lr=1e-3,3e-3", "model.n_layers=2,4"]))
     assert len(commands) == 4
-    tails = {tuple(c[3:]) for c in commands}
+    tails = {tuple(c[4:]) for c in commands}
     assert ("--workdir=runs/s/lr=3e-3_n_layers=4", "--config.train.lr=3e-3", "--config.model.n_layers=4") in tails
 
 
