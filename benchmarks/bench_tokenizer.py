@@ -1,0 +1,139 @@
+"""Tokenizer benchmark: our trainer (rustbpe) vs HF tokenizers' BpeTrainer, and our encoder vs raw tiktoken.
+
+    python benchmarks/bench_tokenizer.py [--data=../shared/data] [--repeats=4] [--vocab_sizes=4096,32768]
+
+Corpus: every real text under shared/data that fits in one pass, about 28 MB of UTF-8, none of it repeated:
+FineWeb sample-10BT (2400 docs), DCLM quality-labelled web docs, C4 / CCNet / Dolma samples, Japanese FineWeb-2,
+GSM8K train (question + answer), nanochat identity conversations, HH-RLHF harmless test (chosen), and the article
+bodies of the HTML extraction benchmark. Same texts, same regex (GPT-4's) and same machine for both sides of each
+comparison. Writes benchmarks/results/bench_tokenizer.json.
+"""
+import argparse
+import gzip
+import json
+import os
+import pathlib
+import platform
+import time
+
+import tiktoken
+import tokenizers
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+
+from lm.data.documents import iter_documents
+from lm.tokenizer import SPECIAL_TOKENS, encoding, huggingface, train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+# -- corpus -----------------------------------------------------------------------------------------------------------
+def _jsonl(path: pathlib.Path):
+    with (gzip.open(path, "rt") if path.suffix == ".gz" else open(path)) as f:
+        yield from map(json.loads, f)
+
+
+def load_corpus(data: pathlib.Path) -> tuple[list[str], dict[str, float]]:
+    """All texts, and MB of UTF-8 per source."""
+    web = sorted((data / "web" / "text").glob("*"))
+    sources = {
+        "web/text (FineWeb, DCLM, C4, CCNet, Dolma, FineWeb-2 ja)": [d.text for d in iter_documents(web)],
+        "gsm8k train": [r["question"] + "\n" + r["answer"] for r in _jsonl(data / "posttrain/gsm8k/train.jsonl")],
+        "nanochat identity conversations": [
+            "\n\n".join(m["content"] for m in conversation)
+            for conversation in _jsonl(data / "posttrain/sft/nanochat_identity_conversations.jsonl")],
+        "hh-rlhf harmless test (chosen)": [
+            r["chosen"] for r in _jsonl(data / "posttrain/preference/hh_rlhf_harmless_base_test.jsonl.gz")],
+        "html benchmark article bodies": [
+            v["articleBody"] for v in json.loads((data / "web/html_extraction_benchmark/ground-truth.json").read_text())
+            .values()],
+    }
+    sizes = {name: round(sum(len(t.encode()) for t in texts) / 1e6, 2) for name, texts in sources.items()}
+    return [text for texts in sources.values() for text in texts], sizes
+
+
+# -- training ---------------------------------------------------------------------------------------------------------
+def train_ours(texts: list[str], vocab_size: int) -> float:
+    start = time.perf_counter()
+    train.train(texts, vocab_size)
+    return time.perf_counter() - start
+
+
+def train_hf(texts: list[str], vocab_size: int) -> tuple[float, tokenizers.Tokenizer]:
+    """HF's BpeTrainer with the same pre-split (GPT-4 regex, then byte-level), alphabet and special tokens."""
+    hf = tokenizers.Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(huggingface.hf_pattern(encoding.GPT4_PATTERN)), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    start = time.perf_counter()
+    hf.train_from_iterator(texts, trainer=trainer)
+    return time.perf_counter() - start, hf
+
+
+# -- encoding ---------------------------------------------------------------------------------------------------------
+def best_seconds(ours, theirs, repeats: int) -> tuple[float, float]:
+    """Best of `repeats` for each, alternating which goes first, so load from other processes hits both alike."""
+    times = {ours: [], theirs: []}
+    for i in range(repeats):
+        for fn in (ours, theirs) if i % 2 == 0 else (theirs, ours):
+            start = time.perf_counter()
+            fn()
+            times[fn].append(time.perf_counter() - start)
+    return min(times[ours]), min(times[theirs])
+
+
+def encode_rows(texts: list[str], mb: float, ours, raw: tiktoken.Encoding, threads: int, repeats: int) -> dict:
+    """MB/s of our Tokenizer vs the tiktoken.Encoding it wraps, one document at a time and batched."""
+    rows = {
+        "single_thread": best_seconds(lambda: [ours.encode(t) for t in texts],
+                                      lambda: [raw.encode_ordinary(t) for t in texts], repeats),
+        f"batch_{threads}_threads": best_seconds(lambda: ours.encode_batch(texts, num_threads=threads),
+                                                 lambda: raw.encode_ordinary_batch(texts, num_threads=threads),
+                                                 repeats),
+    }
+    return {name: dict(ours_mb_s=round(mb / a, 2), tiktoken_mb_s=round(mb / b, 2), ratio=round(b / a, 3))
+            for name, (a, b) in rows.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--vocab_sizes", default="4096,32768")
+    args = parser.parse_args()
+    data = pathlib.Path(args.data)
+    texts, sizes = load_corpus(data)
+    mb = sum(sizes.values())
+    print(f"corpus: {len(texts)} documents, {mb:.1f} MB UTF-8: {sizes}")
+    results = dict(machine=dict(cpus=os.cpu_count(), platform=platform.platform(), python=platform.python_version(),
+                                tiktoken=tiktoken.__version__, tokenizers=tokenizers.__version__),
+                   corpus=dict(documents=len(texts), mb=round(mb, 2), sources=sizes), train={}, encode={})
+
+    for vocab_size in map(int, args.vocab_sizes.split(",")):
+        ours = train_ours(texts, vocab_size)
+        hf_seconds, _ = train_hf(texts, vocab_size)
+        results["train"][vocab_size] = dict(ours_s=round(ours, 2), hf_s=round(hf_seconds, 2),
+                                            hf_over_ours=round(hf_seconds / ours, 2))
+        print(f"train to {vocab_size}: ours (rustbpe) {ours:.2f}s, HF BpeTrainer {hf_seconds:.2f}s "
+              f"-> ours takes {ours / hf_seconds:.2f}x HF's time")
+
+    cl100k = encoding.load_tiktoken_file(data / "tokenizers" / "cl100k_base.tiktoken")
+    raw = tiktoken.Encoding("cl100k_base", pat_str=cl100k.pattern, mergeable_ranks=cl100k.mergeable_ranks,
+                            special_tokens=encoding.KNOWN["cl100k_base"].special_tokens)
+    threads = os.cpu_count() or 1
+    results["encode"]["cl100k_base"] = encode_rows(texts, mb, cl100k, raw, threads, args.repeats)
+    for name, row in results["encode"]["cl100k_base"].items():
+        print(f"encode cl100k {name}: ours {row['ours_mb_s']} MB/s, tiktoken {row['tiktoken_mb_s']} MB/s "
+              f"-> {row['ratio']:.3f}x")
+
+    out = REPO / "benchmarks" / "results" / "bench_tokenizer.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""Tokenize a corpus into token shards: `<tokens_dir>/{train,val}/NNNNN.bin` + `index.json`.
+
+Each shard is a flat little-endian array of token ids (uint16 when the vocabulary fits, else uint32) in which every
+document is followed by the end-of-text token, plus `NNNNN.docs.bin` (uint64): the offset of each document's first
+token in the shard. A document goes to val when the first 8 bytes of blake2b(its UTF-8 text) read as a fraction of
+2**64 fall below `val_fraction`, so the split is deterministic and duplicates land on the same side. Shards are filled
+in document order and closed at a document boundary once they hold `shard_tokens` tokens; the output does not depend
+on the number of workers, and a re-run on the same input writes byte-identical files.
+
+Documents come from lm.data.documents (jsonl / json / parquet / txt, optionally gzipped); whatever it rejects
+(unreadable file, malformed line, missing or empty text) is counted and listed in the index with file and line, and
+documents in = tokenized + rejected.
+
+    python -m lm.data.tokenize --config=configs/tiny.py --workdir=runs/tiny [--input=<files or globs>]
+"""
+import collections
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from absl import app, flags, logging
+
+from lm.data import documents
+
+INDEX_FILE = "index.json"
+FORMAT = "lm.tokens/1"
+SPLITS = ("train", "val")
+CHUNK_CHARS = 1 << 18           # text per worker task: small enough to balance, large enough to amortise
+PROGRESS_SECONDS = 10.0
+DEFAULTS = dict(val_fraction=0.05, shard_tokens=1 << 24, workers=0, text_key="text")
+
+
+def token_dtype(n_vocab: int) -> np.dtype:
+    return np.dtype(np.uint16 if n_vocab <= 1 << 16 else np.uint32).newbyteorder("<")
+
+
+def is_val(text_bytes: bytes, val_fraction: float) -> bool:
+    digest = hashlib.blake2b(text_bytes, digest_size=8).digest()
+    return int.from_bytes(digest, "little") < val_fraction * 2.0 ** 64
+
+
+def read_index(tokens_dir) -> dict:
+    path = pathlib.Path(tokens_dir) / INDEX_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run `python -m lm.data.tokenize` first")
+    index = json.loads(path.read_text())
+    if index.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {index.get('format')!r} is not {FORMAT!r}; re-run lm.data.tokenize")
+    return index
+
+
+class ShardWriter:
+    """Appends documents (tokens + end-of-text) to `<directory>/NNNNN.bin`, starting a new shard past shard_tokens."""
+
+    def __init__(self, tokens_dir: pathlib.Path, split: str, shard_tokens: int):
+        self.tokens_dir, self.split, self.shard_tokens = tokens_dir, split, shard_tokens
+        (tokens_dir / split).mkdir(parents=True, exist_ok=True)
+        self.shards = []
+        self._file = None
+
+    def add(self, tokens: np.ndarray) -> None:
+        if self._file is None:
+            self._open()
+        self._starts.append(self._tokens)
+        self._file.write(tokens.tobytes())
+        self._tokens += len(tokens)
+        if self._tokens >= self.shard_tokens:
+            self._close()
+
+    def _open(self):
+        name = f"{self.split}/{len(self.shards):05d}"
+        self._names = (f"{name}.bin", f"{name}.docs.bin")
+        self._file = open(self.tokens_dir / self._names[0], "wb")
+        self._starts, self._tokens = [], 0
+
+    def _close(self):
+        self._file.close()
+        self._file = None
+        (self.tokens_dir / self._names[1]).write_bytes(np.asarray(self._starts, "<u8").tobytes())
+        self.shards.append(dict(tokens_file=self._names[0], docs_file=self._names[1], tokens=self._tokens,
+                                documents=len(self._starts)))
+
+    def finish(self) -> dict:
+        if self._file is not None:
+            self._close()
+        return dict(tokens=sum(s["tokens"] for s in self.shards), documents=sum(s["documents"] for s in self.shards),
+                    shards=self.shards)
+
+
+def _chunks(docs, chunk_chars: int):
+    """Lists of documents of about chunk_chars characters each, in order."""
+    chunk, size = [], 0
+    for doc in docs:
+        chunk.append(doc)
+        size += len(doc.text)
+        if size >= chunk_chars:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def _encode_chunk(tokenizer, texts, dtype, eot_id: int, val_fraction: float):
+    """[(is_val, tokens + eot as dtype)] and the chunk's UTF-8 bytes; runs in a worker thread."""
+    out, n_bytes = [], 0
+    for text in texts:
+        data = text.encode("utf-8")
+        n_bytes += len(data)
+        ids = tokenizer.encode(text)
+        tokens = np.empty(len(ids) + 1, dtype)
+        tokens[:-1] = ids
+        tokens[-1] = eot_id
+        out.append((is_val(data, val_fraction), tokens))
+    return out, n_bytes
+
+
+def _ordered(pool, chunks, submit, depth: int):
+    """Results of submit(chunk) in chunk order, with at most `depth` chunks in flight."""
+    pending = collections.deque()
+    for chunk in chunks:
+        pending.append((chunk, pool.submit(submit, chunk)))
+        if len(pending) >= depth:
+            chunk, future = pending.popleft()
+            yield chunk, future.result()
+    while pending:
+        chunk, future = pending.popleft()
+        yield chunk, future.result()
+
+
+def run(tokenizer, inputs, tokens_dir, dataset_config=None) -> dict:
+    """Tokenizes the documents of `inputs` (paths or globs) into `tokens_dir`; returns the index (also written as
+    index.json, last, so a directory with an index is complete)."""
+    given = dataset_config.to_dict() if hasattr(dataset_config, "to_dict") else dict(dataset_config or {})
+    cfg = {**DEFAULTS, **{k: v for k, v in given.items() if k in DEFAULTS}}
+    tokens_dir = pathlib.Path(tokens_dir)
+    workers = cfg["workers"] or os.cpu_count() or 1
+    dtype = token_dtype(tokenizer.n_vocab)
+    eot_id = tokenizer.eot_id
+    _clear(tokens_dir)
+    writers = {split: ShardWriter(tokens_dir, split, cfg["shard_tokens"]) for split in SPLITS}
+    stats = documents.DocumentStats()
+    per_source = collections.Counter()
+    progress = _Progress()
+
+    def encode(chunk):
+        return _encode_chunk(tokenizer, [d.text for d in chunk], dtype, eot_id, cfg["val_fraction"])
+
+    docs = documents.iter_documents(inputs, text_key=cfg["text_key"], stats=stats)
+    with ThreadPoolExecutor(workers) as pool:
+        for chunk, (encoded, n_bytes) in _ordered(pool, _chunks(docs, CHUNK_CHARS), encode, 2 * workers):
+            for doc, (val, tokens) in zip(chunk, encoded):
+                writers["val" if val else "train"].add(tokens)
+                per_source[doc.source] += 1
+            progress.update(len(chunk), n_bytes, sum(len(tokens) for _, tokens in encoded))
+    progress.log(final=True)
+    index = _index(tokenizer, dtype, cfg, {s: w.finish() for s, w in writers.items()}, stats, per_source)
+    _write_json(tokens_dir / INDEX_FILE, index)
+    logging.info("tokenized %s", stats.summary())
+    if not index["splits"]["val"]["documents"] and cfg["val_fraction"] > 0:
+        logging.warning("%s: no document fell in the val split (val_fraction=%s)", tokens_dir, cfg["val_fraction"])
+    return {**index, "seconds": round(progress.seconds, 2), "mb_per_s": round(progress.mb_per_s, 2)}
+
+
+def _clear(tokens_dir: pathlib.Path):
+    """Removes a previous run's index first (so a half-written directory never looks complete), then its shards."""
+    tokens_dir.mkdir(parents=True, exist_ok=True)
+    (tokens_dir / INDEX_FILE).unlink(missing_ok=True)
+    for split in SPLITS:
+        shutil.rmtree(tokens_dir / split, ignore_errors=True)
+
+
+def _index(tokenizer, dtype, cfg, splits, stats, per_source) -> dict:
+    report = stats.to_dict()
+    tokenized = sum(per_source.values())
+    return {
+        "format": FORMAT,
+        "dtype": dtype.name,
+        "tokenizer": dict(name=tokenizer.name, hash=tokenizer.hash, n_vocab=tokenizer.n_vocab,
+                          eot_id=tokenizer.eot_id),
+        "split": dict(val_fraction=cfg["val_fraction"], rule="blake2b(utf-8 text, 8 bytes) / 2**64 < val_fraction"),
+        "splits": splits,
+        "documents": {"in": tokenized + stats.rejected, "tokenized": tokenized, "rejected": stats.rejected,
+                      "utf8_replaced": stats.replaced_utf8},
+        "sources": [{"file": source, "documents": n} for source, n in per_source.items()],
+        "files": report["files"],
+        "rejected_by_reason": report["by_reason"],
+        "rejected": [{"file": r["source"], "line": r["line"], "reason": r["reason"]} for r in report["examples"]],
+    }
+
+
+def _write_json(path: pathlib.Path, value) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+class _Progress:
+    def __init__(self):
+        self.start = self.last = time.monotonic()
+        self.docs = self.bytes = self.tokens = 0
+
+    def update(self, docs, n_bytes, tokens):
+        self.docs += docs
+        self.bytes += n_bytes
+        self.tokens += tokens
+        if time.monotonic() - self.last > PROGRESS_SECONDS:
+            self.log()
+
+    @property
+    def seconds(self):
+        return time.monotonic() - self.start
+
+    @property
+    def mb_per_s(self):
+        return self.bytes / 1e6 / max(self.seconds, 1e-9)
+
+    def log(self, final=False):
+        self.last = time.monotonic()
+        logging.info("%s %d documents, %.1f MB, %d tokens, %.1f s (%.2f MB/s)", "tokenized" if final else "...",
+                     self.docs, self.bytes / 1e6, self.tokens, self.seconds, self.mb_per_s)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from lm import tokenizer as lm_tokenizer
+    config = flags.FLAGS.config
+    workdir = pathlib.Path(flags.FLAGS.workdir)
+    inputs = flags.FLAGS.input or [str(workdir / "text" / "*.jsonl.gz")]
+    tok = lm_tokenizer.load(flags.FLAGS.tokenizer or workdir / "tokenizer")
+    index = run(tok, inputs, workdir / "tokens", config.dataset)
+    docs = index["documents"]
+    print(f"{docs['in']} documents in: {docs['tokenized']} tokenized, {docs['rejected']} rejected "
+          f"{index['rejected_by_reason'] or ''}")
+    for split, info in index["splits"].items():
+        print(f"{split}: {info['documents']} documents, {info['tokens']:,} tokens in {len(info['shards'])} shards")
+    print(f"{index['dtype']} shards in {workdir / 'tokens'}; {index['mb_per_s']} MB/s")
+
+
+if __name__ == "__main__":
+    from lm import config as lm_config
+    lm_config.define_config_flag()
+    flags.DEFINE_string("workdir", "runs/default", "Workdir: reads tokenizer/ and text/, writes tokens/.")
+    flags.DEFINE_list("input", [], "Files or globs of documents (default: <workdir>/text/*.jsonl.gz).")
+    flags.DEFINE_string("tokenizer", None, "Tokenizer name or path (default: <workdir>/tokenizer).")
+    app.run(main)

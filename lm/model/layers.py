@@ -1,0 +1,176 @@
+"""Transformer building blocks: parameters with logical axes, norms, RoPE, attention, MLPs.
+
+Every parameter is an `nnx.Param` carrying `logical_axes` metadata (names from lm.mesh.RULES); `lm.model.shardings`
+turns those names into NamedShardings. Weights are stored in `param_dtype` and cast to the compute `dtype` at use.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lm import mesh as lm_mesh
+
+
+def param(rngs, shape, axes, dtype, std=None) -> nnx.Param:
+    """A parameter drawn from N(0, std^2) (zeros when std is 0, ones when std is None) named by logical `axes`."""
+    if std is None:
+        value = jnp.ones(shape, dtype)
+    elif std == 0:
+        value = jnp.zeros(shape, dtype)
+    else:
+        value = std * jax.random.normal(rngs.params(), shape, dtype)
+    return nnx.Param(value, logical_axes=tuple(axes))
+
+
+def constrain(x, logical_axes):
+    """Pins an activation's sharding to its logical axes when a mesh is set (`jax.set_mesh`); else a no-op."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, lm_mesh.logical_to_spec(logical_axes, x.shape, mesh))
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, dim, eps, param_dtype):
+        self.scale = param(None, (dim,), ("norm",), param_dtype)
+        self.bias = param(None, (dim,), ("norm",), param_dtype, std=0)
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim, eps, param_dtype):
+        self.scale = param(None, (dim,), ("norm",), param_dtype)
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps)
+        return (y * self.scale[...]).astype(x.dtype)
+
+
+def rope_tables(positions, head_dim, theta):
+    """(sin, cos), each float32 [B, T, head_dim / 2], for integer positions [B, T]."""
+    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.sin(angles), jnp.cos(angles)
+
+
+def apply_rope(x, rope):
+    """Rotates [B, T, heads, head_dim] by the (sin, cos) tables; the half-split layout HF LLaMA uses."""
+    sin, cos = (t[:, :, None, :] for t in rope)
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def attention(q, k, v, mask=None, implementation="xla"):
+    """Softmax attention, causal when `mask` is None.
+
+    q [B, T, H, D]; k, v [B, S, K, D] with H a multiple of K (grouped-query); mask bool [B, T, S] (True: may attend).
+    implementation: "xla" (einsums, float32 softmax) or "dot_product" (jax.nn.dot_product_attention; cuDNN on GPU
+    for causal bf16/fp16 attention without a mask).
+    """
+    if implementation == "dot_product":
+        use_cudnn = mask is None and q.dtype in (jnp.bfloat16, jnp.float16) and jax.default_backend() == "gpu"
+        return jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None],
+                                            is_causal=mask is None, implementation="cudnn" if use_cudnn else None)
+    if implementation != "xla":
+        raise ValueError(f"unknown attention implementation {implementation!r} (xla | dot_product)")
+    B, T, H, D = q.shape
+    S, K = k.shape[1], k.shape[2]
+    q = q.reshape(B, T, K, H // K, D)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(D)
+    if mask is None:
+        mask = jnp.tril(jnp.ones((T, S), bool), k=S - T)[None]
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H, D)
+
+
+class Attention(nnx.Module):
+    """Multi-head / grouped-query self-attention with optional biases, RoPE and a KV cache."""
+
+    def __init__(self, spec, rngs):
+        d, h, kv, hd, pd = spec.d_model, spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.param_dtype
+        self.q = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), pd, spec.init_std)
+        self.k = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pd, spec.init_std)
+        self.v = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pd, spec.init_std)
+        self.o = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), pd, spec.residual_std)
+        if spec.biases:
+            self.q_bias = param(rngs, (h, hd), ("heads", "head_dim"), pd, std=0)
+            self.k_bias = param(rngs, (kv, hd), ("kv_heads", "head_dim"), pd, std=0)
+            self.v_bias = param(rngs, (kv, hd), ("kv_heads", "head_dim"), pd, std=0)
+            self.o_bias = param(rngs, (d,), ("embed",), pd, std=0)
+        else:
+            self.q_bias = self.k_bias = self.v_bias = self.o_bias = None
+        self.dtype = spec.dtype
+        self.implementation = spec.attention
+
+    def __call__(self, x, rope, mask, kv_cache):
+        """x [B, T, d] -> ([B, T, d], updated (k, v) cache or None). kv_cache: None or (k, v, write index)."""
+        q = self._project(x, self.q, self.q_bias)
+        k = self._project(x, self.k, self.k_bias)
+        v = self._project(x, self.v, self.v_bias)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        new_cache = None
+        if kv_cache is not None:
+            k_cache, v_cache, index = kv_cache
+            k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
+            new_cache = (k, v)
+        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.implementation)
+        y = jnp.einsum("bthd,hde->bte", out, self.o[...].astype(self.dtype))
+        if self.o_bias is not None:
+            y = y + self.o_bias[...].astype(self.dtype)
+        return y, new_cache
+
+    def _project(self, x, w, b):
+        y = jnp.einsum("btd,dhk->bthk", x, w[...].astype(self.dtype))
+        return y if b is None else y + b[...].astype(self.dtype)
+
+
+class MLP(nnx.Module):
+    """GELU (tanh approximation, as GPT-2) with biases, or SwiGLU without (as LLaMA)."""
+
+    def __init__(self, spec, rngs):
+        d, f, pd = spec.d_model, spec.d_ff, spec.param_dtype
+        self.gated = spec.family == "llama"
+        self.up = param(rngs, (d, f), ("embed", "mlp"), pd, spec.init_std)
+        self.gate = param(rngs, (d, f), ("embed", "mlp"), pd, spec.init_std) if self.gated else None
+        self.down = param(rngs, (f, d), ("mlp", "embed"), pd, spec.residual_std)
+        self.up_bias = param(rngs, (f,), ("mlp",), pd, std=0) if spec.biases else None
+        self.down_bias = param(rngs, (d,), ("embed",), pd, std=0) if spec.biases else None
+        self.dtype = spec.dtype
+
+    def __call__(self, x):
+        h = x @ self.up[...].astype(self.dtype)
+        if self.up_bias is not None:
+            h = h + self.up_bias[...].astype(self.dtype)
+        if self.gated:
+            h = jax.nn.silu(x @ self.gate[...].astype(self.dtype)) * h
+        else:
+            h = jax.nn.gelu(h, approximate=True)
+        h = constrain(h, ("batch", "length", "mlp"))
+        y = h @ self.down[...].astype(self.dtype)
+        return y if self.down_bias is None else y + self.down_bias[...].astype(self.dtype)
+
+
+def shardings(state, mesh):
+    """NamedShardings for an nnx.State (abstract or concrete) from its params' `logical_axes` through lm.mesh.RULES.
+
+    Returns the same structure with each Variable's value replaced by its NamedSharding (what `jax.jit`'s
+    out_shardings wants for an init that returns the state). A dimension its mesh axes do not divide stays replicated.
+    """
+    def one(variable):
+        axes = variable.get_metadata().get("logical_axes") or (None,) * len(variable.shape)
+        return variable.replace(lm_mesh.named_sharding(mesh, axes, variable.shape))
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -1,0 +1,310 @@
+"""The decoder-only Transformer: GPT-2 family (learned positions, LayerNorm, GELU, tied embeddings, biases) and
+LLaMA family (RoPE, RMSNorm, SwiGLU, grouped-query attention, untied head), chosen by `config.model.family`.
+
+Decoding uses a KV cache, a plain pytree from `Transformer.init_cache`:
+  k, v   [n_layers, batch, max_len, n_kv_heads, head_dim]  keys / values by cache slot
+  pos    int32 [batch, max_len]                             position of the token in each slot; -1: empty or padding
+  index  int32 []                                           next slot to write (the same for every row)
+Tokens whose position is negative are padding: no token attends to them. Left-padded prompts therefore take
+positions like [-1, -1, 0, 1, 2]; logits at real tokens then equal those of the unpadded prompt.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lm import mesh as lm_mesh
+from lm.config import ConfigError
+from lm.model.layers import MLP, Attention, LayerNorm, RMSNorm, constrain, param, rope_tables
+
+RESIDUAL = ("batch", "length", "embed")
+REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole block in the backward pass
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep the projection matmuls
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """The model hyper-parameters, resolved and checked from `config.model` (hashable, so part of the graphdef)."""
+    family: str
+    vocab_size: int
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    d_ff: int
+    max_len: int
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    attention: str = "xla"
+    remat: str = "none"
+    scan_layers: bool = False
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+    @classmethod
+    def from_config(cls, model_config) -> "ModelSpec":
+        if isinstance(model_config, cls):
+            return model_config
+        c = model_config
+        family = c.get("family", "gpt2")
+        spec = cls(family=family, vocab_size=int(c.get("vocab_size", 0)), n_layers=int(c.get("n_layers", 0)),
+                   d_model=int(c.get("d_model", 0)), n_heads=int(c.get("n_heads", 0)),
+                   n_kv_heads=int(c.get("n_kv_heads") or c.get("n_heads", 0)), d_ff=int(c.get("d_ff", 0)),
+                   max_len=int(c.get("max_len", 1024)), dtype=c.get("dtype", "float32"),
+                   param_dtype=c.get("param_dtype", "float32"), attention=c.get("attention", "xla"),
+                   remat=c.get("remat", "none"), scan_layers=bool(c.get("scan_layers", False)),
+                   rope_theta=float(c.get("rope_theta", 10000.0)), norm_eps=float(c.get("norm_eps", 1e-5)),
+                   tie_embeddings=bool(c.get("tie_embeddings", family == "gpt2")),
+                   init_std=float(c.get("init_std", 0.02)))
+        spec.check()
+        return spec
+
+    def check(self):
+        def bad(key, must):
+            raise ConfigError(f"config.model.{key}={getattr(self, key)!r}: must be {must}")
+        if self.family not in ("gpt2", "llama"):
+            bad("family", "'gpt2' or 'llama'")
+        for key in ("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "max_len"):
+            if getattr(self, key) < 1:
+                bad(key, "a positive int (vocab_size 0 must be resolved from the tokenizer first)")
+        if self.d_model % self.n_heads:
+            bad("d_model", f"divisible by n_heads={self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            bad("n_heads", f"divisible by n_kv_heads={self.n_kv_heads}")
+        if self.family == "llama" and self.head_dim % 2:
+            bad("d_model", "such that head_dim = d_model / n_heads is even (RoPE)")
+        if self.attention not in ("xla", "dot_product"):
+            bad("attention", "'xla' or 'dot_product'")
+        if self.remat not in ("none", *REMAT_POLICIES):
+            bad("remat", "'none', 'full' or 'dots'")
+        for key in ("dtype", "param_dtype"):
+            if getattr(self, key) not in ("float32", "bfloat16", "float16"):
+                bad(key, "float32, bfloat16 or float16")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def biases(self) -> bool:
+        return self.family == "gpt2"
+
+    @property
+    def residual_std(self) -> float:
+        """Init scale of the projections that write into the residual stream (GPT-2: 1/sqrt(2 * n_layers))."""
+        return self.init_std / (2 * self.n_layers) ** 0.5
+
+
+def _norm(spec):
+    norm = LayerNorm if spec.family == "gpt2" else RMSNorm
+    return norm(spec.d_model, spec.norm_eps, spec.param_dtype)
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
+
+    def __init__(self, spec, rngs):
+        self.attn_norm = _norm(spec)
+        self.attn = Attention(spec, rngs)
+        self.mlp_norm = _norm(spec)
+        self.mlp = MLP(spec, rngs)
+
+    def __call__(self, x, rope, mask, kv_cache):
+        h, kv_cache = self.attn(self.attn_norm(x), rope, mask, kv_cache)
+        x = constrain(x + h, RESIDUAL)
+        x = constrain(x + self.mlp(self.mlp_norm(x)), RESIDUAL)
+        return x, kv_cache
+
+
+def _stacked_blocks(spec, rngs):
+    """One Block whose parameters have a leading `layers` axis, for jax.lax.scan over depth."""
+    @nnx.split_rngs(splits=spec.n_layers)
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers", "logical_axes": "layers"})
+    def create(rngs):
+        return Block(spec, rngs)
+    return create(rngs)
+
+
+class Transformer(nnx.Module):
+    """`Transformer(config.model, rngs=nnx.Rngs(seed))`; `model(tokens)` -> float32 logits [B, T, vocab]."""
+
+    def __init__(self, model_config, *, rngs: nnx.Rngs):
+        spec = self.spec = ModelSpec.from_config(model_config)
+        d, pd = spec.d_model, spec.param_dtype
+        self.embed = param(rngs, (spec.vocab_size, d), ("vocab", "embed"), pd, spec.init_std)
+        self.pos_embed = param(rngs, (spec.max_len, d), (None, "embed"), pd, spec.init_std) \
+            if spec.family == "gpt2" else None
+        if spec.scan_layers:
+            self.blocks = _stacked_blocks(spec, rngs)
+        else:
+            self.blocks = nnx.List([Block(spec, rngs) for _ in range(spec.n_layers)])
+        self.final_norm = _norm(spec)
+        self.head = None if spec.tie_embeddings else \
+            param(rngs, (d, spec.vocab_size), ("embed", "vocab"), pd, spec.init_std)
+
+    def __call__(self, tokens, positions=None, cache=None):
+        """tokens int32 [B, T] -> logits float32 [B, T, vocab]; with `cache`, -> (logits, updated cache).
+
+        positions int32 [B, T] (default: 0..T-1, or each row's next positions after the cache); negative = padding.
+        """
+        spec = self.spec
+        positions, mask, cache_pos = _positions_and_mask(tokens, positions, cache)
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(spec.dtype)
+        safe_positions = jnp.maximum(positions, 0)
+        if self.pos_embed is not None:
+            _check_max_len(positions, spec.max_len)
+            x = x + jnp.take(self.pos_embed[...], safe_positions, axis=0).astype(spec.dtype)
+        rope = rope_tables(safe_positions, spec.head_dim, spec.rope_theta) if spec.family == "llama" else None
+        x = constrain(x, RESIDUAL)
+        x, kv = self._run_blocks(x, rope, mask, cache)
+        x = self.final_norm(x)
+        head = self.embed[...].T if self.head is None else self.head[...]
+        logits = jnp.einsum("btd,dv->btv", x, head.astype(spec.dtype), preferred_element_type=jnp.float32)
+        logits = constrain(logits, ("batch", "length", "vocab"))
+        if cache is None:
+            return logits
+        k, v = kv
+        return logits, dict(k=k, v=v, pos=cache_pos, index=cache["index"] + tokens.shape[1])
+
+    def init_cache(self, batch_size: int, max_len: int, dtype=None) -> dict:
+        """An empty KV cache for `batch_size` rows of up to `max_len` tokens (prompt + generated)."""
+        spec = self.spec
+        shape = (spec.n_layers, batch_size, max_len, spec.n_kv_heads, spec.head_dim)
+        dtype = dtype or spec.dtype
+        return dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                    pos=jnp.full((batch_size, max_len), -1, jnp.int32), index=jnp.zeros((), jnp.int32))
+
+    def _run_blocks(self, x, rope, mask, cache):
+        index = None if cache is None else cache["index"]
+        if self.spec.scan_layers:
+            graphdef, state = nnx.split(self.blocks)
+            step = self._block_step(graphdef, rope, mask, index)
+            kv = None if cache is None else (cache["k"], cache["v"])
+            return jax.lax.scan(lambda h, layer: step(h, *layer), x, (state, kv))
+        ks, vs = [], []
+        for i, block in enumerate(self.blocks):
+            graphdef, state = nnx.split(block)
+            kv = None if cache is None else (cache["k"][i], cache["v"][i])
+            x, kv = self._block_step(graphdef, rope, mask, index)(x, state, kv)
+            if kv is not None:
+                ks.append(kv[0])
+                vs.append(kv[1])
+        return x, (None if cache is None else (jnp.stack(ks), jnp.stack(vs)))
+
+    def _block_step(self, graphdef, rope, mask, index):
+        """(x, block state, (k, v) or None) -> (x, (k, v) or None), rematerialised as config.model.remat says."""
+        def step(x, state, kv):
+            kv_cache = None if kv is None else (*kv, index)
+            return nnx.merge(graphdef, state)(x, rope, mask, kv_cache)
+        if self.spec.remat == "none":
+            return step
+        return jax.checkpoint(step, policy=REMAT_POLICIES[self.spec.remat], prevent_cse=not self.spec.scan_layers)
+
+
+def _positions_and_mask(tokens, positions, cache):
+    """Positions [B, T], attention mask ([B, T, S] bool, or None for plain causal) and the cache's new `pos`."""
+    B, T = tokens.shape
+    steps = jnp.arange(T, dtype=jnp.int32)
+    if cache is None:
+        if positions is None:
+            return jnp.broadcast_to(steps, (B, T)), None, None
+        causal = steps[None, :] <= steps[:, None]
+        return positions, causal[None] & (positions >= 0)[:, None, :], None
+    index = cache["index"]
+    _check_capacity(index, T, cache["pos"].shape[1])
+    if positions is None:
+        positions = cache["pos"].max(axis=1, keepdims=True) + 1 + steps[None, :]
+    pos = jax.lax.dynamic_update_slice_in_dim(cache["pos"], positions.astype(jnp.int32), index, axis=1)
+    slots = jnp.arange(pos.shape[1], dtype=jnp.int32)
+    causal = slots[None, :] <= (index + steps)[:, None]
+    return positions, causal[None] & (pos >= 0)[:, None, :], pos
+
+
+def _check_capacity(index, n_new, size):
+    if not isinstance(index, jax.core.Tracer) and int(index) + n_new > size:
+        raise ValueError(f"KV cache overflow: {int(index)} slots used + {n_new} new tokens > cache length {size}")
+
+
+def _check_max_len(positions, max_len):
+    if not isinstance(positions, jax.core.Tracer) and int(positions.max()) >= max_len:
+        raise ValueError(f"position {int(positions.max())} >= config.model.max_len={max_len} (learned positions)")
+
+
+def stack_layers(params: dict) -> dict:
+    """Pure-dict params with blocks {0: tree, 1: tree, ...} -> blocks as one tree of stacked arrays (scan layout)."""
+    blocks = params["blocks"]
+    layers = [blocks[i] for i in range(len(blocks))]
+    return {**params, "blocks": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
+
+
+def unstack_layers(params: dict, n_layers: int) -> dict:
+    """The inverse of `stack_layers`."""
+    blocks = params["blocks"]
+    return {**params, "blocks": {i: jax.tree.map(lambda x: x[i], blocks) for i in range(n_layers)}}
+
+
+def from_params(model_config, params: dict) -> Transformer:
+    """A Transformer holding `params` (a pure dict as `nnx.state(model).to_pure_dict()` gives), without random init.
+
+    Shapes must match the config exactly; values are cast to `param_dtype`.
+    """
+    spec = ModelSpec.from_config(model_config)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(spec, rngs=nnx.Rngs(0))))
+    want = {path: v.shape for path, v in nnx.to_flat_state(state)}
+    got = dict(nnx.traversals.flatten_mapping(params))
+    missing = sorted(set(want) - set(got))
+    extra = sorted(set(got) - set(want))
+    if missing or extra:
+        raise ValueError(f"params do not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
+    for path, shape in want.items():
+        if tuple(got[path].shape) != tuple(shape):
+            raise ValueError(f"param {'/'.join(map(str, path))}: shape {tuple(got[path].shape)}, model wants {shape}")
+    cast = {path: jnp.asarray(value, spec.param_dtype) for path, value in got.items()}
+    nnx.replace_by_pure_dict(state, nnx.traversals.unflatten_mapping(cast))
+    return nnx.merge(graphdef, state)
+
+
+def param_count(model_config, include_embeddings: bool = True) -> int:
+    """Parameters of the model `model_config` describes (tied weights counted once).
+
+    include_embeddings=False counts only the blocks and the final norm ("non-embedding" parameters): not the
+    token table, the learned positions, nor the output head.
+    """
+    s = ModelSpec.from_config(model_config)
+    d, hd = s.d_model, s.head_dim
+    attn = d * s.n_heads * hd * 2 + d * s.n_kv_heads * hd * 2
+    mlp = (3 if s.family == "llama" else 2) * d * s.d_ff
+    norm = 2 * d if s.family == "gpt2" else d
+    if s.biases:
+        attn += s.n_heads * hd + 2 * s.n_kv_heads * hd + d
+        mlp += s.d_ff + d
+    body = s.n_layers * (attn + mlp + 2 * norm) + norm
+    if not include_embeddings:
+        return body
+    positions = s.max_len * d if s.family == "gpt2" else 0
+    head = 0 if s.tie_embeddings else d * s.vocab_size
+    return body + s.vocab_size * d + positions + head
+
+
+def flops_per_token(model_config, seq_len: int) -> int:
+    """Training FLOPs per token (forward + backward), the PaLM / nanoGPT convention: 6 N + 12 L H Q T.
+
+    N = the parameters that take part in matmuls per token: the non-embedding parameters plus the output head
+    (d_model * vocab, tied or not); embedding lookups are free. 12 L H Q T is attention's QK^T and AV
+    (L layers, H heads of size Q, context T = seq_len, without halving for the causal mask).
+    """
+    s = ModelSpec.from_config(model_config)
+    n = param_count(s, include_embeddings=False) + s.d_model * s.vocab_size
+    return 6 * n + 12 * s.n_layers * s.n_heads * s.head_dim * seq_len
+
+
+def cache_shardings(cache: dict, mesh) -> dict:
+    """NamedShardings for a KV cache from `init_cache`: rows over the batch axes, kv heads over `tensor`."""
+    kv = ("layers", "batch", "length", "kv_heads", "head_dim")
+    axes = dict(k=kv, v=kv, pos=("batch", "length"), index=())
+    return {name: lm_mesh.named_sharding(mesh, axes[name], value.shape) for name, value in cache.items()}

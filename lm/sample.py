@@ -1,0 +1,436 @@
+"""Text generation with a KV cache: greedy, temperature, top-k and top-p sampling, shared by the CLI, chat and RL.
+
+    model, config, meta = lm.checkpoint.load_model(workdir)
+    tok = lm.tokenizer.load(workdir / "tokenizer")
+    outs = generate(model, tok, ["def ", "The list"], jax.random.key(0), Sampling(temperature=0.8, top_p=0.95))
+    outs[0].text, outs[0].tokens, outs[0].logprobs, outs[0].finish_reason
+
+One jitted program per (model, prompt bucket, settings): the prompts are left-padded to a common length (padding
+takes position -1, which the model's attention ignores), prefilled in one pass, then a `jax.lax.while_loop` feeds one
+token per step until every row has stopped or `max_new_tokens` is reached. Row b samples with its own key
+(`fold_in(key, b)`, or the b-th of a batch of keys), folded with the step, so a row's text does not depend on the
+other rows of the batch. Log-probabilities are the model's own (temperature 1, unfiltered): what RL's ratios need.
+
+CLI (text on stdout, logs on stderr):
+    python -m lm.sample --workdir=runs/tiny --prompt="The list" [--temperature=0.8 --top_k=40 --top_p=0.95
+        --num_samples=2 --seed=0 --max_new_tokens=48 --stop=... --show_probs]
+"""
+import dataclasses
+import functools
+import json
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+
+from lm import mesh as lm_mesh
+from lm.model.layers import constrain
+
+PROMPT_BUCKET = 16  # prompt lengths are rounded up to a multiple of this, so few lengths compile
+NO_TOKEN = -1       # generated-token value after a row has stopped
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen. temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off."""
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature}: must be >= 0 (0 is greedy)")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k}: must be >= 0 (0 keeps every token)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p}: must be in (0, 1]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @classmethod
+    def from_config(cls, sample_config, **overrides) -> "Sampling":
+        """From `config.sample` (temperature, top_k, top_p); overrides that are None are ignored."""
+        values = dict(temperature=float(sample_config.get("temperature", 1.0)),
+                      top_k=int(sample_config.get("top_k", 0)), top_p=float(sample_config.get("top_p", 1.0)))
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+# ------------------------------------------------------------------------------------------------ choosing a token
+
+
+def top_k_filter(logits, k: int):
+    """Logits [..., V] with all but the k largest set to -inf (ties with the k-th largest are kept)."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = jax.lax.top_k(logits, k)[0][..., -1:]
+    return jnp.where(logits >= kth, logits, -jnp.inf)
+
+
+def top_p_filter(logits, p: float):
+    """Logits [..., V] with everything outside the nucleus set to -inf.
+
+    The nucleus is the smallest set of most probable tokens whose probabilities sum to at least p: in descending
+    order, a token is kept when the probability mass before it is still below p (so the most probable always is).
+    """
+    if p >= 1.0:
+        return logits
+    order = jnp.argsort(-logits, axis=-1, stable=True)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep_sorted = mass_before < p
+    keep = jnp.zeros_like(keep_sorted)
+    keep = jnp.put_along_axis(keep, order, keep_sorted, axis=-1, inplace=False)
+    return jnp.where(keep, logits, -jnp.inf)
+
+
+def sampling_logits(logits, sampling: Sampling):
+    """The logits actually sampled from: divided by the temperature, then top-k, then top-p (HF's order)."""
+    logits = logits.astype(jnp.float32) / sampling.temperature
+    return top_p_filter(top_k_filter(logits, sampling.top_k), sampling.top_p)
+
+
+def choose(logits, keys, sampling: Sampling):
+    """Next tokens int32 [B] from logits [B, V]; keys [B] (one per row)."""
+    if sampling.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    filtered = sampling_logits(logits, sampling)
+    return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+
+
+# ------------------------------------------------------------------------------------------------ the decode program
+
+
+@dataclasses.dataclass
+class TokenOutput:
+    """Generated ids, numpy, one row per prompt. Entries after a row stopped are NO_TOKEN / 0."""
+    tokens: np.ndarray          # int32 [B, max_new_tokens]
+    logprobs: np.ndarray        # float32 [B, max_new_tokens]: log p(token | prefix) under the model
+    lengths: np.ndarray         # int32 [B]: tokens generated, the stop token included
+    stopped: np.ndarray         # bool [B]: ended by a stop token or sequence (else by max_new_tokens)
+    top_ids: np.ndarray | None = None    # int32 [B, max_new_tokens, n]: the model's most probable next tokens
+    top_probs: np.ndarray | None = None  # float32 [B, max_new_tokens, n]
+
+
+def generate_ids(model, prompts, key, max_new_tokens: int, sampling: Sampling = Sampling(), stop_ids=(),
+                 stop_sequences=(), vocab_size: int | None = None, top_candidates: int = 0,
+                 mesh=None) -> TokenOutput:
+    """Generates up to `max_new_tokens` after each prompt (lists of token ids, any lengths).
+
+    key: one PRNG key (row b uses fold_in(key, b)) or a batch of keys, one per prompt.
+    stop_ids: tokens that end a row (e.g. end-of-text); stop_sequences: token-id sequences that end a row.
+    vocab_size: ids >= this are never chosen (a model vocabulary padded beyond the tokenizer's).
+    top_candidates: also return the n most probable next tokens of each step (for display).
+    mesh: run on this mesh (the model's parameters placed on it, rows split over the batch axes).
+    """
+    prompts = [list(map(int, p)) for p in prompts]
+    if not prompts or min(map(len, prompts)) == 0:
+        raise ValueError("every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+    spec = model.spec
+    longest = max(map(len, prompts))
+    if longest + max_new_tokens > spec.max_len:
+        raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} > "
+                         f"config.model.max_len={spec.max_len}")
+    tokens, positions = left_pad(prompts, -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET)
+    row_keys = _row_keys(key, len(prompts))
+    stops = _stop_table(stop_ids, stop_sequences)
+    graphdef, state = nnx.split(model)
+    static = dict(graphdef=graphdef, max_new_tokens=max_new_tokens, sampling=sampling,
+                  vocab_size=vocab_size or spec.vocab_size, top_candidates=top_candidates)
+    mesh = mesh or _mesh_of(state)
+    if mesh is None:
+        out = _decode(state, tokens, positions, row_keys, stops, **static)
+    else:
+        with jax.set_mesh(mesh):
+            rows = lm_mesh.named_sharding(mesh, ("batch", None), tokens.shape)
+            tokens, positions = jax.device_put((tokens, positions), rows)
+            out = _decode(state, tokens, positions, row_keys, stops, **static)
+    out = jax.device_get(out)
+    return TokenOutput(**{name: np.asarray(value) for name, value in out.items()})
+
+
+def _mesh_of(state):
+    """The mesh the parameters live on, if they are spread over more than one device."""
+    sharding = getattr(jax.tree.leaves(state)[0], "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    return mesh if mesh is not None and mesh.size > 1 else None
+
+
+def left_pad(prompts, length: int):
+    """(tokens, positions), int32 [B, length]: prompts right-aligned; padding has token 0 and position -1."""
+    tokens = np.zeros((len(prompts), length), np.int32)
+    positions = np.full((len(prompts), length), -1, np.int32)
+    for row, prompt in enumerate(prompts):
+        tokens[row, length - len(prompt):] = prompt
+        positions[row, length - len(prompt):] = np.arange(len(prompt))
+    return tokens, positions
+
+
+def _row_keys(key, batch):
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)
+    if key.shape == ():
+        return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(batch))
+    if key.shape != (batch,):
+        raise ValueError(f"key batch of shape {key.shape}: need one key or {batch} keys")
+    return key
+
+
+def _stop_table(stop_ids, stop_sequences):
+    """int32 [S, W]: stop sequences right-aligned, NO_TOKEN where shorter (matches anything)."""
+    sequences = [[int(i)] for i in stop_ids] + [list(map(int, s)) for s in stop_sequences if len(s)]
+    width = max([1] + [len(s) for s in sequences])
+    table = np.full((len(sequences), width), NO_TOKEN, np.int32)
+    for row, seq in enumerate(sequences):
+        table[row, width - len(seq):] = seq
+    return table
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "vocab_size",
+                                             "top_candidates"))
+def _decode(state, tokens, positions, row_keys, stops, *, graphdef, max_new_tokens, sampling, vocab_size,
+            top_candidates):
+    """Prefill, then a while_loop of one-token steps; returns the TokenOutput fields as arrays."""
+    model = nnx.merge(graphdef, state)
+    B, P = tokens.shape
+    cache = _constrain_cache(model.init_cache(B, P + max_new_tokens))
+    logits, cache = model(tokens, positions=positions, cache=cache)
+    next_position = positions[:, -1] + 1
+    window = jnp.full((B, stops.shape[1]), NO_TOKEN - 1, jnp.int32)  # the last generated tokens, for stop matching
+
+    def pick(step, logits, done, window, out):
+        logits = logits.at[:, vocab_size:].set(-jnp.inf) if vocab_size < logits.shape[-1] else logits
+        keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
+        token = choose(logits, keys, sampling)
+        logprobs = jax.nn.log_softmax(logits, axis=-1)
+        logprob = jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
+        window = jnp.concatenate([window[:, 1:], token[:, None]], axis=1)
+        hit = ((window[:, None, :] == stops[None]) | (stops[None] == NO_TOKEN)).all(-1).any(-1)
+        out = dict(out)
+        out["tokens"] = out["tokens"].at[:, step].set(jnp.where(done, NO_TOKEN, token))
+        out["logprobs"] = out["logprobs"].at[:, step].set(jnp.where(done, 0.0, logprob))
+        out["lengths"] = out["lengths"] + (~done).astype(jnp.int32)
+        out["stopped"] = out["stopped"] | (hit & ~done)
+        if top_candidates:
+            top_logprobs, top_ids = jax.lax.top_k(logprobs, top_candidates)
+            out["top_ids"] = out["top_ids"].at[:, step].set(top_ids)
+            out["top_probs"] = out["top_probs"].at[:, step].set(jnp.exp(top_logprobs))
+        return token, done | hit, window, out
+
+    out = dict(tokens=jnp.full((B, max_new_tokens), NO_TOKEN, jnp.int32),
+               logprobs=jnp.zeros((B, max_new_tokens), jnp.float32),
+               lengths=jnp.zeros((B,), jnp.int32), stopped=jnp.zeros((B,), bool))
+    if top_candidates:
+        out["top_ids"] = jnp.zeros((B, max_new_tokens, top_candidates), jnp.int32)
+        out["top_probs"] = jnp.zeros((B, max_new_tokens, top_candidates), jnp.float32)
+    token, done, window, out = pick(0, logits[:, -1], jnp.zeros((B,), bool), window, out)
+
+    def cond(carry):
+        step, _, _, done, _, _ = carry
+        return (step < max_new_tokens) & ~done.all()
+
+    def body(carry):
+        step, token, cache, done, window, out = carry
+        logits, cache = model(token[:, None], positions=(next_position + step - 1)[:, None], cache=cache)
+        token, done, window, out = pick(step, logits[:, 0], done, window, out)
+        return step + 1, token, cache, done, window, out
+
+    carry = (jnp.int32(1), token, cache, done, window, out)
+    return jax.lax.while_loop(cond, body, carry)[-1]
+
+
+def _constrain_cache(cache):
+    """Rows of the KV cache over the batch axes and kv heads over `tensor`, when a mesh is set."""
+    kv = ("layers", "batch", "length", "kv_heads", "head_dim")
+    axes = dict(k=kv, v=kv, pos=("batch", "length"), index=())
+    return {name: constrain(value, axes[name]) if value.ndim else value for name, value in cache.items()}
+
+
+# ------------------------------------------------------------------------------------------------ text in, text out
+
+
+@dataclasses.dataclass
+class Completion:
+    """One generated continuation."""
+    prompt: str
+    text: str                   # the generated text (without the prompt, cut before a stop string)
+    tokens: list                # generated ids (a stop token included, tokens after a stop string cut)
+    logprobs: np.ndarray        # float32 [len(tokens)]
+    finish_reason: str          # "stop" (end-of-text or a stop string) or "length"
+    top_ids: np.ndarray | None = None    # [len(tokens), n]
+    top_probs: np.ndarray | None = None
+
+
+def generate(model, tokenizer, prompts, key, sampling: Sampling = Sampling(), max_new_tokens: int = 64,
+             stop=(), stop_at_eot: bool = True, num_samples: int = 1, top_candidates: int = 0,
+             mesh=None) -> list[Completion]:
+    """Completions of `prompts` (a string or a list), `num_samples` each (prompt-major order).
+
+    stop: strings that end a completion; the text is cut before the first one (it is matched in the decoded
+    text, so it stops a completion whichever way it was tokenized, and as token ids inside the loop to stop early).
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    rows = [p for p in prompts for _ in range(num_samples)]
+    stop = [stop] if isinstance(stop, str) else list(stop)
+    out = generate_ids(model, [tokenizer.encode(p) for p in rows], key, max_new_tokens, sampling,
+                       stop_ids=[tokenizer.eot_id] if stop_at_eot else (),
+                       stop_sequences=[tokenizer.encode(s) for s in stop], vocab_size=tokenizer.n_vocab,
+                       top_candidates=top_candidates, mesh=mesh)
+    return [_completion(tokenizer, prompt, out, row, stop, stop_at_eot) for row, prompt in enumerate(rows)]
+
+
+def _completion(tokenizer, prompt, out: TokenOutput, row, stop, stop_at_eot) -> Completion:
+    n = int(out.lengths[row])
+    ids = out.tokens[row, :n].tolist()
+    finish = "stop" if out.stopped[row] else "length"
+    text_ids = ids[:-1] if stop_at_eot and ids and ids[-1] == tokenizer.eot_id else ids
+    text = tokenizer.decode(text_ids)
+    cut = _first_stop(text, stop)
+    if cut is not None:
+        text, n, finish = text[:cut], _tokens_covering(tokenizer, ids, cut), "stop"
+        ids = ids[:n]
+    extra = {}
+    if out.top_ids is not None:
+        extra = dict(top_ids=out.top_ids[row, :n], top_probs=out.top_probs[row, :n])
+    return Completion(prompt, text, ids, out.logprobs[row, :n], finish, **extra)
+
+
+def _first_stop(text, stop):
+    found = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return min(found) if found else None
+
+
+def _tokens_covering(tokenizer, ids, n_chars):
+    """How many of `ids` it takes to produce the stop string that begins at text[n_chars]."""
+    for n in range(len(ids) + 1):
+        if len(tokenizer.decode(ids[:n])) > n_chars:
+            return n
+    return len(ids)
+
+
+# ------------------------------------------------------------------------------------------------ scoring text
+
+
+def sequence_logprobs(model, tokens, lengths=None):
+    """log p(tokens[:, t] | tokens[:, :t]) for t >= 1: float32 [B, T - 1], zero beyond each row's length.
+
+    tokens: int32 [B, T] right-padded rows; lengths [B] (default: all T).
+    """
+    tokens = jnp.asarray(tokens, jnp.int32)
+    lengths = jnp.full((tokens.shape[0],), tokens.shape[1]) if lengths is None else jnp.asarray(lengths)
+    graphdef, state = nnx.split(model)
+    return _sequence_logprobs(state, tokens, lengths, graphdef=graphdef)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _sequence_logprobs(state, tokens, lengths, *, graphdef):
+    logits = nnx.merge(graphdef, state)(tokens)[:, :-1]
+    logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tokens[:, 1:, None], axis=-1)[..., 0]
+    valid = jnp.arange(1, tokens.shape[1])[None, :] < lengths[:, None]
+    return jnp.where(valid, logprobs, 0.0)
+
+
+# ------------------------------------------------------------------------------------------------ lm.main stage
+
+
+def report(config, workdir) -> dict:
+    """The "sample" stage of lm.main: a few samples at two temperatures and the in-context-learning result.
+
+    Writes <workdir>/samples.json and <workdir>/icl.json; returns {"samples": [...], "icl": {...}}.
+    """
+    from lm import checkpoint, icl, tokenizer as lm_tokenizer
+    workdir = pathlib.Path(workdir)
+    model, _, meta = checkpoint.load_model(workdir)
+    tok = lm_tokenizer.load(workdir / "tokenizer")
+    sample_config = config.get("sample") or {}
+    max_new_tokens = min(int(sample_config.get("max_new_tokens", 64)), model.spec.max_len // 2)
+    samples = []
+    for i, temperature in enumerate(sample_config.get("report_temperatures", (0.7, 1.0))):
+        sampling = Sampling.from_config(sample_config, temperature=float(temperature))
+        prompts = list(sample_config.get("report_prompts", REPORT_PROMPTS))
+        key = jax.random.key(int(config.get("seed", 0)) + i)
+        for c in generate(model, tok, prompts, key, sampling, max_new_tokens):
+            samples.append(dict(temperature=float(temperature), prompt=c.prompt, text=c.text,
+                                finish_reason=c.finish_reason))
+    (workdir / "samples.json").write_text(json.dumps(samples, indent=1, ensure_ascii=False))
+    icl_result = icl.evaluate(model, tok, seed=int(config.get("seed", 0)))
+    icl_result["step"] = meta.get("step")
+    (workdir / "icl.json").write_text(json.dumps(icl_result, indent=1))
+    return {"samples": samples, "icl": icl_result, "step": meta.get("step")}
+
+
+REPORT_PROMPTS = ("The ", "def ", "Return a list of")
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory with checkpoints/ and tokenizer/.")
+_PROMPT = flags.DEFINE_multi_string("prompt", [], "Prompt text (repeat the flag for a batch). Default: read stdin.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_TEMPERATURE = flags.DEFINE_float("temperature", None, "0 is greedy (default: config.sample.temperature).")
+_TOP_K = flags.DEFINE_integer("top_k", None, "Keep the k most probable tokens; 0 keeps all (default: config).")
+_TOP_P = flags.DEFINE_float("top_p", None, "Keep the smallest set with this much probability (default: config).")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "Samples per prompt (default: config.sample.num_samples).")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", None, "Tokens to generate at most (default: config).")
+_SEED = flags.DEFINE_integer("seed", 0, "PRNG seed: the same seed gives the same text.")
+_STOP = flags.DEFINE_multi_string("stop", [], "Stop string (repeatable); end-of-text always stops.")
+_SHOW_PROBS = flags.DEFINE_bool("show_probs", False, "Also print each step's most probable tokens and the choice.")
+_SHOW_TOP = 5
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not _WORKDIR.value:
+        raise app.UsageError("--workdir is required")
+    from lm import checkpoint, tokenizer as lm_tokenizer
+    workdir = pathlib.Path(_WORKDIR.value)
+    model, config, meta = checkpoint.load_model(workdir, step=_STEP.value)
+    tok = lm_tokenizer.load(workdir / "tokenizer")
+    sample_config = config.get("sample") or {}
+    sampling = Sampling.from_config(sample_config, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+                                    top_p=_TOP_P.value)
+    num_samples = _NUM_SAMPLES.value or int(sample_config.get("num_samples", 1))
+    max_new_tokens = _MAX_NEW.value or int(sample_config.get("max_new_tokens", 64))
+    prompts = _PROMPT.value or [sys.stdin.read()]
+    logging.info("step %s, %s, %d sample(s) of up to %d tokens", meta.get("step"), sampling, num_samples,
+                 max_new_tokens)
+    completions = generate(model, tok, prompts, jax.random.key(_SEED.value), sampling, max_new_tokens,
+                           stop=_STOP.value, num_samples=num_samples,
+                           top_candidates=_SHOW_TOP if _SHOW_PROBS.value else 0)
+    for i, c in enumerate(completions):
+        if len(completions) > 1:
+            print(("\n" if i else "") + f"----- sample {i + 1} of {len(completions)}")
+        print(c.text)
+        if _SHOW_PROBS.value:
+            print(format_probs(tok, c))
+        logging.info("sample %d: %d tokens, finish %s, mean log-prob %.3f", i + 1, len(c.tokens), c.finish_reason,
+                     float(np.mean(c.logprobs)) if len(c.tokens) else 0.0)
+
+
+def format_probs(tokenizer, completion: Completion) -> str:
+    """One line per generated step: the chosen token with its probability, then the model's top candidates."""
+    lines = []
+    for step, token in enumerate(completion.tokens):
+        candidates = "  ".join(f"{_show(tokenizer, i)} {p:.1%}"
+                               for i, p in zip(completion.top_ids[step], completion.top_probs[step]))
+        lines.append(f"{step + 1:3d} chose {_show(tokenizer, token)} "
+                     f"({np.exp(completion.logprobs[step]):.1%}) | {candidates}")
+    return "\n".join(lines)
+
+
+def _show(tokenizer, token_id) -> str:
+    return repr(tokenizer.decode_bytes([int(token_id)]).decode("utf-8", errors="backslashreplace"))
+
+
+if __name__ == "__main__":
+    app.run(main)

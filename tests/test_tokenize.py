@@ -1,0 +1,142 @@
+"""lm.data.tokenize on real FineWeb documents: shard round trip, ids equal tiktoken's, byte-identical re-runs,
+rejected input counted with file and line."""
+import gzip
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tiktoken
+from tiktoken.load import load_tiktoken_bpe
+
+from lm import tokenizer as lm_tokenizer
+from lm.data import tokenize
+
+FINEWEB = "web/text/fineweb_sample10BT_2400docs.jsonl.gz"
+CL100K_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+                  r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
+
+
+def fineweb_texts(shared_data, n):
+    with gzip.open(shared_data(FINEWEB), "rt", encoding="utf-8") as f:
+        return [json.loads(line)["text"] for _, line in zip(range(n), f)]
+
+
+def write_jsonl_gz(path, texts):
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        for i, text in enumerate(texts):
+            f.write(json.dumps({"id": i, "text": text}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def cl100k():
+    from tests.conftest import shared_path
+    return lm_tokenizer.load(shared_path("tokenizers/cl100k_base.tiktoken"))
+
+
+@pytest.fixture
+def corpus(tmp_path, shared_data):
+    """80 real documents in one file, and a second file with bad lines among good ones, and a corrupt .gz file."""
+    texts = fineweb_texts(shared_data, 80)
+    good = write_jsonl_gz(tmp_path / "a.jsonl.gz", texts[:75])
+    bad = tmp_path / "b.jsonl"
+    lines = [json.dumps({"text": texts[75]}),        # 1 ok
+             '{"text": "unterminated',               # 2 malformed JSON
+             json.dumps({"id": 7}),                  # 3 no text
+             json.dumps({"text": 5}),                # 4 text not a string
+             json.dumps({"text": ""}),               # 5 empty
+             "",                                     # blank line: not a document
+             json.dumps({"text": texts[76]}),        # 7 ok
+             '{"text": "lone \\ud800 surrogate"}']   # 8 ok, U+FFFD replaces the surrogate
+    bad.write_text("\n".join(lines) + "\n")
+    broken = tmp_path / "c.jsonl.gz"
+    broken.write_bytes(b"this is not gzip data")
+    expected = texts[:75] + [texts[75], texts[76], "lone \ufffd surrogate"]
+    return [str(good), str(bad), str(broken)], expected
+
+
+def read_split(tokens_dir, index, split):
+    """The split's documents (token arrays, end-of-text removed), read with numpy alone."""
+    dtype = np.dtype(index["dtype"])
+    docs = []
+    for shard in index["splits"][split]["shards"]:
+        tokens = np.fromfile(tokens_dir / shard["tokens_file"], dtype)
+        starts = np.fromfile(tokens_dir / shard["docs_file"], np.uint64).astype(np.int64)
+        assert len(tokens) == shard["tokens"] and len(starts) == shard["documents"]
+        ends = np.append(starts[1:], len(tokens))
+        assert np.all(tokens[ends - 1] == index["tokenizer"]["eot_id"])   # each document ends with end-of-text
+        docs.extend(tokens[s:e - 1] for s, e in zip(starts, ends))
+    return docs
+
+
+def test_shards_round_trip_and_rejects_counted(tmp_path, corpus, cl100k, shared_data):
+    inputs, expected = corpus
+    tokens_dir = tmp_path / "tokens"
+    index = tokenize.run(cl100k, inputs, tokens_dir, dict(val_fraction=0.2, shard_tokens=20_000, workers=2))
+    assert index == {**tokenize.read_index(tokens_dir), "seconds": index["seconds"], "mb_per_s": index["mb_per_s"]}
+    assert index["dtype"] == "uint32" and index["tokenizer"]["hash"] == cl100k.hash
+
+    # documents in = tokenized + rejected, and each rejection names its file and line
+    assert index["documents"] == {"in": 83, "tokenized": 78, "rejected": 5, "utf8_replaced": 1}
+    rejected = {(pathlib.Path(r["file"]).name, r["line"]): r["reason"] for r in index["rejected"]}
+    assert sorted(rejected) == [("b.jsonl", 2), ("b.jsonl", 3), ("b.jsonl", 4), ("b.jsonl", 5), ("c.jsonl.gz", 0)]
+    assert "unreadable" in rejected[("c.jsonl.gz", 0)]
+    assert [s["documents"] for s in index["sources"]] == [75, 3]
+
+    # decode(shards) gives the documents back, split by the documented rule, in order
+    split_of = ["val" if tokenize.is_val(t.encode(), 0.2) else "train" for t in expected]
+    for split in ("train", "val"):
+        docs = read_split(tokens_dir, index, split)
+        texts = [t for t, s in zip(expected, split_of) if s == split]
+        assert len(docs) == len(texts) == index["splits"][split]["documents"] > 0
+        assert [cl100k.decode(d.tolist()) for d in docs] == texts
+        assert len(index["splits"][split]["shards"]) >= (2 if split == "train" else 1)
+
+    # ids equal tiktoken's own cl100k_base encoding (independent of lm.tokenizer)
+    reference = tiktoken.Encoding("cl100k_base", pat_str=CL100K_PATTERN, special_tokens={"<|endoftext|>": 100257},
+                                  mergeable_ranks=load_tiktoken_bpe(str(shared_data("tokenizers/cl100k_base.tiktoken"))))
+    train_texts = [t for t, s in zip(expected, split_of) if s == "train"]
+    for doc, text in zip(read_split(tokens_dir, index, "train"), train_texts):
+        assert doc.tolist() == reference.encode_ordinary(text)
+
+
+def test_rerun_is_byte_identical_whatever_the_workers(tmp_path, corpus, cl100k):
+    inputs, _ = corpus
+    first, second = tmp_path / "one", tmp_path / "two"
+    tokenize.run(cl100k, inputs, first, dict(shard_tokens=15_000, workers=1))
+    (second / "train").mkdir(parents=True)
+    (second / "train" / "99999.bin").write_bytes(b"stale")   # a previous run's leftovers are removed
+    tokenize.run(cl100k, inputs, second, dict(shard_tokens=15_000, workers=2))
+    files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(second) for p in second.rglob("*") if p.is_file())
+    assert len(files) > 6
+    for name in files:
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+
+
+def test_small_vocabulary_gives_uint16(tmp_path, shared_data):
+    gpt2 = lm_tokenizer.load(shared_data("tokenizers/gpt2"))
+    texts = fineweb_texts(shared_data, 10)
+    path = write_jsonl_gz(tmp_path / "docs.jsonl.gz", texts)
+    index = tokenize.run(gpt2, [str(path)], tmp_path / "tokens", dict(val_fraction=0.0))
+    assert index["dtype"] == "uint16" and index["tokenizer"]["eot_id"] == 50256
+    assert index["splits"]["val"] == {"tokens": 0, "documents": 0, "shards": []}
+    docs = read_split(tmp_path / "tokens", index, "train")
+    assert [gpt2.decode(d.tolist()) for d in docs] == texts
+
+
+def test_cli(tmp_path, shared_data):
+    texts = fineweb_texts(shared_data, 5)
+    (tmp_path / "text").mkdir()
+    write_jsonl_gz(tmp_path / "text" / "00000.jsonl.gz", texts)
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "lm.data.tokenize", f"--config={repo / 'configs' / 'tiny.py'}",
+         f"--workdir={tmp_path}", f"--tokenizer={shared_data('tokenizers/gpt2')}"],
+        cwd=repo, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "5 documents in: 5 tokenized, 0 rejected" in result.stdout
+    assert tokenize.read_index(tmp_path / "tokens")["documents"]["tokenized"] == 5
