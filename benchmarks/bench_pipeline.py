@@ -36,7 +36,7 @@ def bench_tokenization(tok, tokens_dir) -> dict:
     with gzip.open(FINEWEB, "rt", encoding="utf-8") as f:
         texts = [json.loads(line)["text"] for line in f]
     n_bytes = sum(len(t.encode()) for t in texts)
-    cores = os.cpu_count()
+    cores = tokenize.available_cores()
     start = time.perf_counter()
     index = tokenize.run(tok, [str(FINEWEB)], tokens_dir, dict(val_fraction=0.05))
     ours = time.perf_counter() - start

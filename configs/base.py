@@ -48,6 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
         shard_tokens=1 << 24,
         packing="concat",        # concat: windows cross documents | document: each window starts a document
         workers=0,               # 0: all cores
+        text_key="text",         # JSON field holding the document text
     ))
     c.model = model_for_depth(12)
     c.train = ml_collections.ConfigDict(dict(

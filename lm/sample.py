@@ -144,16 +144,19 @@ def generate_ids(model, prompts, key, max_new_tokens: int, sampling: Sampling = 
     row_keys = _row_keys(key, len(prompts))
     stops = _stop_table(stop_ids, stop_sequences)
     graphdef, state = nnx.split(model)
-    static = dict(graphdef=graphdef, max_new_tokens=max_new_tokens, sampling=sampling,
-                  vocab_size=vocab_size or spec.vocab_size, top_candidates=top_candidates)
+    # The temperature is traced (changing it does not recompile); the filters and greedy-or-not are compiled in.
+    temperature = jnp.float32(sampling.temperature or 1.0)
+    static = dict(graphdef=graphdef, max_new_tokens=max_new_tokens, vocab_size=vocab_size or spec.vocab_size,
+                  sampling=dataclasses.replace(sampling, temperature=0.0 if sampling.greedy else 1.0),
+                  top_candidates=top_candidates)
     mesh = mesh or _mesh_of(state)
     if mesh is None:
-        out = _decode(state, tokens, positions, row_keys, stops, **static)
+        out = _decode(state, tokens, positions, row_keys, stops, temperature, **static)
     else:
         with jax.set_mesh(mesh):
             rows = lm_mesh.named_sharding(mesh, ("batch", None), tokens.shape)
             tokens, positions = jax.device_put((tokens, positions), rows)
-            out = _decode(state, tokens, positions, row_keys, stops, **static)
+            out = _decode(state, tokens, positions, row_keys, stops, temperature, **static)
     out = jax.device_get(out)
     return TokenOutput(**{name: np.asarray(value) for name, value in out.items()})
 
@@ -197,7 +200,7 @@ def _stop_table(stop_ids, stop_sequences):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "vocab_size",
                                              "top_candidates"))
-def _decode(state, tokens, positions, row_keys, stops, *, graphdef, max_new_tokens, sampling, vocab_size,
+def _decode(state, tokens, positions, row_keys, stops, temperature, *, graphdef, max_new_tokens, sampling, vocab_size,
             top_candidates):
     """Prefill, then a while_loop of one-token steps; returns the TokenOutput fields as arrays."""
     model = nnx.merge(graphdef, state)
@@ -210,7 +213,7 @@ def _decode(state, tokens, positions, row_keys, stops, *, graphdef, max_new_toke
     def pick(step, logits, done, window, out):
         logits = logits.at[:, vocab_size:].set(-jnp.inf) if vocab_size < logits.shape[-1] else logits
         keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
-        token = choose(logits, keys, sampling)
+        token = choose(logits / temperature, keys, sampling)
         logprobs = jax.nn.log_softmax(logits, axis=-1)
         logprob = jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
         window = jnp.concatenate([window[:, 1:], token[:, None]], axis=1)
@@ -362,7 +365,8 @@ def report(config, workdir) -> dict:
             samples.append(dict(temperature=float(temperature), prompt=c.prompt, text=c.text,
                                 finish_reason=c.finish_reason))
     (workdir / "samples.json").write_text(json.dumps(samples, indent=1, ensure_ascii=False))
-    icl_result = icl.evaluate(model, tok, seed=int(config.get("seed", 0)))
+    icl_result = icl.evaluate(model, tok, shots=tuple(sample_config.get("icl_shots", (0, 1, 4))),
+                              n_queries=int(sample_config.get("icl_queries", 32)), seed=int(config.get("seed", 0)))
     icl_result["step"] = meta.get("step")
     (workdir / "icl.json").write_text(json.dumps(icl_result, indent=1))
     return {"samples": samples, "icl": icl_result, "step": meta.get("step")}
@@ -373,45 +377,49 @@ REPORT_PROMPTS = ("The ", "def ", "Return a list of")
 
 # ------------------------------------------------------------------------------------------------ CLI
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory with checkpoints/ and tokenizer/.")
-_PROMPT = flags.DEFINE_multi_string("prompt", [], "Prompt text (repeat the flag for a batch). Default: read stdin.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-_TEMPERATURE = flags.DEFINE_float("temperature", None, "0 is greedy (default: config.sample.temperature).")
-_TOP_K = flags.DEFINE_integer("top_k", None, "Keep the k most probable tokens; 0 keeps all (default: config).")
-_TOP_P = flags.DEFINE_float("top_p", None, "Keep the smallest set with this much probability (default: config).")
-_NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "Samples per prompt (default: config.sample.num_samples).")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", None, "Tokens to generate at most (default: config).")
-_SEED = flags.DEFINE_integer("seed", 0, "PRNG seed: the same seed gives the same text.")
-_STOP = flags.DEFINE_multi_string("stop", [], "Stop string (repeatable); end-of-text always stops.")
-_SHOW_PROBS = flags.DEFINE_bool("show_probs", False, "Also print each step's most probable tokens and the choice.")
-_SHOW_TOP = 5
+FLAGS = flags.FLAGS
+SHOW_TOP = 5  # candidates --show_probs prints per step
+
+
+def define_flags():
+    """Flags exist only when run as a program, so importing this module never clashes with another's flags."""
+    flags.DEFINE_string("workdir", None, "Run directory with checkpoints/ and tokenizer/.", required=True)
+    flags.DEFINE_multi_string("prompt", [], "Prompt text (repeat the flag for a batch). Default: read stdin.")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+    flags.DEFINE_float("temperature", None, "0 is greedy (default: config.sample.temperature).")
+    flags.DEFINE_integer("top_k", None, "Keep the k most probable tokens; 0 keeps all (default: config).")
+    flags.DEFINE_float("top_p", None, "Keep the smallest set with this much probability (default: config).")
+    flags.DEFINE_integer("num_samples", None, "Samples per prompt (default: config.sample.num_samples).")
+    flags.DEFINE_integer("max_new_tokens", None, "Tokens to generate at most (default: config.sample).")
+    flags.DEFINE_integer("seed", 0, "PRNG seed: the same seed gives the same text.")
+    flags.DEFINE_multi_string("stop", [], "Stop string (repeatable); end-of-text always stops.")
+    flags.DEFINE_bool("show_probs", False, "Also print each step's most probable tokens and the choice.")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not _WORKDIR.value:
-        raise app.UsageError("--workdir is required")
     from lm import checkpoint, tokenizer as lm_tokenizer
-    workdir = pathlib.Path(_WORKDIR.value)
-    model, config, meta = checkpoint.load_model(workdir, step=_STEP.value)
+    lm_mesh.initialize_distributed()
+    workdir = pathlib.Path(FLAGS.workdir)
+    model, config, meta = checkpoint.load_model(workdir, step=FLAGS.step)
     tok = lm_tokenizer.load(workdir / "tokenizer")
     sample_config = config.get("sample") or {}
-    sampling = Sampling.from_config(sample_config, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
-                                    top_p=_TOP_P.value)
-    num_samples = _NUM_SAMPLES.value or int(sample_config.get("num_samples", 1))
-    max_new_tokens = _MAX_NEW.value or int(sample_config.get("max_new_tokens", 64))
-    prompts = _PROMPT.value or [sys.stdin.read()]
+    sampling = Sampling.from_config(sample_config, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
+                                    top_p=FLAGS.top_p)
+    num_samples = FLAGS.num_samples or int(sample_config.get("num_samples", 1))
+    max_new_tokens = FLAGS.max_new_tokens or int(sample_config.get("max_new_tokens", 64))
+    prompts = FLAGS.prompt or [sys.stdin.read()]
     logging.info("step %s, %s, %d sample(s) of up to %d tokens", meta.get("step"), sampling, num_samples,
                  max_new_tokens)
-    completions = generate(model, tok, prompts, jax.random.key(_SEED.value), sampling, max_new_tokens,
-                           stop=_STOP.value, num_samples=num_samples,
-                           top_candidates=_SHOW_TOP if _SHOW_PROBS.value else 0)
+    completions = generate(model, tok, prompts, jax.random.key(FLAGS.seed), sampling, max_new_tokens,
+                           stop=FLAGS.stop, num_samples=num_samples,
+                           top_candidates=SHOW_TOP if FLAGS.show_probs else 0)
     for i, c in enumerate(completions):
         if len(completions) > 1:
             print(("\n" if i else "") + f"----- sample {i + 1} of {len(completions)}")
         print(c.text)
-        if _SHOW_PROBS.value:
+        if FLAGS.show_probs:
             print(format_probs(tok, c))
         logging.info("sample %d: %d tokens, finish %s, mean log-prob %.3f", i + 1, len(c.tokens), c.finish_reason,
                      float(np.mean(c.logprobs)) if len(c.tokens) else 0.0)
@@ -433,4 +441,5 @@ def _show(tokenizer, token_id) -> str:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

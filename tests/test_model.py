@@ -30,11 +30,15 @@ def tokens(shape, seed=0, vocab=128):
     return jnp.asarray(np.random.default_rng(seed).integers(0, vocab, shape), jnp.int32)
 
 
-def perturbed(model, seed=1, scale=0.05):
-    """The model with noise on every param, so zero biases and unit norms take part in the checks."""
-    rng = np.random.default_rng(seed)
-    graphdef, state = nnx.split(model)
-    state = jax.tree.map(lambda x: x + scale * rng.standard_normal(x.shape).astype(x.dtype), state)
+@functools.cache
+def make(family, **overrides):
+    """A (shared, never mutated) model with noise on every param, so zero biases and unit norms take part."""
+    if overrides.get("scan_layers"):  # the same params, stacked
+        params = nnx.to_pure_dict(nnx.state(make(family)))
+        return from_params(tiny(family, **overrides), stack_layers(params))
+    graphdef, state = nnx.split(Transformer(tiny(family, **overrides), rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(1)
+    state = jax.tree.map(lambda x: x + 0.05 * rng.standard_normal(x.shape).astype(x.dtype), state)
     return nnx.merge(graphdef, state)
 
 
@@ -67,7 +71,7 @@ def test_shapes_dtypes_and_param_count():
 
 
 def test_bfloat16_compute_tracks_float32():
-    model = perturbed(Transformer(tiny("llama"), rngs=nnx.Rngs(0)))
+    model = make("llama")
     bf16 = from_params(tiny("llama", dtype="bfloat16"), nnx.to_pure_dict(nnx.state(model)))
     x = tokens((2, T))
     logits = _forward(*nnx.split(bf16), x)
@@ -78,7 +82,7 @@ def test_bfloat16_compute_tracks_float32():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_causal_future_tokens_never_change_past_logits(family):
-    model = perturbed(Transformer(tiny(family), rngs=nnx.Rngs(0)))
+    model = make(family)
     x = tokens((2, T))
     base = forward(model, x)
     for t in (0, 5, T - 1):
@@ -111,11 +115,11 @@ def test_attention_matches_numpy_reference():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_scan_and_dot_product_attention_give_the_same_logits(family):
     config = tiny(family)
-    model = perturbed(Transformer(config, rngs=nnx.Rngs(0)))
+    model = make(family)
     params = nnx.to_pure_dict(nnx.state(model))
     x = tokens((2, T))
     base = forward(model, x)
-    scanned = from_params(tiny(family, scan_layers=True), stack_layers(params))
+    scanned = make(family, scan_layers=True)
     np.testing.assert_allclose(forward(scanned, x), base, rtol=1e-5, atol=1e-5)
     dot_product = from_params(tiny(family, attention="dot_product"), params)
     np.testing.assert_allclose(forward(dot_product, x), base, rtol=1e-5, atol=1e-5)
@@ -126,7 +130,7 @@ def test_scan_and_dot_product_attention_give_the_same_logits(family):
 
 def test_remat_and_scan_give_the_same_gradients():
     config = tiny("llama")
-    params = nnx.to_pure_dict(nnx.state(perturbed(Transformer(config, rngs=nnx.Rngs(0)))))
+    params = nnx.to_pure_dict(nnx.state(make("llama")))
     x = tokens((2, T))
     weights = jax.random.normal(jax.random.key(2), (2, T, 128))
 
@@ -148,7 +152,7 @@ def test_remat_and_scan_give_the_same_gradients():
 
 @pytest.mark.parametrize("family, scan", [("gpt2", False), ("llama", False), ("llama", True)])
 def test_kv_cache_decoding_equals_full_forward(family, scan):
-    model = perturbed(Transformer(tiny(family, scan_layers=scan), rngs=nnx.Rngs(0)))
+    model = make(family, scan_layers=scan)
     x = tokens((2, T))
     full = forward(model, x)
     cache = model.init_cache(2, 16)
@@ -165,7 +169,7 @@ def test_kv_cache_decoding_equals_full_forward(family, scan):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_left_padded_batch_equals_unpadded_rows(family):
     """Prompts of lengths 7 and 4, the second left padded to 7, then 3 decoded tokens each."""
-    model = perturbed(Transformer(tiny(family), rngs=nnx.Rngs(0)))
+    model = make(family)
     rows = tokens((2, T), seed=1)
     want = forward(model, rows)  # each row alone, unpadded
     pad = 3
@@ -213,7 +217,8 @@ def test_flops_per_token_matches_xla_cost_analysis():
     seq_len = 128
     graphdef, state = nnx.split(Transformer(config, rngs=nnx.Rngs(0)))
     cost = _forward.lower(graphdef, state, tokens((1, seq_len))).compile().cost_analysis()
-    assert flops_per_token(config, seq_len) == pytest.approx(3 * cost["flops"] / seq_len, rel=0.03)
+    xla = 3 * cost["flops"] / seq_len  # XLA also counts elementwise work (norms, GELU, softmax): a little more
+    assert 0.95 * xla < flops_per_token(config, seq_len) <= xla
 
 
 def test_gpt2_124m_numbers():
@@ -230,5 +235,5 @@ def test_gpt2_124m_numbers():
                                                 ("n_kv_heads", 3, "divisible by n_kv_heads"),
                                                 ("remat", "some", "'none', 'full' or 'dots'")])
 def test_bad_config_names_the_key(key, value, words):
-    with pytest.raises(ConfigError, match=f"config.model.*{words}"):
-        Transformer(tiny("llama", **{key: value}), rngs=nnx.Rngs(0))
+    with pytest.raises(ConfigError, match=f"config.model.{key}=.*{words}"):
+        Transformer({**tiny("llama"), key: value}, rngs=nnx.Rngs(0))

@@ -141,12 +141,16 @@ def test_document_packing(tokens_dir):
             np.testing.assert_array_equal(batch["inputs"][row, :length - 1], real[:-1])
             np.testing.assert_array_equal(batch["targets"][row, :length - 1], real[1:])
             # padding: the end-of-text id, and the mask is 1 exactly on the document's own targets
-            assert np.all(batch["inputs"][row, length - 1:] == eot) and np.all(batch["targets"][row, length - 1:] == eot)
+            assert np.all(batch["inputs"][row, length - 1:] == eot)
+            assert np.all(batch["targets"][row, length - 1:] == eot)
             np.testing.assert_array_equal(batch["loss_mask"][row], np.arange(seq_len) < length - 1)
             seen.append(doc)
     assert np.array_equal(np.sort(seen[:windows.n]), np.arange(windows.n))
     lengths = np.diff(np.append(starts, len(tokens)))
     assert lengths.min() < seq_len < lengths.max()   # both padding and truncation happened
+    shortest = int(np.argmin(lengths))
+    padded = pipeline.Windows(windows.data, seq_len, packing="document", pad_id=7).batch(np.array([shortest]))
+    assert np.all(padded["inputs"][0, lengths[shortest]:] == 7) and padded["inputs"][0, lengths[shortest] - 1] == eot
 
 
 @pytest.mark.parametrize("packing", ["concat", "document"])

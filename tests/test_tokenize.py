@@ -96,8 +96,9 @@ def test_shards_round_trip_and_rejects_counted(tmp_path, corpus, cl100k, shared_
         assert len(index["splits"][split]["shards"]) >= (2 if split == "train" else 1)
 
     # ids equal tiktoken's own cl100k_base encoding (independent of lm.tokenizer)
-    reference = tiktoken.Encoding("cl100k_base", pat_str=CL100K_PATTERN, special_tokens={"<|endoftext|>": 100257},
-                                  mergeable_ranks=load_tiktoken_bpe(str(shared_data("tokenizers/cl100k_base.tiktoken"))))
+    ranks = load_tiktoken_bpe(str(shared_data("tokenizers/cl100k_base.tiktoken")))
+    reference = tiktoken.Encoding("cl100k_base", pat_str=CL100K_PATTERN, mergeable_ranks=ranks,
+                                  special_tokens={"<|endoftext|>": 100257})
     train_texts = [t for t, s in zip(expected, split_of) if s == "train"]
     for doc, text in zip(read_split(tokens_dir, index, "train"), train_texts):
         assert doc.tolist() == reference.encode_ordinary(text)

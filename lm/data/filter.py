@@ -10,6 +10,7 @@ lm/data/filter_blocks.py). The report checks in = kept + Σ dropped.
     python -m lm.data.filter --input='pages/*.warc.gz' --workdir=/tmp/run
     python -m lm.data.filter --config=lm/data/filter.py:text --config.workers=4 --input=docs.jsonl.gz --workdir=...
 """
+import collections
 import contextlib
 import dataclasses
 import glob
@@ -33,7 +34,6 @@ from datatrove.pipeline.filters.gopher_repetition_filter import GopherRepetition
 from datatrove.pipeline.formatters.pii import PIIFormatter
 from datatrove.pipeline.writers.jsonl import JsonlWriter
 from datatrove.utils.hashing import HashConfig
-from datatrove.utils.stats import PipelineStats
 from datatrove.utils.typeshelper import StatHints
 
 from lm.data import readers
@@ -330,45 +330,50 @@ def report(c: ml_collections.ConfigDict, files: list[str], workdir, seconds: flo
 
 
 def _stage_steps(logging_dir: str) -> dict:
-    """{block: tally stats, "before:<block>": stats of the step before it, "reader": reader stats} for one stage."""
-    merged = None
+    """{block: its tally, "before:<block>": the step before it, "reader": ...} for one stage, each step as
+    {"totals": {stat: sum over tasks}, "seconds": ...}, from the stats/<rank>.json files datatrove saves."""
+    steps = None
     for path in sorted(glob.glob(os.path.join(logging_dir, "stats", "*.json"))):
         with open(path) as f:
-            stats = PipelineStats.from_json(json.load(f))
-        merged = stats if merged is None else merged + stats
+            ranks = json.load(f)
+        steps = steps or [{"name": s["name"], "totals": collections.Counter(), "seconds": 0.0} for s in ranks]
+        for step, saved in zip(steps, ranks):
+            step["totals"].update({k: _stat_total(v) for k, v in saved["stats"].items()})
+            step["seconds"] += _stat_total(saved["time_stats"])
     found = {}
-    for i, stat in enumerate(merged.stats if merged else []):
-        if stat.name.startswith(Tally.type):
-            block = stat.name.split(": ", 1)[1]
-            found[block] = stat
-            found[f"before:{block}"] = merged.stats[i - 1]
-            if block == "read":
-                found["reader"] = merged.stats[i - 1]
+    for i, step in enumerate(steps or []):
+        if step["name"].startswith(Tally.type):
+            block = step["name"].split(": ", 1)[1]
+            found[block], found[f"before:{block}"] = step, steps[i - 1]
+    if "before:read" in found:
+        found["reader"] = found["before:read"]
     return found
 
 
-def _total(stats, key) -> int:
-    return int(stats.stats[key].total) if key in stats.stats else 0
+def _stat_total(value) -> float:
+    """A saved datatrove metric is its total, or a dict holding it."""
+    return value.get("total", 0) if isinstance(value, dict) else value
 
 
 def _block_row(block, step, tally, workdir, before=None) -> dict:
-    docs_in = _total(step, "documents") if before is None else before["docs_out"]
-    bytes_in = _total(step, "bytes") if before is None else before["bytes_out"]
-    dropped = _total(step, StatHints.dropped)
-    reasons = {k.removeprefix("dropped_"): int(v.total) for k, v in step.stats.items() if k.startswith("dropped_")}
+    totals = step["totals"]
+    docs_in = int(totals["documents"]) if before is None else before["docs_out"]
+    bytes_in = int(totals["bytes"]) if before is None else before["bytes_out"]
+    dropped = int(totals[StatHints.dropped])
+    reasons = {k.removeprefix("dropped_"): int(v) for k, v in totals.items() if k.startswith("dropped_")}
     if dropped > sum(reasons.values()):
         reasons[DEFAULT_REASON.get(block, block)] = dropped - sum(reasons.values())
-    return {"block": block, "docs_in": docs_in, "dropped": dropped, "docs_out": _total(tally, "documents"),
-            "bytes_in": bytes_in, "bytes_out": _total(tally, "bytes"), "reasons": dict(sorted(reasons.items())),
-            "seconds": round(step.time_stats.total, 3), "dropped_to": os.path.join(workdir, "dropped", block)}
+    return {"block": block, "docs_in": docs_in, "dropped": dropped, "docs_out": int(tally["totals"]["documents"]),
+            "bytes_in": bytes_in, "bytes_out": int(tally["totals"]["bytes"]), "reasons": dict(sorted(reasons.items())),
+            "seconds": round(step["seconds"], 3), "dropped_to": os.path.join(workdir, "dropped", block)}
 
 
 def _bad_input(reader) -> list[dict]:
     rows = []
-    for key, value in reader.stats.items():
+    for key, value in reader["totals"].items():
         if key.startswith("bad_input::"):
             _, reason, path = key.split("::", 2)
-            rows.append({"file": path, "reason": reason, "count": int(value.total)})
+            rows.append({"file": path, "reason": reason, "count": int(value)})
     return sorted(rows, key=lambda r: (r["file"], r["reason"]))
 
 

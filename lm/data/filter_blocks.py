@@ -42,8 +42,10 @@ class URLFilter(url_filter.URLFilter):
             return
         logger.info(f"Loading the URL blocklist from {self.blocklist}")
         with tarfile.open(self.blocklist, "r:gz") as tar:
-            for member, target in (("domains", self.block_listed_domains), ("urls", self.block_listed_url)):
-                target.update(url_filter.parse_list(_lines(tar, member), do_normalize=False))
+            domains, urls = (_read_list(tar.extractfile(member).read()) for member in ("domains", "urls"))
+        domains.update(self.block_listed_domains)  # the config's extra domains / urls
+        urls.update(self.block_listed_url)
+        self.block_listed_domains, self.block_listed_url = domains, urls
         for name, target in (("banned_words.txt", self.banned_words), ("banned_subwords.txt", self.banned_subwords),
                              ("soft_banned_words.txt", self.soft_banned_words)):
             target.update(url_filter.get_list(ASSETS_PATH, name, set()))
@@ -59,8 +61,15 @@ class URLFilter(url_filter.URLFilter):
         return super().filter(document)
 
 
-def _lines(tar, member):
-    return (line for line in tar.extractfile(member).read().decode("utf-8").splitlines() if line)
+def _read_list(data: bytes) -> set[str]:
+    """datatrove's parse_list (strip, skip comments) for a blocklist member; a plain split when nothing needs
+    stripping, which is twice as fast on the 4.5M domains each worker loads."""
+    if any(c in data for c in (b"#", b" ", b"\t", b"\r")):
+        return url_filter.parse_list([line for line in data.decode("utf-8").splitlines() if line],
+                                     do_normalize=False)
+    result = set(data.decode("utf-8").split("\n"))
+    result.discard("")
+    return result
 
 
 class _ArrayScores:

@@ -132,12 +132,14 @@ def _feistel(x: np.ndarray, half: int, keys: np.ndarray) -> np.ndarray:
 class Windows:
     """Windows of at most seq_len + 1 tokens over one split, addressed by index (see the module docstring)."""
 
-    def __init__(self, data: TokenData, seq_len: int, packing: str = "concat", keep_tail: bool = False):
+    def __init__(self, data: TokenData, seq_len: int, packing: str = "concat", keep_tail: bool = False, pad_id=None):
         if packing not in PACKINGS:
             raise ValueError(f"packing={packing!r}: must be one of {PACKINGS}")
         self.data, self.seq_len, self.packing = data, seq_len, packing
+        self.pad_id = data.eot_id if pad_id is None else int(pad_id)
         if packing == "document":
             self.n = data.n_documents
+            data.doc_starts   # loaded now, not by the first of several tf.data threads
         elif keep_tail:   # validation: the last, shorter window too, so every target token is scored once
             self.n = -(-(data.n_tokens - 1) // seq_len) if data.n_tokens > 1 else 0
         else:
@@ -157,11 +159,10 @@ class Windows:
             ends = np.full_like(starts, self.data.n_tokens)
         return starts, np.minimum(ends - starts, self.seq_len + 1)
 
-    def batch(self, ids: np.ndarray, valid=None, pad_id=None) -> dict:
+    def batch(self, ids: np.ndarray, valid=None) -> dict:
         """{"inputs", "targets": int32 [len(ids), seq_len], "loss_mask": float32}; rows where `valid` is False are
         all padding with a zero mask."""
-        pad_id = self.data.eot_id if pad_id is None else pad_id
-        rows = np.full((len(ids), self.seq_len + 1), pad_id, np.int32)
+        rows = np.full((len(ids), self.seq_len + 1), self.pad_id, np.int32)
         mask = np.zeros((len(ids), self.seq_len), np.float32)
         starts, lengths = self.bounds(ids)
         for row, (start, length) in enumerate(zip(starts, lengths)):
@@ -212,7 +213,7 @@ def num_val_batches(windows: Windows, batch_size: int) -> int:
 
 # --- tf.data -------------------------------------------------------------------------------------------------------
 
-def _tf():
+def import_tensorflow():
     """TensorFlow, imported on first use, with every GPU hidden from it so it never takes accelerator memory."""
     import tensorflow as tf
     try:
@@ -224,7 +225,7 @@ def _tf():
 
 def _dataset(make_batch, first: int, stop: int, batch_rows: int, seq_len: int, prefetch: int):
     """tf.data over Dataset.range(first, stop) mapped through `make_batch(index) -> dict of numpy`."""
-    tf = _tf()
+    tf = import_tensorflow()
     keys = ("inputs", "targets", "loss_mask")
     dtypes = (tf.int32, tf.int32, tf.float32)
 
@@ -250,40 +251,39 @@ def _process(process_index, process_count):
 
 
 def train_batches(tokens_dir, seq_len: int, global_batch: int, seed: int, start_step: int = 0, process_index=None,
-                  process_count=None, packing: str = "concat", num_steps=None, prefetch: int = 0):
+                  process_count=None, packing: str = "concat", num_steps=None, pad_id=None, prefetch: int = 0):
     """Iterator of this process's rows of the train batches for steps start_step, start_step + 1, ...
 
     Yields {"inputs", "targets": int32 [global_batch / process_count, seq_len], "loss_mask": float32 [same]}.
-    Process index and count default to jax's.
+    Process index and count default to jax's; pad_id (document packing) defaults to the end-of-text id.
     """
     process_index, process_count = _process(process_index, process_count)
-    windows = Windows(TokenData(tokens_dir, "train"), seq_len, packing)
-    rows = local_rows(global_batch, process_index, process_count)
+    windows = Windows(TokenData(tokens_dir, "train"), seq_len, packing, pad_id=pad_id)
+    n_rows = len(local_rows(global_batch, process_index, process_count))
     stop = sys.maxsize if num_steps is None else start_step + num_steps
 
     def make_batch(step):
-        return windows.batch(train_window_ids(step, windows.n, global_batch, seed, rows))
+        return train_batch(windows, step, global_batch, seed, process_index, process_count)
 
-    dataset = _dataset(make_batch, start_step, stop, len(rows), seq_len, prefetch)
-    return dataset.as_numpy_iterator()
+    return _dataset(make_batch, start_step, stop, n_rows, seq_len, prefetch).as_numpy_iterator()
 
 
 def val_batches(tokens_dir, seq_len: int, batch_size: int, process_index=None, process_count=None,
-                packing: str = "concat", max_batches=None, prefetch: int = 0):
+                packing: str = "concat", max_batches=None, pad_id=None, prefetch: int = 0):
     """Deterministic iterator over the val split, each target token scored once (document packing: each document's
     first window once). The last batch is padded with rows whose loss_mask is 0, so every batch has the same shape and
     every process runs the same number of batches."""
     process_index, process_count = _process(process_index, process_count)
-    windows = Windows(TokenData(tokens_dir, "val"), seq_len, packing, keep_tail=True)
+    windows = Windows(TokenData(tokens_dir, "val"), seq_len, packing, keep_tail=True, pad_id=pad_id)
     n_batches = num_val_batches(windows, batch_size)
     if max_batches is not None:
         n_batches = min(n_batches, max_batches)
-    rows = batch_size // process_count
+    n_rows = len(local_rows(batch_size, process_index, process_count))
 
     def make_batch(index):
         return val_batch(windows, index, batch_size, process_index, process_count)
 
-    return _dataset(make_batch, 0, n_batches, rows, seq_len, prefetch).as_numpy_iterator()
+    return _dataset(make_batch, 0, n_batches, n_rows, seq_len, prefetch).as_numpy_iterator()
 
 
 # --- CLI -----------------------------------------------------------------------------------------------------------

@@ -44,8 +44,7 @@ def expand_inputs(patterns: list[str]) -> list[str]:
     """Files named by paths, directories (all files below) and globs; `fineweb:sample/10BT` is FineWeb on the HF hub."""
     files = []
     for pattern in patterns:
-        if pattern.startswith("fineweb:"):
-            pattern = f"{FINEWEB}/{pattern.removeprefix('fineweb:').strip('/')}/**/*.parquet"
+        pattern = fineweb_pattern(pattern)
         found = _expand_remote(pattern) if "://" in pattern else _expand_local(pattern)
         if not found:
             raise FileNotFoundError(f"input {pattern!r} matches no file")
@@ -53,6 +52,13 @@ def expand_inputs(patterns: list[str]) -> list[str]:
     for path in files:
         file_format(path)  # fail early, naming the file
     return list(dict.fromkeys(files))
+
+
+def fineweb_pattern(pattern: str) -> str:
+    """`fineweb:<subset>` (e.g. fineweb:sample/10BT, fineweb:data/CC-MAIN-2024-10) -> the parquet files on the hub."""
+    if not pattern.startswith("fineweb:"):
+        return pattern
+    return f"{FINEWEB}/{pattern.removeprefix('fineweb:').strip('/')}/**/*.parquet"
 
 
 def _expand_local(pattern: str) -> list[str]:
@@ -209,6 +215,11 @@ class InputReader(BaseReader):
                 if record.rec_type not in ("response", "conversion"):
                     continue  # requests, metadata and warcinfo records are not pages
                 yield self._warc_page(record, path, number)
+        if path.endswith(".gz"):
+            # warcio stops quietly at a truncated gzip member; reading the stream to its end raises EOFError
+            with fsspec.open(path, "rb", compression="gzip") as f:
+                while f.read(1 << 22):
+                    pass
 
     def _warc_page(self, record, path, number):
         headers = record.rec_headers

@@ -5,16 +5,17 @@ index in the split}. Splits "train" and "validation". The builder config is name
 re-tokenized corpus is prepared afresh instead of being served from a stale copy.
 
     from lm.data import tfds_builder
-    ds = tfds_builder.load(tokens_dir, "train")     # or: tfds.load("lm_tokens", data_dir=..., builder_kwargs=...)
+    ds = tfds_builder.load(tokens_dir, "train")     # prepared on first use under <tokens_dir>/tfds
+    # or, once this module is imported (which registers the builder):
+    ds = tfds.load("lm_tokens", split="validation", data_dir=..., builder_kwargs={"tokens_dir": tokens_dir})
 
-    python -m lm.data.tfds_builder --workdir=runs/tiny    # prepares <workdir>/tokens/tfds and prints a summary
+Not a pipeline stage, so no absl main: importing the module as __main__ would register the builder twice.
 """
 import hashlib
 import pathlib
 
 import numpy as np
 import tensorflow_datasets as tfds
-from absl import app, flags
 
 from lm.data import pipeline, tokenize
 
@@ -63,23 +64,6 @@ class LmTokens(tfds.core.GeneratorBasedBuilder):
 def load(tokens_dir, split: str = "train", data_dir=None, **load_kwargs):
     """`tfds.load` of the corpus in tokens_dir (prepared on first use under data_dir, default tokens_dir/tfds)."""
     tokens_dir = pathlib.Path(tokens_dir)
+    pipeline.import_tensorflow()   # with GPUs hidden from TensorFlow before tfds starts it
     return tfds.load("lm_tokens", split=split, data_dir=str(data_dir or tokens_dir / "tfds"),
                      builder_kwargs={"tokens_dir": tokens_dir}, **load_kwargs)
-
-
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    tokens_dir = pathlib.Path(flags.FLAGS.workdir) / "tokens"
-    for split in SPLITS:
-        dataset = load(tokens_dir, split)
-        n_docs = n_tokens = 0
-        for example in dataset.as_numpy_iterator():
-            n_docs += 1
-            n_tokens += len(example["tokens"])
-        print(f"{split}: {n_docs} documents, {n_tokens:,} tokens (tfds data in {tokens_dir / 'tfds'})")
-
-
-if __name__ == "__main__":
-    flags.DEFINE_string("workdir", "runs/default", "Workdir holding tokens/ (from lm.data.tokenize).")
-    app.run(main)

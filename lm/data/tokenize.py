@@ -39,6 +39,10 @@ def token_dtype(n_vocab: int) -> np.dtype:
     return np.dtype(np.uint16 if n_vocab <= 1 << 16 else np.uint32).newbyteorder("<")
 
 
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def is_val(text_bytes: bytes, val_fraction: float) -> bool:
     digest = hashlib.blake2b(text_bytes, digest_size=8).digest()
     return int.from_bytes(digest, "little") < val_fraction * 2.0 ** 64
@@ -138,7 +142,7 @@ def run(tokenizer, inputs, tokens_dir, dataset_config=None) -> dict:
     given = dataset_config.to_dict() if hasattr(dataset_config, "to_dict") else dict(dataset_config or {})
     cfg = {**DEFAULTS, **{k: v for k, v in given.items() if k in DEFAULTS}}
     tokens_dir = pathlib.Path(tokens_dir)
-    workers = cfg["workers"] or os.cpu_count() or 1
+    workers = cfg["workers"] or available_cores()
     dtype = token_dtype(tokenizer.n_vocab)
     eot_id = tokenizer.eot_id
     _clear(tokens_dir)

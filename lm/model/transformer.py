@@ -154,11 +154,15 @@ class Transformer(nnx.Module):
         """
         spec = self.spec
         positions, mask, cache_pos = _positions_and_mask(tokens, positions, cache)
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(spec.dtype)
+        # Gather whole rows: the table's embed dim is all-gathered first (as FSDP does for every weight), so the
+        # lookup's output can take the batch sharding of `tokens` instead of the table's.
+        table = constrain(self.embed[...], ("vocab", None))
+        x = jnp.take(table, tokens, axis=0).astype(spec.dtype)
         safe_positions = jnp.maximum(positions, 0)
         if self.pos_embed is not None:
             _check_max_len(positions, spec.max_len)
-            x = x + jnp.take(self.pos_embed[...], safe_positions, axis=0).astype(spec.dtype)
+            pos_table = constrain(self.pos_embed[...], (None, None))
+            x = x + jnp.take(pos_table, safe_positions, axis=0).astype(spec.dtype)
         rope = rope_tables(safe_positions, spec.head_dim, spec.rope_theta) if spec.family == "llama" else None
         x = constrain(x, RESIDUAL)
         x, kv = self._run_blocks(x, rope, mask, cache)

@@ -74,7 +74,7 @@ def make_train_step(objective: Objective, spec: lm_state.StateSpec, tx, schedule
         grads = jax.tree.map(lambda g: g / weight, grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = {"loss": loss_sum / weight, "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"]),
+        metrics = {"loss": loss_sum / weight, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
                    **{name: value / weight for name, value in sums.items()}}
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
@@ -220,7 +220,7 @@ def _run_steps(config, workdir, objective, mesh, spec, tx, schedule, state, star
         record["mfu"] = record["tokens_per_sec"] * objective.flops_per_token / peak
         if step > start + 1:  # the first step also pays for warming up
             rates.append(record["tokens_per_sec"])
-        if objective.eval_batches is not None and (step == total_steps or eval_every and step % eval_every == 0):
+        if objective.eval_batches is not None and eval_every > 0 and (step % eval_every == 0 or step == total_steps):
             record["val_loss"] = evaluate(eval_step, state["params"], objective.eval_batches(), mesh)
         writer.write(step, record)
         last.update(record)

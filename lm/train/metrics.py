@@ -3,6 +3,7 @@ import functools
 import json
 import math
 import pathlib
+import sys
 import time
 
 import jax
@@ -19,7 +20,8 @@ PEAK_FLOPS = (
 @functools.cache
 def measured_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of a float32 n x n matmul on the first device (the CPU 'peak' for MFU), best of `repeats`."""
-    x = jax.device_put(jnp.ones((n, n), jnp.float32), jax.devices()[0])
+    on_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    x = jax.jit(lambda: jnp.ones((n, n), jnp.float32), out_shardings=on_device)()
     matmul = jax.jit(lambda a: a @ a)
     matmul(x).block_until_ready()
     best = math.inf
@@ -90,11 +92,18 @@ def _plain(value):
 
 
 def _tensorboard_writer(logdir):
+    """tensorboardX's SummaryWriter (TensorFlow's tf.summary needs the tensorboard package, which is not here)."""
+    hide_torch = "torch" not in sys.modules
+    if hide_torch:  # tensorboardX imports torch (seconds) only to accept torch tensors; we log floats
+        sys.modules["torch"] = None
     try:
         from tensorboardX import SummaryWriter
     except ImportError:
         logging.warning("tensorboardX is not installed: metrics go to metrics.jsonl only")
         return None
+    finally:
+        if hide_torch:
+            del sys.modules["torch"]
     return SummaryWriter(str(logdir), flush_secs=10)
 
 

@@ -39,9 +39,11 @@ def is_embedding(path) -> bool:
 
 
 def decay_mask(params, decay_embeddings: bool = False):
-    """True where weight decay applies: matrices only (never norms or biases); embeddings only if asked."""
+    """True where weight decay applies: weight matrices, never norms or biases; embeddings only if asked."""
     def decays(path, leaf):
-        return leaf.ndim >= 2 and (decay_embeddings or not is_embedding(path))
+        if leaf.ndim < 2 or any("bias" in name or "norm" in name for name in _path_names(path)):
+            return False
+        return decay_embeddings or not is_embedding(path)
     return jax.tree_util.tree_map_with_path(decays, params)
 
 

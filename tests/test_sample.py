@@ -1,0 +1,267 @@
+"""lm.sample: KV-cache decoding against full recomputation, the sampling filters against numpy, batching, keys,
+log-probs, stops, a sharded model, the CLI and the lm.main stage. A small random model and a small trained BPE."""
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from lm import checkpoint, sample
+from lm import config as lm_config
+from lm import model as lm_model
+from lm import mesh as lm_mesh
+from lm.model import Transformer
+from lm.tokenizer import train as tokenizer_train
+
+NEW = 12
+TEXTS = ("x", "The list", "Return a new sorted list", "def f(x): return x")
+
+
+def model_config(family="gpt2", vocab_size=512):
+    return ml_collections.ConfigDict(dict(
+        family=family, vocab_size=vocab_size, n_layers=2, d_model=64, n_heads=4, n_kv_heads=4 if family == "gpt2" else 2,
+        d_ff=128, max_len=96, dtype="float32", param_dtype="float32", init_std=0.2))
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from pydoc_data.topics import topics
+    return tokenizer_train.train(list(topics.values())[:40], 512)
+
+
+@pytest.fixture(scope="module")
+def models(tok):
+    return {family: Transformer(model_config(family, tok.n_vocab), rngs=nnx.Rngs(1)) for family in ("gpt2", "llama")}
+
+
+@pytest.fixture(scope="module")
+def prompts(tok):
+    ids = [tok.encode(t) for t in TEXTS]
+    assert len({len(p) for p in ids}) == len(ids) and max(map(len, ids)) <= sample.PROMPT_BUCKET
+    return ids
+
+
+@pytest.fixture(scope="module")
+def greedy(models, prompts):
+    return {family: sample.generate_ids(m, prompts, jax.random.key(0), NEW, sample.Sampling(temperature=0))
+            for family, m in models.items()}
+
+
+def recompute_greedy(model, prompt, n):
+    """Greedy decoding the slow way: the whole sequence through the model, no cache, for every new token."""
+    tokens = list(prompt)
+    for _ in range(n):
+        tokens.append(int(jnp.argmax(model(jnp.array([tokens]))[0, -1])))
+    return tokens[len(prompt):]
+
+
+def forward_logprobs(model, prompt, generated):
+    """log p(generated[i] | prompt + generated[:i]) from one forward pass over the unpadded sequence."""
+    tokens = list(prompt) + list(generated)
+    logprobs = jax.nn.log_softmax(model(jnp.array([tokens]))[0], axis=-1)
+    return np.array([logprobs[len(prompt) - 1 + i, t] for i, t in enumerate(generated)])
+
+
+# ------------------------------------------------------------------------------------------------ filters vs numpy
+
+
+def numpy_nucleus(logits, p):
+    """Kept mask of the smallest set of most probable tokens with total probability >= p."""
+    probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    order = np.argsort(-probs)
+    size = int(np.searchsorted(np.cumsum(probs[order]), p) + 1)
+    keep = np.zeros(len(logits), bool)
+    keep[order[:min(size, len(logits))]] = True
+    return keep
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.7, 0.9, 0.99])
+def test_top_p_keeps_exactly_the_smallest_nucleus(p):
+    logits = np.random.default_rng(0).normal(0, 2, (32, 50)).astype(np.float32)
+    kept = np.isfinite(np.asarray(sample.top_p_filter(jnp.asarray(logits), p)))
+    for row, logit in zip(kept, logits):
+        np.testing.assert_array_equal(row, numpy_nucleus(logit.astype(np.float64), p))
+        probs = np.exp(logit) / np.exp(logit).sum()
+        assert probs[row].sum() >= p - 1e-6                              # enough mass ...
+        assert probs[row].sum() - probs[row].min() < p                   # ... and none of it superfluous
+        assert probs[row].min() >= probs[~row].max(initial=0)            # the most probable ones
+
+
+def test_top_k_keeps_the_k_largest():
+    logits = np.random.default_rng(1).normal(size=(16, 40)).astype(np.float32)
+    for k in (1, 5, 39):
+        kept = np.isfinite(np.asarray(sample.top_k_filter(jnp.asarray(logits), k)))
+        expected = np.zeros_like(kept)
+        np.put_along_axis(expected, np.argsort(-logits, axis=1)[:, :k], True, axis=1)
+        np.testing.assert_array_equal(kept, expected)
+    np.testing.assert_array_equal(sample.top_k_filter(jnp.asarray(logits), 0), logits)
+
+
+def test_sampling_distribution_matches_filtered_softmax():
+    logits = jnp.log(jnp.array([[0.5, 0.25, 0.15, 0.1]]))
+    sampling = sample.Sampling(temperature=1.0, top_p=0.8)  # nucleus {0, 1, 2}
+    keys = jax.random.split(jax.random.key(0), 20000)
+    draws = jax.vmap(lambda k: sample.choose(logits, k[None], sampling)[0])(keys)
+    counts = np.bincount(np.asarray(draws), minlength=4) / len(draws)
+    np.testing.assert_allclose(counts, [0.5 / 0.9, 0.25 / 0.9, 0.15 / 0.9, 0.0], atol=0.015)
+
+
+# ------------------------------------------------------------------------------------------------ decoding
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_kv_cache_equals_full_recomputation(models, prompts, greedy, family):
+    out = greedy[family]
+    for row, prompt in enumerate(prompts):
+        assert out.tokens[row].tolist() == recompute_greedy(models[family], prompt, NEW)
+    assert out.lengths.tolist() == [NEW] * len(prompts) and not out.stopped.any()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_logprobs_equal_a_forward_pass(models, prompts, greedy, family):
+    out = greedy[family]
+    for row, prompt in enumerate(prompts):
+        np.testing.assert_allclose(out.logprobs[row], forward_logprobs(models[family], prompt, out.tokens[row]),
+                                   atol=2e-5)
+
+
+def test_batched_equals_one_by_one(models, prompts, greedy):
+    model = models["gpt2"]
+    keys = jax.random.split(jax.random.key(3), len(prompts))
+    sampled = sample.generate_ids(model, prompts, keys, NEW, sample.Sampling(temperature=1.0))
+    for row, prompt in enumerate(prompts):
+        alone = sample.generate_ids(model, [prompt], jax.random.key(0), NEW, sample.Sampling(temperature=0))
+        np.testing.assert_array_equal(alone.tokens[0], greedy["gpt2"].tokens[row])
+        alone = sample.generate_ids(model, [prompt], keys[row:row + 1], NEW, sample.Sampling(temperature=1.0))
+        np.testing.assert_array_equal(alone.tokens[0], sampled.tokens[row])
+        np.testing.assert_allclose(alone.logprobs[0], sampled.logprobs[row], atol=2e-5)
+    for row, prompt in enumerate(prompts):  # sampled tokens carry the model's log-probs too
+        np.testing.assert_allclose(sampled.logprobs[row], forward_logprobs(model, prompt, sampled.tokens[row]),
+                                   atol=2e-5)
+
+
+def test_top_k_1_and_temperature_to_zero_equal_greedy(models, prompts, greedy):
+    expected = greedy["gpt2"].tokens
+    for sampling in (sample.Sampling(temperature=1.0, top_k=1), sample.Sampling(temperature=1e-4),
+                     sample.Sampling(temperature=0.7, top_p=1e-6)):
+        out = sample.generate_ids(models["gpt2"], prompts, jax.random.key(7), NEW, sampling)
+        np.testing.assert_array_equal(out.tokens, expected, err_msg=str(sampling))
+
+
+def test_same_key_same_text_different_keys_different_texts(models, tok):
+    model, sampling = models["gpt2"], sample.Sampling(temperature=1.0)
+    texts = lambda seed: [c.text for c in sample.generate(model, tok, "The list", jax.random.key(seed), sampling,
+                                                         max_new_tokens=NEW, num_samples=4)]
+    first = texts(0)
+    assert texts(0) == first
+    assert len(set(first)) == 4                      # rows of one batch draw independently
+    assert set(texts(1)).isdisjoint(first)
+
+
+def test_stop_tokens_and_sequences(models, prompts, greedy):
+    expected = greedy["gpt2"].tokens
+    row0, row1 = expected[0].tolist(), expected[1].tolist()
+    stop_id = row0[5]
+    stop_pair = row1[6:8]
+    out = sample.generate_ids(models["gpt2"], prompts, jax.random.key(0), NEW, sample.Sampling(temperature=0),
+                              stop_ids=[stop_id], stop_sequences=[stop_pair])
+    for row, tokens in enumerate(expected.tolist()):
+        ends = [i + 1 for i, t in enumerate(tokens) if t == stop_id]
+        ends += [i + 2 for i in range(len(tokens) - 1) if tokens[i:i + 2] == stop_pair]
+        n = min(ends, default=NEW)
+        assert out.lengths[row] == n and out.stopped[row] == bool(ends)
+        assert out.tokens[row, :n].tolist() == tokens[:n]
+        assert (out.tokens[row, n:] == sample.NO_TOKEN).all() and (out.logprobs[row, n:] == 0).all()
+    assert out.stopped[0] and out.lengths[0] <= 6 and out.lengths[1] <= 8
+
+
+def test_stop_string_cuts_the_text(models, tok):
+    model, greedy = models["gpt2"], sample.Sampling(temperature=0)
+    full = sample.generate(model, tok, "The list", jax.random.key(0), greedy, max_new_tokens=NEW)[0]
+    assert full.finish_reason == "length" and full.text == tok.decode(full.tokens)
+    stop = full.text[len(full.text) // 2:][:2]
+    cut = sample.generate(model, tok, "The list", jax.random.key(0), greedy, max_new_tokens=NEW, stop=[stop])[0]
+    assert cut.text == full.text[:full.text.find(stop)] and cut.finish_reason == "stop"
+    assert cut.tokens == full.tokens[:len(cut.tokens)] and len(cut.logprobs) == len(cut.tokens)
+
+
+def test_sharded_model_on_a_mesh(models, prompts, greedy):
+    mesh = lm_mesh.make_mesh(dict(data=2, fsdp=2, tensor=2))
+    graphdef, state = nnx.split(models["gpt2"])
+    with jax.set_mesh(mesh):
+        state = jax.device_put(state, lm_model.shardings(state, mesh))
+    sharded = nnx.merge(graphdef, state)
+    assert len(jax.tree.leaves(state)[0].sharding.device_set) == 8
+    out = sample.generate_ids(sharded, prompts, jax.random.key(0), NEW, sample.Sampling(temperature=0))
+    np.testing.assert_array_equal(out.tokens, greedy["gpt2"].tokens)
+    np.testing.assert_allclose(out.logprobs, greedy["gpt2"].logprobs, atol=2e-5)
+
+
+def test_sequence_logprobs_equal_a_forward_pass(models, prompts):
+    model = models["gpt2"]
+    tokens = np.zeros((len(prompts), 16), np.int32)
+    for row, p in enumerate(prompts):
+        tokens[row, :len(p)] = p
+    got = np.asarray(sample.sequence_logprobs(model, tokens, [len(p) for p in prompts]))
+    for row, p in enumerate(prompts):
+        np.testing.assert_allclose(got[row, :len(p) - 1], forward_logprobs(model, p[:1], p[1:]), atol=2e-5)
+        assert (got[row, len(p) - 1:] == 0).all()
+
+
+def test_bad_requests_are_clear_errors(models):
+    with pytest.raises(ValueError, match="max_len"):
+        sample.generate_ids(models["gpt2"], [[1] * 90], jax.random.key(0), 10)
+    with pytest.raises(ValueError, match="top_p"):
+        sample.Sampling(top_p=0)
+    with pytest.raises(ValueError, match="at least one token"):
+        sample.generate_ids(models["gpt2"], [[]], jax.random.key(0), 4)
+
+
+# ------------------------------------------------------------------------------------------------ CLI and lm.main
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, tok):
+    """A run directory as lm.train leaves it: a checkpoint of a (random) model and the tokenizer."""
+    workdir = tmp_path_factory.mktemp("run")
+    config = lm_config.load("configs/tiny.py", {"model.vocab_size": tok.n_vocab, "model.max_len": 96})
+    with config.unlocked():
+        config.sample.update(max_new_tokens=8, icl_queries=4, icl_shots=(0, 1))
+    model = Transformer(config.model, rngs=nnx.Rngs(0))
+    _, params, _ = nnx.split(model, nnx.Param, ...)
+    checkpoints = checkpoint.Checkpoints(checkpoint.checkpoint_dir(workdir))
+    checkpoints.save(3, {"params": params}, {"config": config.to_dict()})
+    checkpoints.close()
+    tok.save(workdir / "tokenizer")
+    return workdir, config
+
+
+def test_cli_prints_only_the_generated_text(workdir, tok):
+    path, _ = workdir
+    env = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]))
+    command = [sys.executable, "-m", "lm.sample", f"--workdir={path}", "--prompt=The list", "--temperature=0",
+               "--max_new_tokens=6", "--num_samples=1", "--show_probs"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    model, _, _ = checkpoint.load_model(path)
+    expected = sample.generate(model, tok, "The list", jax.random.key(0), sample.Sampling(temperature=0),
+                               max_new_tokens=6, top_candidates=sample.SHOW_TOP)[0]
+    assert result.stdout == expected.text + "\n" + sample.format_probs(tok, expected) + "\n"
+    steps = result.stdout.splitlines()[-len(expected.tokens):]
+    assert all(" chose " in line and "%" in line for line in steps)
+    assert "step 3" in result.stderr  # logs go to stderr
+
+
+def test_report_stage(workdir):
+    path, config = workdir
+    result = sample.report(config, path)
+    assert {s["temperature"] for s in result["samples"]} == {0.7, 1.0}
+    assert all(isinstance(s["text"], str) and s["prompt"] for s in result["samples"])
+    assert set(result["icl"]["tasks"]) == {"copy", "upper", "dunder"}
+    assert (path / "samples.json").exists() and (path / "icl.json").exists()
