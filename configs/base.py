@@ -23,6 +23,7 @@ def model_for_depth(depth: int, family: str = "gpt2", head_dim: int = 64) -> ml_
         rope_theta=10000.0,
         norm_eps=1e-5,
         tie_embeddings=family == "gpt2",
+        init_std=0.02,           # residual projections use init_std / sqrt(2 * n_layers)
     ))
 
 

@@ -12,5 +12,5 @@ def get_config(arg: str = "gpt2"):
     c.model.vocab_size = 50304                       # GPT-2's 50257 padded to a multiple of 128
     c.tokenizer.kind = "pretrained"
     c.tokenizer.name = "gpt2"
-    c.train.update(steps=5000, batch_size=512, seq_len=1024, grad_accum=1, lr=6e-4, warmup_steps=700)
+    c.train.update(steps=5000, batch_size=512, seq_len=1024, grad_accum=16, lr=6e-4, warmup_steps=700)
     return c

@@ -10,10 +10,11 @@ Each task maps a word to an answer, written in the seed's "teacher → 선생" s
 The words come from Python itself (builtin names, special-method names), so a model trained on CPython's
 documentation has seen them; the tasks need copying from the prompt, which small models learn first:
     copy    len -> len          upper   len -> LEN          dunder   len -> __len__
-Two scores per task and number of shots:
-    choice_accuracy  the answer is more probable (summed log-prob) than 3 distractors, other words' answers
+Two scores per task and number of shots, both from one forward pass over prompt + " answer\n":
+    choice_accuracy  the answer line is more probable (summed log-prob) than 3 distractors, other words' answers
                      (chance 0.25);
-    exact_match      greedy generation up to the end of the line is exactly the answer.
+    exact_match      greedy decoding produces exactly the answer and the newline (every token is the argmax).
+A few greedy completions from lm.sample.generate are kept as examples.
 
     python -m lm.icl --workdir=runs/tiny [--shots=0,1,4 --queries=32 --seed=0]
 """
@@ -28,7 +29,6 @@ from absl import app, flags, logging
 from lm import sample
 
 N_CHOICES = 4
-SCORE_BUCKET = 16  # scored sequences are padded to a multiple of this, so few lengths compile
 
 
 def builtin_names() -> list[str]:
@@ -51,7 +51,10 @@ TASKS = {
 
 
 def build_queries(task: str, n_queries: int, max_shots: int, seed: int) -> list[dict]:
-    """Queries of a task: {word, answer, examples [(word, answer)] (max_shots), distractors [answers]}."""
+    """Queries of a task: {word, answer, examples [(word, answer)] (max_shots), distractors [answers]}.
+
+    At most as many queries as the task has words (each word is asked once).
+    """
     _, words_fn, answer = TASKS[task]
     words = words_fn()
     rng = np.random.default_rng([seed, list(TASKS).index(task)])
@@ -60,9 +63,9 @@ def build_queries(task: str, n_queries: int, max_shots: int, seed: int) -> list[
     queries = []
     for word in rng.permutation(words)[:n_queries]:
         others = [w for w in rng.permutation(words) if w != word]
-        examples, rest = others[:max_shots], others[max_shots:]
+        shown, rest = others[:max_shots], others[max_shots:]
         queries.append(dict(word=str(word), answer=answer(str(word)),
-                            examples=[(str(w), answer(str(w))) for w in examples],
+                            examples=[(str(w), answer(str(w))) for w in shown],
                             distractors=[answer(str(w)) for w in rest[:N_CHOICES - 1]]))
     return queries
 
@@ -74,59 +77,73 @@ def prompt(task: str, query: dict, shots: int) -> str:
 
 
 def evaluate(model, tokenizer, shots=(0, 1, 4), n_queries: int = 32, seed: int = 0, tasks=tuple(TASKS)) -> dict:
-    """Zero- and few-shot scores of every task: {"tasks": {task: {shots: {choice_accuracy, exact_match}}}, ...}."""
-    shots = sorted(set(int(s) for s in shots))
-    results = {}
+    """Zero- and few-shot scores of every task.
+
+    Returns {"tasks": {task: {shots: {choice_accuracy, exact_match}}}, "mean": {metric: {shots: value}},
+    "few_shot_gain": {task: choice accuracy at the most shots minus at the fewest}, "examples": [...], ...}.
+    """
+    shots = sorted(set(int(k) for k in shots))
+    cases = [(task, k, q) for task in tasks for q in build_queries(task, n_queries, max(shots), seed) for k in shots]
+    prompts = [prompt(task, q, k) for task, k, q in cases]
+    options = [[q["answer"]] + q["distractors"] for _, _, q in cases]
+    logprobs, greedy = score_options(model, tokenizer, prompts, options)
+    correct = np.argmax(logprobs, axis=1) == 0
+    results = {task: {} for task in tasks}
     for task in tasks:
-        queries = build_queries(task, n_queries, max(shots), seed)
-        results[task] = {str(k): score_task(model, tokenizer, task, queries, k) for k in shots}
+        for k in shots:
+            rows = [i for i, (t, n, _) in enumerate(cases) if t == task and n == k]
+            results[task][str(k)] = dict(choice_accuracy=round(float(correct[rows].mean()), 4),
+                                         exact_match=round(float(greedy[rows, 0].mean()), 4), n=len(rows))
         logging.info("icl %s: %s", task, results[task])
-    summary = {metric: {str(k): round(float(np.mean([results[t][str(k)][metric] for t in tasks])), 4)
-                        for k in shots} for metric in ("choice_accuracy", "exact_match")}
-    return dict(tasks=results, mean=summary, shots=shots, queries=n_queries, chance=1 / N_CHOICES,
-                few_shot_gain={t: round(results[t][str(shots[-1])]["choice_accuracy"]
-                                        - results[t][str(shots[0])]["choice_accuracy"], 4) for t in tasks},
-                example_prompt=prompt(tasks[0], build_queries(tasks[0], 1, max(shots), seed)[0], min(2, max(shots))))
+    mean = {metric: {str(k): round(float(np.mean([results[t][str(k)][metric] for t in tasks])), 4) for k in shots}
+            for metric in ("choice_accuracy", "exact_match")}
+    gain = {t: round(results[t][str(shots[-1])]["choice_accuracy"] - results[t][str(shots[0])]["choice_accuracy"], 4)
+            for t in tasks}
+    return dict(tasks=results, mean=mean, few_shot_gain=gain, shots=shots, queries=n_queries, chance=1 / N_CHOICES,
+                examples=examples(model, tokenizer, tasks, max(shots), seed))
 
 
-def score_task(model, tokenizer, task: str, queries: list[dict], shots: int) -> dict:
-    prompts = [prompt(task, q, shots) for q in queries]
-    choices = [[q["answer"]] + q["distractors"] for q in queries]
-    scores = choice_logprobs(model, tokenizer, prompts, choices)
-    answers = [q["answer"] for q in queries]
-    generated = greedy_answers(model, tokenizer, prompts, answers)
-    return dict(choice_accuracy=round(float(np.mean(np.argmax(scores, axis=1) == 0)), 4),
-                exact_match=round(float(np.mean([g == a for g, a in zip(generated, answers)])), 4))
+def score_options(model, tokenizer, prompts: list[str], options: list[list[str]], batch: int = 64):
+    """For each prompt and option " <option>\n": (summed log-prob, whether greedy decoding produces it exactly).
 
-
-def choice_logprobs(model, tokenizer, prompts: list[str], choices: list[list[str]]) -> np.ndarray:
-    """log p(" " + choice | prompt) summed over the choice's tokens: float [len(prompts), len(choices[0])]."""
+    Both [len(prompts), len(options[0])]. Rows go through the model in batches of one fixed shape (one compile).
+    """
     rows, spans = [], []
-    for text, options in zip(prompts, choices):
+    for text, choices in zip(prompts, options):
         context = tokenizer.encode(text)
-        for option in options:
-            continuation = tokenizer.encode(" " + option)
+        for choice in choices:
+            continuation = tokenizer.encode(f" {choice}\n")
             rows.append(context + continuation)
             spans.append((len(context), len(context) + len(continuation)))
-    if max(map(len, rows)) > model.spec.max_len:
-        raise ValueError(f"an ICL prompt of {max(map(len, rows))} tokens exceeds max_len={model.spec.max_len}; "
+    longest = max(map(len, rows))
+    if longest > model.spec.max_len:
+        raise ValueError(f"an ICL prompt of {longest} tokens exceeds config.model.max_len={model.spec.max_len}; "
                          f"use fewer shots")
-    width = -(-max(map(len, rows)) // SCORE_BUCKET) * SCORE_BUCKET
-    tokens = np.zeros((len(rows), min(width, model.spec.max_len)), np.int32)
-    for i, row in enumerate(rows):
-        tokens[i, :len(row)] = row
-    logprobs = np.asarray(sample.sequence_logprobs(model, tokens, [len(r) for r in rows]))
-    # logprobs[:, t - 1] scores tokens[:, t]
-    totals = [logprobs[i, start - 1:end - 1].sum() for i, (start, end) in enumerate(spans)]
-    return np.array(totals).reshape(len(prompts), -1)
+    width = min(sample.bucket(longest), model.spec.max_len)
+    logprobs, greedy = np.zeros(len(rows)), np.zeros(len(rows), bool)
+    for first in range(0, len(rows), batch):
+        chunk = rows[first:first + batch]
+        tokens = np.zeros((batch, width), np.int32)
+        lengths = np.ones(batch, np.int32)
+        for i, row in enumerate(chunk):
+            tokens[i, :len(row)], lengths[i] = row, len(row)
+        scores, is_greedy = jax.device_get(sample.score_tokens(model, tokens, lengths))
+        for i, (start, end) in enumerate(spans[first:first + batch]):
+            # scores[:, t - 1] rates tokens[:, t]
+            logprobs[first + i] = scores[i, start - 1:end - 1].sum()
+            greedy[first + i] = is_greedy[i, start - 1:end - 1].all()
+    return logprobs.reshape(len(prompts), -1), greedy.reshape(len(prompts), -1)
 
 
-def greedy_answers(model, tokenizer, prompts: list[str], answers: list[str]) -> list[str]:
-    """The greedy completion of each prompt up to the end of its line, stripped."""
-    longest = max(len(tokenizer.encode(" " + a)) for a in answers) + 2
-    completions = sample.generate(model, tokenizer, prompts, jax.random.key(0), sample.Sampling(temperature=0),
+def examples(model, tokenizer, tasks, shots: int, seed: int) -> list[dict]:
+    """One query per task with `shots` examples and the model's greedy completion (via lm.sample.generate)."""
+    queries = [(task, build_queries(task, 1, shots, seed + 1)[0]) for task in tasks]
+    prompts = [prompt(task, q, shots) for task, q in queries]
+    longest = max(len(tokenizer.encode(f" {q['answer']}\n")) for _, q in queries)
+    completions = sample.generate(model, tokenizer, prompts, jax.random.key(seed), sample.Sampling(temperature=0),
                                   max_new_tokens=longest, stop=["\n"])
-    return [c.text.strip() for c in completions]
+    return [dict(task=task, prompt=p, answer=q["answer"], completion=c.text.strip())
+            for (task, q), p, c in zip(queries, prompts, completions)]
 
 
 FLAGS = flags.FLAGS

@@ -30,8 +30,10 @@ from flax import nnx
 from lm import mesh as lm_mesh
 from lm.model.layers import constrain
 
-PROMPT_BUCKET = 16  # prompt lengths are rounded up to a multiple of this, so few lengths compile
+PROMPT_BUCKET = 16  # the shortest padded prompt length; longer ones round up to a power of two (few compiles)
 NO_TOKEN = -1       # generated-token value after a row has stopped
+# Stop-table entries besides token ids, and what the window of recent tokens holds before any was generated.
+ANY, NEVER, NOT_YET = -1, -2, -3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +142,7 @@ def generate_ids(model, prompts, key, max_new_tokens: int, sampling: Sampling = 
     if longest + max_new_tokens > spec.max_len:
         raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} > "
                          f"config.model.max_len={spec.max_len}")
-    tokens, positions = left_pad(prompts, -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET)
+    tokens, positions = left_pad(prompts, bucket(longest))
     row_keys = _row_keys(key, len(prompts))
     stops = _stop_table(stop_ids, stop_sequences)
     graphdef, state = nnx.split(model)
@@ -168,6 +170,11 @@ def _mesh_of(state):
     return mesh if mesh is not None and mesh.size > 1 else None
 
 
+def bucket(length: int) -> int:
+    """The padded length of a batch whose longest row has `length` tokens: a power of two, at least PROMPT_BUCKET."""
+    return max(PROMPT_BUCKET, 1 << (length - 1).bit_length())
+
+
 def left_pad(prompts, length: int):
     """(tokens, positions), int32 [B, length]: prompts right-aligned; padding has token 0 and position -1."""
     tokens = np.zeros((len(prompts), length), np.int32)
@@ -189,11 +196,15 @@ def _row_keys(key, batch):
 
 
 def _stop_table(stop_ids, stop_sequences):
-    """int32 [S, W]: stop sequences right-aligned, NO_TOKEN where shorter (matches anything)."""
+    """int32 [S, W]: stop sequences right-aligned, ANY where shorter (matches anything).
+
+    S and W are rounded up to multiples of 4 with rows that never match, so most stop settings share one program.
+    """
     sequences = [[int(i)] for i in stop_ids] + [list(map(int, s)) for s in stop_sequences if len(s)]
-    width = max([1] + [len(s) for s in sequences])
-    table = np.full((len(sequences), width), NO_TOKEN, np.int32)
+    width = -(-max([1] + [len(s) for s in sequences]) // 4) * 4
+    table = np.full((-(-max(1, len(sequences)) // 4) * 4, width), NEVER, np.int32)
     for row, seq in enumerate(sequences):
+        table[row, :width - len(seq)] = ANY
         table[row, width - len(seq):] = seq
     return table
 
@@ -208,7 +219,7 @@ def _decode(state, tokens, positions, row_keys, stops, temperature, *, graphdef,
     cache = _constrain_cache(model.init_cache(B, P + max_new_tokens))
     logits, cache = model(tokens, positions=positions, cache=cache)
     next_position = positions[:, -1] + 1
-    window = jnp.full((B, stops.shape[1]), NO_TOKEN - 1, jnp.int32)  # the last generated tokens, for stop matching
+    window = jnp.full((B, stops.shape[1]), NOT_YET, jnp.int32)  # the last generated tokens, for stop matching
 
     def pick(step, logits, done, window, out):
         logits = logits.at[:, vocab_size:].set(-jnp.inf) if vocab_size < logits.shape[-1] else logits
@@ -217,7 +228,7 @@ def _decode(state, tokens, positions, row_keys, stops, temperature, *, graphdef,
         logprobs = jax.nn.log_softmax(logits, axis=-1)
         logprob = jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
         window = jnp.concatenate([window[:, 1:], token[:, None]], axis=1)
-        hit = ((window[:, None, :] == stops[None]) | (stops[None] == NO_TOKEN)).all(-1).any(-1)
+        hit = ((window[:, None, :] == stops[None]) | (stops[None] == ANY)).all(-1).any(-1)
         out = dict(out)
         out["tokens"] = out["tokens"].at[:, step].set(jnp.where(done, NO_TOKEN, token))
         out["logprobs"] = out["logprobs"].at[:, step].set(jnp.where(done, 0.0, logprob))
@@ -323,23 +334,25 @@ def _tokens_covering(tokenizer, ids, n_chars):
 # ------------------------------------------------------------------------------------------------ scoring text
 
 
-def sequence_logprobs(model, tokens, lengths=None):
-    """log p(tokens[:, t] | tokens[:, :t]) for t >= 1: float32 [B, T - 1], zero beyond each row's length.
+def score_tokens(model, tokens, lengths=None):
+    """How the model rates given text: (logprobs, is_greedy), each [B, T - 1], zero / False beyond a row's length.
 
+    logprobs[:, t - 1] = log p(tokens[:, t] | tokens[:, :t]); is_greedy[:, t - 1]: tokens[:, t] is the argmax.
     tokens: int32 [B, T] right-padded rows; lengths [B] (default: all T).
     """
     tokens = jnp.asarray(tokens, jnp.int32)
     lengths = jnp.full((tokens.shape[0],), tokens.shape[1]) if lengths is None else jnp.asarray(lengths)
     graphdef, state = nnx.split(model)
-    return _sequence_logprobs(state, tokens, lengths, graphdef=graphdef)
+    return _score_tokens(state, tokens, lengths, graphdef=graphdef)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _sequence_logprobs(state, tokens, lengths, *, graphdef):
+def _score_tokens(state, tokens, lengths, *, graphdef):
     logits = nnx.merge(graphdef, state)(tokens)[:, :-1]
-    logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tokens[:, 1:, None], axis=-1)[..., 0]
+    targets = tokens[:, 1:]
+    logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), targets[..., None], axis=-1)[..., 0]
     valid = jnp.arange(1, tokens.shape[1])[None, :] < lengths[:, None]
-    return jnp.where(valid, logprobs, 0.0)
+    return jnp.where(valid, logprobs, 0.0), valid & (jnp.argmax(logits, -1) == targets)
 
 
 # ------------------------------------------------------------------------------------------------ lm.main stage

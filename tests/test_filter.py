@@ -60,6 +60,13 @@ def test_missing_model_and_partition_are_clear_errors():
         recipe.validate(c)
 
 
+def test_unknown_block_parameter_names_the_block(tmp_path):
+    c = recipe.default_config("text")
+    c.gopher_quality.min_doc_wordz = 3
+    with pytest.raises(ValueError, match=r"config.filter.gopher_quality: .*min_doc_wordz"):
+        recipe.plan(c, ["x.jsonl"], str(tmp_path))
+
+
 def test_every_block_can_be_switched_off_and_reparameterised(tmp_path):
     c = recipe.default_config()
     c.gopher_quality.min_doc_words = 7
@@ -221,3 +228,50 @@ def test_tally_counts_utf8_bytes():
     docs = [Document("caf\u00e9", "1"), Document("ab", "2")]
     assert list(tally.run(iter(docs))) == docs
     assert tally.stats["documents"].total == 2 and tally.stats["bytes"].total == 5 + 2
+
+
+# ---------------------------------------------------------------- CLI, resume, other executors
+
+def fineweb_docs(shared_data, tmp_path, n=12):
+    with gzip.open(shared_data("web/text/fineweb_sample10BT_2400docs.jsonl.gz"), "rb") as f:
+        return write_jsonl_gz(tmp_path / "in.jsonl.gz", [next(f).rstrip(b"\n") for _ in range(n)])
+
+
+def test_cli_preset_overrides_report_only_and_resume(shared_data, tmp_path):
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src, out = fineweb_docs(shared_data, tmp_path), tmp_path / "out"
+    off = [f"--config.{b}.enabled=false" for b in ("gopher_repetition", "gopher_quality", "c4", "minhash")]
+    cmd = [sys.executable, "-m", "lm.data.filter", "--config=lm/data/filter.py:text", *off, "--config.workers=1",
+           f"--input={src}", f"--workdir={out}"]
+    result = subprocess.run(cmd, cwd=repo, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "in 12 = kept" in result.stdout
+    report = json.loads((out / "filter_report.json").read_text())
+    assert [b["block"] for b in report["blocks"]] == ["read", "language", "fineweb_quality", "pii"]
+    again = subprocess.run(cmd + ["--report_only"], cwd=repo, capture_output=True, text=True, check=True)
+    assert again.stdout.splitlines()[-1] == result.stdout.splitlines()[-1]
+
+    c = recipe.default_config("text")  # the same config in-process: the finished run is reused
+    for block in ("gopher_repetition", "gopher_quality", "c4", "minhash"):
+        c[block].enabled = False
+    c.workers = 1
+    shard = out / "text" / "00000.jsonl.gz"
+    written = shard.stat().st_mtime_ns
+    assert recipe.run(c, [src], out)["documents_kept"] == report["documents_kept"]
+    assert shard.stat().st_mtime_ns == written
+    c.language.language_threshold = 0.99  # a changed config starts afresh
+    changed = recipe.run(c, [src], out)
+    assert changed["documents_kept"] < report["documents_kept"]
+    assert not shard.exists() or shard.stat().st_mtime_ns != written
+
+
+def test_slurm_executor_chain_is_built_without_submitting(tmp_path):
+    c = recipe.default_config("text")
+    c.executor, c.slurm.partition, c.tasks = "slurm", "cpu", 8
+    stages = recipe.plan(c, ["x.jsonl"], str(tmp_path))
+    chain = recipe.executors(c, stages, str(tmp_path))
+    assert [type(e).__name__ for e in chain] == ["SlurmPipelineExecutor"] * 4
+    assert [e.tasks for e in chain] == [8, 14, 1, 8]
+    assert all(later.depends is earlier for earlier, later in zip(chain, chain[1:]))

@@ -1,5 +1,6 @@
 """lm.sample: KV-cache decoding against full recomputation, the sampling filters against numpy, batching, keys,
 log-probs, stops, a sharded model, the CLI and the lm.main stage. A small random model and a small trained BPE."""
+import functools
 import os
 import pathlib
 import subprocess
@@ -53,18 +54,34 @@ def greedy(models, prompts):
             for family, m in models.items()}
 
 
+WIDTH = sample.PROMPT_BUCKET + NEW
+
+
+def forward(model, tokens):
+    """Logits [len(tokens), vocab] of one unpadded sequence (right-filled to a fixed width: one compile)."""
+    graphdef, state = nnx.split(model)
+    padded = np.zeros((1, WIDTH), np.int32)
+    padded[0, :len(tokens)] = tokens
+    return _forward(state, padded, graphdef=graphdef)[0, :len(tokens)]
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _forward(state, tokens, *, graphdef):
+    return nnx.merge(graphdef, state)(tokens)
+
+
 def recompute_greedy(model, prompt, n):
     """Greedy decoding the slow way: the whole sequence through the model, no cache, for every new token."""
     tokens = list(prompt)
     for _ in range(n):
-        tokens.append(int(jnp.argmax(model(jnp.array([tokens]))[0, -1])))
+        tokens.append(int(jnp.argmax(forward(model, tokens)[-1])))
     return tokens[len(prompt):]
 
 
 def forward_logprobs(model, prompt, generated):
     """log p(generated[i] | prompt + generated[:i]) from one forward pass over the unpadded sequence."""
     tokens = list(prompt) + list(generated)
-    logprobs = jax.nn.log_softmax(model(jnp.array([tokens]))[0], axis=-1)
+    logprobs = np.asarray(jax.nn.log_softmax(forward(model, tokens), axis=-1))
     return np.array([logprobs[len(prompt) - 1 + i, t] for i, t in enumerate(generated)])
 
 
@@ -107,7 +124,7 @@ def test_sampling_distribution_matches_filtered_softmax():
     logits = jnp.log(jnp.array([[0.5, 0.25, 0.15, 0.1]]))
     sampling = sample.Sampling(temperature=1.0, top_p=0.8)  # nucleus {0, 1, 2}
     keys = jax.random.split(jax.random.key(0), 20000)
-    draws = jax.vmap(lambda k: sample.choose(logits, k[None], sampling)[0])(keys)
+    draws = jax.jit(jax.vmap(lambda k: sample.choose(logits, k[None], sampling)[0]))(keys)
     counts = np.bincount(np.asarray(draws), minlength=4) / len(draws)
     np.testing.assert_allclose(counts, [0.5 / 0.9, 0.25 / 0.9, 0.15 / 0.9, 0.0], atol=0.015)
 
@@ -131,27 +148,25 @@ def test_logprobs_equal_a_forward_pass(models, prompts, greedy, family):
                                    atol=2e-5)
 
 
-def test_batched_equals_one_by_one(models, prompts, greedy):
+def test_batched_equals_one_by_one(models, prompts, tok):
+    """Row b of a batch (left-padded, sampled with key b) is what prompt b alone with key b gives."""
     model = models["gpt2"]
     keys = jax.random.split(jax.random.key(3), len(prompts))
-    sampled = sample.generate_ids(model, prompts, keys, NEW, sample.Sampling(temperature=1.0))
+    sampling = sample.Sampling(temperature=1.0)
+    batched = sample.generate_ids(model, prompts, keys, NEW, sampling, stop_ids=[tok.eot_id])
     for row, prompt in enumerate(prompts):
-        alone = sample.generate_ids(model, [prompt], jax.random.key(0), NEW, sample.Sampling(temperature=0))
-        np.testing.assert_array_equal(alone.tokens[0], greedy["gpt2"].tokens[row])
-        alone = sample.generate_ids(model, [prompt], keys[row:row + 1], NEW, sample.Sampling(temperature=1.0))
-        np.testing.assert_array_equal(alone.tokens[0], sampled.tokens[row])
-        np.testing.assert_allclose(alone.logprobs[0], sampled.logprobs[row], atol=2e-5)
-    for row, prompt in enumerate(prompts):  # sampled tokens carry the model's log-probs too
-        np.testing.assert_allclose(sampled.logprobs[row], forward_logprobs(model, prompt, sampled.tokens[row]),
-                                   atol=2e-5)
+        alone = sample.generate_ids(model, [prompt], keys[row:row + 1], NEW, sampling, stop_ids=[tok.eot_id])
+        np.testing.assert_array_equal(alone.tokens[0], batched.tokens[row])
+        np.testing.assert_allclose(alone.logprobs[0], batched.logprobs[row], atol=2e-5)
+        n = batched.lengths[row]  # sampled tokens carry the model's log-probs too
+        np.testing.assert_allclose(batched.logprobs[row, :n],
+                                   forward_logprobs(model, prompt, batched.tokens[row, :n]), atol=2e-5)
 
 
-def test_top_k_1_and_temperature_to_zero_equal_greedy(models, prompts, greedy):
-    expected = greedy["gpt2"].tokens
-    for sampling in (sample.Sampling(temperature=1.0, top_k=1), sample.Sampling(temperature=1e-4),
-                     sample.Sampling(temperature=0.7, top_p=1e-6)):
-        out = sample.generate_ids(models["gpt2"], prompts, jax.random.key(7), NEW, sampling)
-        np.testing.assert_array_equal(out.tokens, expected, err_msg=str(sampling))
+def test_top_k_1_and_temperature_to_zero_equal_greedy(models, prompts, greedy, tok):
+    for sampling in (sample.Sampling(temperature=1.0, top_k=1), sample.Sampling(temperature=1e-4)):
+        out = sample.generate_ids(models["gpt2"], prompts, jax.random.key(7), NEW, sampling, stop_ids=[tok.eot_id])
+        np.testing.assert_array_equal(out.tokens, greedy["gpt2"].tokens, err_msg=str(sampling))
 
 
 def test_same_key_same_text_different_keys_different_texts(models, tok):
@@ -183,12 +198,18 @@ def test_stop_tokens_and_sequences(models, prompts, greedy):
 
 def test_stop_string_cuts_the_text(models, tok):
     model, greedy = models["gpt2"], sample.Sampling(temperature=0)
-    full = sample.generate(model, tok, "The list", jax.random.key(0), greedy, max_new_tokens=NEW)[0]
-    assert full.finish_reason == "length" and full.text == tok.decode(full.tokens)
-    stop = full.text[len(full.text) // 2:][:2]
-    cut = sample.generate(model, tok, "The list", jax.random.key(0), greedy, max_new_tokens=NEW, stop=[stop])[0]
-    assert cut.text == full.text[:full.text.find(stop)] and cut.finish_reason == "stop"
-    assert cut.tokens == full.tokens[:len(cut.tokens)] and len(cut.logprobs) == len(cut.tokens)
+    full = sample.generate(model, tok, TEXTS, jax.random.key(0), greedy, max_new_tokens=NEW, stop_at_eot=False)
+    assert all(c.finish_reason == "length" and c.text == tok.decode(c.tokens) for c in full)
+    stop = full[1].text[len(full[1].text) // 2:][:2]
+    cut = sample.generate(model, tok, TEXTS, jax.random.key(0), greedy, max_new_tokens=NEW, stop=[stop],
+                          stop_at_eot=False)
+    for before, after in zip(full, cut):
+        if stop in before.text:
+            assert after.text == before.text[:before.text.find(stop)] and after.finish_reason == "stop"
+        else:
+            assert after.text == before.text and after.finish_reason == "length"
+        assert after.tokens == before.tokens[:len(after.tokens)] and len(after.logprobs) == len(after.tokens)
+    assert cut[1].finish_reason == "stop"
 
 
 def test_sharded_model_on_a_mesh(models, prompts, greedy):
@@ -203,15 +224,19 @@ def test_sharded_model_on_a_mesh(models, prompts, greedy):
     np.testing.assert_allclose(out.logprobs, greedy["gpt2"].logprobs, atol=2e-5)
 
 
-def test_sequence_logprobs_equal_a_forward_pass(models, prompts):
+def test_score_tokens_equal_a_forward_pass(models, prompts):
     model = models["gpt2"]
     tokens = np.zeros((len(prompts), 16), np.int32)
     for row, p in enumerate(prompts):
         tokens[row, :len(p)] = p
-    got = np.asarray(sample.sequence_logprobs(model, tokens, [len(p) for p in prompts]))
+    logprobs, is_greedy = map(np.asarray, sample.score_tokens(model, tokens, [len(p) for p in prompts]))
     for row, p in enumerate(prompts):
-        np.testing.assert_allclose(got[row, :len(p) - 1], forward_logprobs(model, p[:1], p[1:]), atol=2e-5)
-        assert (got[row, len(p) - 1:] == 0).all()
+        np.testing.assert_allclose(logprobs[row, :len(p) - 1], forward_logprobs(model, p[:1], p[1:]), atol=2e-5)
+        argmax = np.argmax(np.asarray(forward(model, p)), axis=-1)[:-1]
+        np.testing.assert_array_equal(is_greedy[row, :len(p) - 1], argmax == np.array(p[1:]))
+        assert (logprobs[row, len(p) - 1:] == 0).all() and not is_greedy[row, len(p) - 1:].any()
+    greedy_row = [prompts[0][0]] + recompute_greedy(model, prompts[0][:1], 5)
+    assert np.asarray(sample.score_tokens(model, np.array([greedy_row]))[1]).all()
 
 
 def test_bad_requests_are_clear_errors(models):
@@ -232,7 +257,7 @@ def workdir(tmp_path_factory, tok):
     workdir = tmp_path_factory.mktemp("run")
     config = lm_config.load("configs/tiny.py", {"model.vocab_size": tok.n_vocab, "model.max_len": 96})
     with config.unlocked():
-        config.sample.update(max_new_tokens=8, icl_queries=4, icl_shots=(0, 1))
+        config.sample.update(max_new_tokens=8, icl_queries=4, icl_shots=(0, 2))
     model = Transformer(config.model, rngs=nnx.Rngs(0))
     _, params, _ = nnx.split(model, nnx.Param, ...)
     checkpoints = checkpoint.Checkpoints(checkpoint.checkpoint_dir(workdir))

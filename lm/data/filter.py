@@ -145,9 +145,9 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return c
 
 
-def _params(block: ml_collections.ConfigDict, *drop: str) -> dict:
-    return {k: (list(v) if isinstance(v, tuple) and k == "languages" else v)
-            for k, v in block.to_dict().items() if k != "enabled" and k not in drop}
+def _params(block: ml_collections.ConfigDict) -> dict:
+    """A block's config as the keyword arguments of its datatrove class."""
+    return {k: v for k, v in block.to_dict().items() if k != "enabled"}
 
 
 # ---------------------------------------------------------------- the plan: stages of datatrove pipelines
@@ -159,7 +159,7 @@ class Stage:
     tasks: int
 
 
-def Paths(workdir: str) -> types.SimpleNamespace:
+def workdir_paths(workdir: str) -> types.SimpleNamespace:
     """Where the outputs (text/, dropped/, filter_report.json) and our internal state (filter/) live."""
     where = {"text": "text", "dropped": "dropped", "report": "filter_report.json", "internal": "filter",
              "staged": "filter/staged", "minhash": "filter/minhash", "logs": "filter/logs",
@@ -169,7 +169,7 @@ def Paths(workdir: str) -> types.SimpleNamespace:
 
 def plan(c: ml_collections.ConfigDict, files: list[str], workdir: str) -> list[Stage]:
     """The recipe as datatrove pipelines: main filtering, then (with MinHash) buckets, clusters and the dedup filter."""
-    paths = Paths(workdir)
+    paths = workdir_paths(workdir)
     tasks = c.workers if c.tasks == -1 else c.tasks
 
     def dropped(block):
@@ -201,7 +201,13 @@ def plan(c: ml_collections.ConfigDict, files: list[str], workdir: str) -> list[S
 
 
 def _make_block(block: str, section, exclusion_writer):
-    params = _params(section)
+    try:
+        return _new_block(block, _params(section), exclusion_writer)
+    except TypeError as e:  # a misspelt or unknown parameter
+        raise ValueError(f"config.filter.{block}: {e}") from None
+
+
+def _new_block(block: str, params: dict, exclusion_writer):
     if block == "url_filter":
         return URLFilter(exclusion_writer=exclusion_writer, **params)
     if block == "extract":
@@ -217,7 +223,7 @@ def executors(c, stages: list[Stage], workdir: str) -> list:
     """One datatrove executor per stage, each depending on the one before."""
     chain = []
     for stage in stages:
-        logging_dir = os.path.join(Paths(workdir).logs, stage.name)
+        logging_dir = os.path.join(workdir_paths(workdir).logs, stage.name)
         depends = chain[-1] if chain else None
         if c.executor == "local":
             ex = LocalPipelineExecutor(stage.pipeline, tasks=stage.tasks, workers=min(c.workers, stage.tasks),
@@ -248,7 +254,7 @@ def run(c: ml_collections.ConfigDict, inputs: list[str], workdir) -> dict:
 
     With the slurm executor the jobs are only submitted: call `report()` (or the CLI with --report_only) when done."""
     c = validate(c)
-    files = readers.expand_inputs(list(inputs))
+    files = readers.expand_inputs([inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs))
     workdir = os.path.abspath(os.fspath(workdir))
     _prepare_workdir(c, files, workdir)
     stages = plan(c, files, workdir)
@@ -274,7 +280,7 @@ def _preload_workers(c):
 
 def _prepare_workdir(c, files: list[str], workdir: str):
     """Clears our outputs when the config or the inputs changed (or resume is off), so nothing stale is reported."""
-    paths = Paths(workdir)
+    paths = workdir_paths(workdir)
     stamp = {"config": c.to_dict(), "inputs": [[f, *_file_stamp(f)] for f in files]}
     fingerprint = hashlib.sha256(json.dumps(stamp, sort_keys=True, default=str).encode()).hexdigest()
     previous = None
@@ -301,7 +307,7 @@ def _file_stamp(path: str):
 def report(c: ml_collections.ConfigDict, files: list[str], workdir, seconds: float | None = None) -> dict:
     """Builds, checks and writes filter_report.json from the per-task stats datatrove saved."""
     workdir = os.path.abspath(os.fspath(workdir))
-    paths = Paths(workdir)
+    paths = workdir_paths(workdir)
     steps = {}
     for stage in plan(c, files, workdir):
         steps.update(_stage_steps(os.path.join(paths.logs, stage.name)))

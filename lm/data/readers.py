@@ -24,6 +24,7 @@ COMPRESSIONS = (".gz", ".zst", ".bz2", ".xz")
 FORMATS = {".warc": "warc", ".arc": "warc", ".wet": "warc", ".html": "html", ".htm": "html", ".jsonl": "jsonl",
            ".json": "json", ".ndjson": "jsonl", ".parquet": "parquet", ".txt": "text", ".text": "text", ".md": "text"}
 PROGRESS_SECONDS = 30
+WARNINGS_PER_FILE = 10  # bad inputs logged per file and reason; all are counted and written
 
 
 def file_format(path: str) -> str:
@@ -44,7 +45,7 @@ def expand_inputs(patterns: list[str]) -> list[str]:
     """Files named by paths, directories (all files below) and globs; `fineweb:sample/10BT` is FineWeb on the HF hub."""
     files = []
     for pattern in patterns:
-        pattern = fineweb_pattern(pattern)
+        pattern = fineweb_pattern(os.fspath(pattern))
         found = _expand_remote(pattern) if "://" in pattern else _expand_local(pattern)
         if not found:
             raise FileNotFoundError(f"input {pattern!r} matches no file")
@@ -128,7 +129,8 @@ class InputReader(BaseReader):
     def _drop(self, bad: Bad, path: str, writer, rank: int):
         self.stat_update("documents", "dropped", f"dropped_{bad.reason}", f"bad_input::{bad.reason}::{path}")
         self.stat_update("bytes", value=len(bad.raw.encode("utf-8", "replace")))
-        logger.warning(f"{path}:{bad.line}: {bad.reason} {bad.detail}".rstrip())
+        if self.stats[f"bad_input::{bad.reason}::{path}"].total <= WARNINGS_PER_FILE:
+            logger.warning(f"{path}:{bad.line}: {bad.reason} {bad.detail}".rstrip())
         if writer:
             meta = {"file": path, "line": bad.line, "filter_reason": bad.reason, "detail": bad.detail}
             writer.write(Document(text=bad.raw, id=f"{path}:{bad.line}", metadata=meta), rank)

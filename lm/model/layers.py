@@ -1,7 +1,9 @@
 """Transformer building blocks: parameters with logical axes, norms, RoPE, attention, MLPs.
 
 Every parameter is an `nnx.Param` carrying `logical_axes` metadata (names from lm.mesh.RULES); `lm.model.shardings`
-turns those names into NamedShardings. Weights are stored in `param_dtype` and cast to the compute `dtype` at use.
+turns those names into NamedShardings. (Not flax's `out_sharding` metadata: NNX shards such variables eagerly when
+they are created, which needs a mesh and mesh-axis names, and cannot leave an indivisible dimension replicated.)
+Weights are stored in `param_dtype` and cast to the compute `dtype` at use.
 """
 import math
 
@@ -12,15 +14,14 @@ from flax import nnx
 from lm import mesh as lm_mesh
 
 
-def param(rngs, shape, axes, dtype, std=None) -> nnx.Param:
-    """A parameter drawn from N(0, std^2) (zeros when std is 0, ones when std is None) named by logical `axes`."""
-    if std is None:
-        value = jnp.ones(shape, dtype)
-    elif std == 0:
-        value = jnp.zeros(shape, dtype)
-    else:
-        value = std * jax.random.normal(rngs.params(), shape, dtype)
-    return nnx.Param(value, logical_axes=tuple(axes))
+def param(rngs, shape, axes, dtype, std) -> nnx.Param:
+    """A weight drawn from N(0, std^2), its dimensions named by logical `axes`."""
+    return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype), logical_axes=tuple(axes))
+
+
+def constant(shape, axes, dtype, value) -> nnx.Param:
+    """A parameter filled with `value` (norm gains: 1, biases: 0)."""
+    return nnx.Param(jnp.full(shape, value, dtype), logical_axes=tuple(axes))
 
 
 def constrain(x, logical_axes):
@@ -33,8 +34,8 @@ def constrain(x, logical_axes):
 
 class LayerNorm(nnx.Module):
     def __init__(self, dim, eps, param_dtype):
-        self.scale = param(None, (dim,), ("norm",), param_dtype)
-        self.bias = param(None, (dim,), ("norm",), param_dtype, std=0)
+        self.scale = constant((dim,), ("norm",), param_dtype, 1.0)
+        self.bias = constant((dim,), ("norm",), param_dtype, 0.0)
         self.eps = eps
 
     def __call__(self, x):
@@ -47,7 +48,7 @@ class LayerNorm(nnx.Module):
 
 class RMSNorm(nnx.Module):
     def __init__(self, dim, eps, param_dtype):
-        self.scale = param(None, (dim,), ("norm",), param_dtype)
+        self.scale = constant((dim,), ("norm",), param_dtype, 1.0)
         self.eps = eps
 
     def __call__(self, x):
@@ -105,10 +106,10 @@ class Attention(nnx.Module):
         self.v = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pd, spec.init_std)
         self.o = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), pd, spec.residual_std)
         if spec.biases:
-            self.q_bias = param(rngs, (h, hd), ("heads", "head_dim"), pd, std=0)
-            self.k_bias = param(rngs, (kv, hd), ("kv_heads", "head_dim"), pd, std=0)
-            self.v_bias = param(rngs, (kv, hd), ("kv_heads", "head_dim"), pd, std=0)
-            self.o_bias = param(rngs, (d,), ("embed",), pd, std=0)
+            self.q_bias = constant((h, hd), ("heads", "head_dim"), pd, 0.0)
+            self.k_bias = constant((kv, hd), ("kv_heads", "head_dim"), pd, 0.0)
+            self.v_bias = constant((kv, hd), ("kv_heads", "head_dim"), pd, 0.0)
+            self.o_bias = constant((d,), ("embed",), pd, 0.0)
         else:
             self.q_bias = self.k_bias = self.v_bias = self.o_bias = None
         self.dtype = spec.dtype
@@ -147,8 +148,8 @@ class MLP(nnx.Module):
         self.up = param(rngs, (d, f), ("embed", "mlp"), pd, spec.init_std)
         self.gate = param(rngs, (d, f), ("embed", "mlp"), pd, spec.init_std) if self.gated else None
         self.down = param(rngs, (f, d), ("mlp", "embed"), pd, spec.residual_std)
-        self.up_bias = param(rngs, (f,), ("mlp",), pd, std=0) if spec.biases else None
-        self.down_bias = param(rngs, (d,), ("embed",), pd, std=0) if spec.biases else None
+        self.up_bias = constant((f,), ("mlp",), pd, 0.0) if spec.biases else None
+        self.down_bias = constant((d,), ("embed",), pd, 0.0) if spec.biases else None
         self.dtype = spec.dtype
 
     def __call__(self, x):

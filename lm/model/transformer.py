@@ -7,6 +7,10 @@ Decoding uses a KV cache, a plain pytree from `Transformer.init_cache`:
   index  int32 []                                           next slot to write (the same for every row)
 Tokens whose position is negative are padding: no token attends to them. Left-padded prompts therefore take
 positions like [-1, -1, 0, 1, 2]; logits at real tokens then equal those of the unpadded prompt.
+
+Parameter paths: embed, pos_embed (GPT-2), head (untied), final_norm/{scale,bias}, blocks/<layer>/{attn_norm, mlp_norm}/
+{scale,bias}, blocks/<layer>/attn/{q,k,v,o,q_bias,k_bias,v_bias,o_bias}, blocks/<layer>/mlp/{up,gate,down,up_bias,
+down_bias}. With scan_layers, blocks/... holds every layer stacked on a leading `layers` axis instead of <layer>.
 """
 import dataclasses
 
@@ -75,7 +79,7 @@ class ModelSpec:
         if self.d_model % self.n_heads:
             bad("d_model", f"divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
-            bad("n_heads", f"divisible by n_kv_heads={self.n_kv_heads}")
+            bad("n_kv_heads", f"a divisor of n_heads={self.n_heads}")
         if self.family == "llama" and self.head_dim % 2:
             bad("d_model", "such that head_dim = d_model / n_heads is even (RoPE)")
         if self.attention not in ("xla", "dot_product"):
@@ -235,8 +239,11 @@ def _check_capacity(index, n_new, size):
 
 
 def _check_max_len(positions, max_len):
-    if not isinstance(positions, jax.core.Tracer) and int(positions.max()) >= max_len:
-        raise ValueError(f"position {int(positions.max())} >= config.model.max_len={max_len} (learned positions)")
+    """Learned positions end at max_len. Under jit only the length is known (later decode steps go unchecked)."""
+    traced = isinstance(positions, jax.core.Tracer)
+    last = positions.shape[1] - 1 if traced else int(positions.max())
+    if last >= max_len:
+        raise ValueError(f"position {last} >= config.model.max_len={max_len} (GPT-2's learned positions)")
 
 
 def stack_layers(params: dict) -> dict:
