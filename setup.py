@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     "numpy==2.4.6",
     "tiktoken==0.14.0",
     "rustbpe==0.1.0",
+    "regex==2026.11.19",
     "tokenizers==0.23.3",
     "datatrove==0.10.1",
     "trafilatura==2.3.1",

@@ -146,8 +146,9 @@ def main():
     cl100k = encoding.load_tiktoken_file(data / "tokenizers" / "cl100k_base.tiktoken")
     threads = os.cpu_count() or 1
     # Two peers: the tiktoken.Encoding our Tokenizer wraps (isolates the wrapper's cost), and a separately loaded
-    # tiktoken.get_encoding("cl100k_base"), what a user of plain tiktoken runs. Two identical Encoding instances can
-    # differ by a few per cent on this machine (memory layout), so the second row carries that noise too.
+    # tiktoken.get_encoding("cl100k_base"), what a user of plain tiktoken runs. Identical Encoding instances differ
+    # here by a few per cent: in an A/A check the one built first ran 3-4% slower whichever library built it, so the
+    # second row carries that artifact as well as the wrapper's cost.
     peers = {"wrapped_encoding": cl100k._enc, "tiktoken.get_encoding": plain_tiktoken_cl100k(data)}
     for peer_name, raw in peers.items():
         rows = encode_rows(texts, mb, cl100k, raw, threads, args.repeats)

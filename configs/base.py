@@ -40,9 +40,10 @@ def get_config() -> ml_collections.ConfigDict:
         inputs=(),               # empty: the bundled corpus (CPython's documentation)
     ))
     c.tokenizer = ml_collections.ConfigDict(dict(
-        kind="bpe",              # bpe: train our own | pretrained: load `name` (cl100k_base, gpt2, a path)
-        name="",
-        vocab_size=4096,
+        kind="bpe",              # bpe (rustbpe -> tiktoken) | sentencepiece | pretrained: load `name`
+        name="",                 # pretrained: cl100k_base, gpt2, a .tiktoken file or a saved directory
+        vocab_size=4096,         # total, including the 10 reserved special tokens
+        max_chars=0,             # train on at most this many characters of the corpus (0: all)
     ))
     c.dataset = ml_collections.ConfigDict(dict(
         val_fraction=0.05,

@@ -95,6 +95,8 @@ _RULES = (
     ("mesh.data", lambda v: v == -1 or v >= 1, "a positive int or -1 (the rest of the devices)"),
     ("mesh.fsdp", lambda v: v == -1 or v >= 1, "a positive int or -1"),
     ("mesh.tensor", lambda v: v == -1 or v >= 1, "a positive int or -1"),
+    ("tokenizer.kind", lambda v: v in ("bpe", "sentencepiece", "pretrained"), "bpe, sentencepiece or pretrained"),
+    ("dataset.packing", lambda v: v in ("concat", "document"), "concat or document"),
     ("model.family", lambda v: v in ("gpt2", "llama"), "'gpt2' or 'llama'"),
     ("model.n_layers", lambda v: v >= 1, "a positive int"),
     ("model.d_model", lambda v: v >= 1, "a positive int"),

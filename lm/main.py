@@ -53,11 +53,13 @@ def run_tokenizer(config, workdir, inputs):
     if config.tokenizer.kind == "pretrained":
         tok = tokenizer.load(config.tokenizer.name)
         tok.save(out)
-    else:
-        from lm.tokenizer import train
-        texts = (d.text for d in documents.iter_documents([str(workdir / "text" / "*.jsonl.gz")]))
-        tok = train.train(texts, config.tokenizer.vocab_size, out)
-    return {"name": tok.name, "n_vocab": tok.n_vocab, "hash": tok.hash}
+        return {"name": tok.name, "n_vocab": tok.n_vocab, "hash": tok.hash}
+    from lm.tokenizer import train
+    stats = documents.DocumentStats()
+    texts = (d.text for d in documents.iter_documents([str(workdir / "text" / "*.jsonl.gz")], stats=stats))
+    tok = train.train(texts, config.tokenizer.vocab_size, out, backend=config.tokenizer.kind,
+                      max_chars=config.tokenizer.max_chars)
+    return {"name": tok.name, "n_vocab": tok.n_vocab, "hash": tok.hash, "documents": stats.to_dict()}
 
 
 def run_tokenize(config, workdir, inputs):

@@ -1,0 +1,103 @@
+"""lm.checkpoint: save / restore of a sharded train state with its JSON item, keep-K, restore onto another mesh,
+and `load_model` for inference in a fresh process that imports neither lm.train nor TensorFlow."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from lm import checkpoint as lm_checkpoint
+from lm import config as lm_config
+from lm import mesh as lm_mesh
+from lm.model import Transformer
+from lm.train import state as lm_state
+from tests.conftest import REPO
+
+MODEL = {"model.vocab_size": 96, "model.d_model": 32, "model.n_heads": 4, "model.n_kv_heads": 2,
+         "model.d_ff": 64, "model.n_layers": 1, "model.max_len": 16, "model.dtype": "float32"}
+
+
+def tiny_config(family="llama"):
+    return lm_config.load(f"configs/tiny.py:{family}", MODEL)
+
+
+def sharded_state(config, mesh, seed=0):
+    """A real train state (params, AdamW state, step) initialised directly sharded on `mesh`."""
+    def make_model():
+        return Transformer(config.model, rngs=nnx.Rngs(seed))
+    tx = optax.adamw(1e-3)
+    with jax.set_mesh(mesh):
+        spec = lm_state.build_spec(make_model, tx, mesh)
+        return spec, lm_state.init_state(make_model, tx, spec)
+
+
+def test_save_restore_keep_k_and_another_mesh(tmp_path):
+    config = tiny_config()
+    mesh_a = lm_mesh.make_mesh(dict(data=2, fsdp=4, tensor=1))
+    mesh_b = lm_mesh.make_mesh(dict(data=1, fsdp=2, tensor=4))
+    _, state = sharded_state(config, mesh_a)
+    checkpoints = lm_checkpoint.Checkpoints(tmp_path / "checkpoints", keep=2)
+    meta = {"config": config.to_dict(), "tokenizer_hash": "abc123", "data_seed": 7}
+    for step in (1, 2, 3):
+        checkpoints.save(step, dict(state, step=jnp.int32(step)), meta)
+    checkpoints.wait()
+    assert checkpoints.all_steps() == [2, 3] and checkpoints.latest_step() == 3
+    assert checkpoints.meta(3) == dict(json.loads(json.dumps(meta)), step=3)
+    checkpoints.close()
+
+    spec_b, _ = sharded_state(config, mesh_b, seed=1)
+    reopened = lm_checkpoint.Checkpoints(tmp_path / "checkpoints", keep=2)
+    restored, restored_meta = reopened.restore(3, spec_b.abstract)
+    reopened.close()
+    assert restored_meta["tokenizer_hash"] == "abc123" and int(restored["step"]) == 3
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    for got, want, sharding in zip(jax.tree.leaves(restored), jax.tree.leaves(dict(state, step=jnp.int32(3))),
+                                   jax.tree.leaves(spec_b.shardings)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        assert got.sharding == sharding
+    # The MLP is split over tensor on mesh B, over fsdp on mesh A: the restore really resharded.
+    up = restored["params"]["blocks"][0]["mlp"]["up"][...]
+    assert "tensor" in str(up.sharding.spec) and up.sharding.mesh.shape == mesh_b.shape
+
+
+def test_restore_reports_missing_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        lm_checkpoint.load_model(tmp_path)
+
+
+LOAD_SCRIPT = """
+import json, sys
+import numpy as np
+import jax.numpy as jnp
+from lm import checkpoint
+model, config, meta = checkpoint.load_model(sys.argv[1])
+logits = np.asarray(model(jnp.asarray([[1, 2, 3, 4, 5]], jnp.int32)))
+heavy = [name for name in ("tensorflow", "lm.train", "torch") if name in sys.modules]
+print(json.dumps(dict(logits=logits.tolist(), step=meta["step"], family=config.model.family, heavy=heavy)))
+"""
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_load_model_in_a_fresh_process(tmp_path, family):
+    """Params saved by a train state load into a Transformer whose logits equal the original model's."""
+    config = tiny_config(family)
+    mesh = lm_mesh.make_mesh(dict(data=1, fsdp=8, tensor=1))
+    _, state = sharded_state(config, mesh, seed=3)
+    checkpoints = lm_checkpoint.Checkpoints(lm_checkpoint.checkpoint_dir(tmp_path))
+    checkpoints.save(5, state, {"config": config.to_dict()})
+    checkpoints.close()
+    expected = np.asarray(Transformer(config.model, rngs=nnx.Rngs(3))(jnp.asarray([[1, 2, 3, 4, 5]], jnp.int32)))
+
+    env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    result = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(tmp_path)], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    assert loaded["step"] == 5 and loaded["family"] == family and loaded["heavy"] == []
+    np.testing.assert_allclose(loaded["logits"], expected, rtol=1e-5, atol=1e-6)
