@@ -1,9 +1,9 @@
 """Orbax checkpoints of any dict of state pytrees plus one JSON item; restore onto the current mesh.
 
 A checkpoint <dir>/<step>/ holds the "params" entry of the saved state dict as one orbax item (so inference
-restores it alone), the other entries as a "state" item, and a "meta" JSON item (step, config, tokenizer hash, data seed, ...). Restores always name
-target shardings built on the caller's mesh (`abstract_target`), so a run can resume on another topology.
-Knows nothing of trainers; `load_model` is the inference entry point and imports only the model.
+restores it alone), the other entries as a "state" item, and a "meta" JSON item (step, config, tokenizer hash,
+data seed, ...). Restores always name target shardings built on the caller's mesh (`abstract_target`), so a run
+can resume on another topology. Knows nothing of trainers; `load_model` (for inference) imports only the model.
 """
 import pathlib
 
@@ -59,7 +59,7 @@ class Checkpoints:
 
     def restore(self, step: int, target: dict) -> tuple[dict, dict]:
         """Restores the entries of `target` (a dict of pytrees of `abstract_target`s) and the meta item."""
-        items = {name: ocp.args.PyTreeRestore(item=tree, restore_args=ocp.checkpoint_utils.construct_restore_args(tree))
+        items = {name: ocp.args.PyTreeRestore(tree, restore_args=ocp.checkpoint_utils.construct_restore_args(tree))
                  for name, tree in _items(target).items()}
         items[META] = ocp.args.JsonRestore()
         restored = self._manager.restore(int(step), args=ocp.args.Composite(**items))
@@ -103,18 +103,22 @@ def load_model(workdir, step: int | None = None, mesh=None):
     from lm import model as lm_model
 
     checkpoints = Checkpoints(checkpoint_dir(workdir), keep=None, read_only=True)
-    step = checkpoints.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {checkpoints.directory}")
-    meta = checkpoints.meta(step)
-    config = ml_collections.ConfigDict(meta["config"])
-    mesh = mesh if mesh is not None else lm_mesh.make_mesh(dict(data=-1, fsdp=1, tensor=1))
-    with jax.set_mesh(mesh):
-        abstract = nnx.eval_shape(lambda: lm_model.Transformer(config.model, rngs=nnx.Rngs(0)))
-        graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
-        target = abstract_target(abstract_params, lm_model.shardings(abstract_params, mesh))
-        restored, _ = checkpoints.restore(step, {"params": target})
-        model = nnx.merge(graphdef, restored["params"], rest)
-    checkpoints.close()
+    try:
+        step = checkpoints.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {checkpoints.directory}")
+        meta = checkpoints.meta(step)
+        config = ml_collections.ConfigDict(meta["config"])
+        mesh = mesh if mesh is not None else lm_mesh.make_mesh(dict(data=-1, fsdp=1, tensor=1))
+        with jax.set_mesh(mesh):
+            abstract = nnx.eval_shape(lambda: lm_model.Transformer(config.model, rngs=nnx.Rngs(0)))
+            graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
+            if jax.tree.leaves(rest):
+                raise ValueError(f"load_model restores parameters only, but the model also has {rest}")
+            target = abstract_target(abstract_params, lm_model.shardings(abstract_params, mesh))
+            restored, _ = checkpoints.restore(step, {PARAMS: target})
+            model = nnx.merge(graphdef, restored[PARAMS], rest)
+    finally:
+        checkpoints.close()
     logging.info("loaded %s step %d", checkpoints.directory, step)
     return model, config, meta

@@ -11,8 +11,9 @@ The words come from Python itself (builtin names, special-method names), so a mo
 documentation has seen them; the tasks need copying from the prompt, which small models learn first:
     copy    len -> len          upper   len -> LEN          dunder   len -> __len__
 Two scores per task and number of shots, both from one forward pass over prompt + " answer\n":
-    choice_accuracy  the answer line is more probable (summed log-prob) than 3 distractors, other words' answers
-                     (chance 0.25);
+    choice_accuracy  the answer line is more probable (summed log-prob) than 3 distractors (chance 0.25): the
+                     query word as the two other tasks answer it (hash, HASH for dunder), which only the examples
+                     rule out, and another word's answer (__len__), which only the query rules out;
     exact_match      greedy decoding produces exactly the answer and the newline (every token is the argmax).
 A few greedy completions from lm.sample.generate are kept as examples.
 
@@ -64,9 +65,13 @@ def build_queries(task: str, n_queries: int, max_shots: int, seed: int) -> list[
     for word in rng.permutation(words)[:n_queries]:
         others = [w for w in rng.permutation(words) if w != word]
         shown, rest = others[:max_shots], others[max_shots:]
-        queries.append(dict(word=str(word), answer=answer(str(word)),
-                            examples=[(str(w), answer(str(w))) for w in shown],
-                            distractors=[answer(str(w)) for w in rest[:N_CHOICES - 1]]))
+        word = str(word)
+        # The word as the other tasks would answer it (only the examples say which task this is), and another
+        # word's answer (only the query says which word).
+        distractors = [fn(word) for name, (_, _, fn) in TASKS.items() if name != task]
+        distractors += [answer(str(w)) for w in rest[:N_CHOICES - len(distractors) - 1]]
+        queries.append(dict(word=word, answer=answer(word), examples=[(str(w), answer(str(w))) for w in shown],
+                            distractors=distractors))
     return queries
 
 

@@ -5,11 +5,14 @@
     outs = generate(model, tok, ["def ", "The list"], jax.random.key(0), Sampling(temperature=0.8, top_p=0.95))
     outs[0].text, outs[0].tokens, outs[0].logprobs, outs[0].finish_reason
 
-One jitted program per (model, prompt bucket, settings): the prompts are left-padded to a common length (padding
-takes position -1, which the model's attention ignores), prefilled in one pass, then a `jax.lax.while_loop` feeds one
-token per step until every row has stopped or `max_new_tokens` is reached. Row b samples with its own key
-(`fold_in(key, b)`, or the b-th of a batch of keys), folded with the step, so a row's text does not depend on the
-other rows of the batch. Log-probabilities are the model's own (temperature 1, unfiltered): what RL's ratios need.
+One jitted program does a whole batch: the prompts are left-padded to a common length (padding takes position -1,
+which the model's attention ignores), prefilled in one pass, then a `jax.lax.while_loop` feeds one token per step
+until every row has stopped or `max_new_tokens` is reached. It is compiled per model, batch size, padded prompt
+length (a power of two), max_new_tokens and filters; the temperature is an input, so changing it does not recompile.
+Row b samples with its own key (`fold_in(key, b)`, or the b-th of a batch of keys) folded with the step, so a row's
+text does not depend on the other rows of the batch. Log-probabilities are the model's own (temperature 1,
+unfiltered): what RL's ratios need. A model whose parameters are spread over a mesh runs there, rows split over
+the mesh's batch axes.
 
 CLI (text on stdout, logs on stderr):
     python -m lm.sample --workdir=runs/tiny --prompt="The list" [--temperature=0.8 --top_k=40 --top_p=0.95
@@ -28,7 +31,7 @@ from absl import app, flags, logging
 from flax import nnx
 
 from lm import mesh as lm_mesh
-from lm.model.layers import constrain
+from lm import model as lm_model
 
 PROMPT_BUCKET = 16  # the shortest padded prompt length; longer ones round up to a power of two (few compiles)
 NO_TOKEN = -1       # generated-token value after a row has stopped
@@ -130,7 +133,7 @@ def generate_ids(model, prompts, key, max_new_tokens: int, sampling: Sampling = 
     stop_ids: tokens that end a row (e.g. end-of-text); stop_sequences: token-id sequences that end a row.
     vocab_size: ids >= this are never chosen (a model vocabulary padded beyond the tokenizer's).
     top_candidates: also return the n most probable next tokens of each step (for display).
-    mesh: run on this mesh (the model's parameters placed on it, rows split over the batch axes).
+    mesh: the mesh to run on, rows split over its batch axes (default: the one the parameters live on, if any).
     """
     prompts = [list(map(int, p)) for p in prompts]
     if not prompts or min(map(len, prompts)) == 0:
@@ -153,12 +156,12 @@ def generate_ids(model, prompts, key, max_new_tokens: int, sampling: Sampling = 
                   top_candidates=top_candidates)
     mesh = mesh or _mesh_of(state)
     if mesh is None:
-        out = _decode(state, tokens, positions, row_keys, stops, temperature, **static)
+        out = _decode(state, tokens, positions, row_keys, stops, temperature, mesh=None, **static)
     else:
         with jax.set_mesh(mesh):
             rows = lm_mesh.named_sharding(mesh, ("batch", None), tokens.shape)
             tokens, positions = jax.device_put((tokens, positions), rows)
-            out = _decode(state, tokens, positions, row_keys, stops, temperature, **static)
+            out = _decode(state, tokens, positions, row_keys, stops, temperature, mesh=mesh, **static)
     out = jax.device_get(out)
     return TokenOutput(**{name: np.asarray(value) for name, value in out.items()})
 
@@ -210,13 +213,13 @@ def _stop_table(stop_ids, stop_sequences):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "vocab_size",
-                                             "top_candidates"))
-def _decode(state, tokens, positions, row_keys, stops, temperature, *, graphdef, max_new_tokens, sampling, vocab_size,
-            top_candidates):
+                                             "top_candidates", "mesh"))
+def _decode(state, tokens, positions, row_keys, stops, temperature, *, graphdef, max_new_tokens, sampling,
+            vocab_size, top_candidates, mesh):
     """Prefill, then a while_loop of one-token steps; returns the TokenOutput fields as arrays."""
     model = nnx.merge(graphdef, state)
     B, P = tokens.shape
-    cache = _constrain_cache(model.init_cache(B, P + max_new_tokens))
+    cache = _place_cache(model.init_cache(B, P + max_new_tokens), mesh)
     logits, cache = model(tokens, positions=positions, cache=cache)
     next_position = positions[:, -1] + 1
     window = jnp.full((B, stops.shape[1]), NOT_YET, jnp.int32)  # the last generated tokens, for stop matching
@@ -262,11 +265,11 @@ def _decode(state, tokens, positions, row_keys, stops, temperature, *, graphdef,
     return jax.lax.while_loop(cond, body, carry)[-1]
 
 
-def _constrain_cache(cache):
-    """Rows of the KV cache over the batch axes and kv heads over `tensor`, when a mesh is set."""
-    kv = ("layers", "batch", "length", "kv_heads", "head_dim")
-    axes = dict(k=kv, v=kv, pos=("batch", "length"), index=())
-    return {name: constrain(value, axes[name]) if value.ndim else value for name, value in cache.items()}
+def _place_cache(cache, mesh):
+    """Rows of the KV cache over the batch axes and kv heads over `tensor` (as lm.model.cache_shardings says)."""
+    if mesh is None:
+        return cache
+    return jax.lax.with_sharding_constraint(cache, lm_model.cache_shardings(cache, mesh))
 
 
 # ------------------------------------------------------------------------------------------------ text in, text out

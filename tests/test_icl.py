@@ -38,6 +38,8 @@ def test_queries_are_correct_and_reproducible(task):
         assert all(a == expected(w) and w != q["word"] for w, a in q["examples"]) and len(q["examples"]) == 4
         assert len(set(q["distractors"])) == icl.N_CHOICES - 1 and q["answer"] not in q["distractors"]
         assert not set(q["distractors"]) & {a for _, a in q["examples"]}
+        other_tasks = {q["word"], q["word"].upper(), f"__{q['word']}__"} - {q["answer"]}
+        assert set(q["distractors"][:2]) == other_tasks and q["word"] not in q["distractors"][2]
 
 
 def test_words_come_from_python():

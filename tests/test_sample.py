@@ -26,8 +26,9 @@ TEXTS = ("x", "The list", "Return a new sorted list", "def f(x): return x")
 
 def model_config(family="gpt2", vocab_size=512):
     return ml_collections.ConfigDict(dict(
-        family=family, vocab_size=vocab_size, n_layers=2, d_model=64, n_heads=4, n_kv_heads=4 if family == "gpt2" else 2,
-        d_ff=128, max_len=96, dtype="float32", param_dtype="float32", init_std=0.2))
+        family=family, vocab_size=vocab_size, n_layers=2, d_model=64, n_heads=4,
+        n_kv_heads=4 if family == "gpt2" else 2, d_ff=128, max_len=96, dtype="float32", param_dtype="float32",
+        init_std=0.2))
 
 
 @pytest.fixture(scope="module")

@@ -265,7 +265,7 @@ def decode(content: bytes) -> tuple[str | None, str]:
 
 
 class StagedReader(JsonlReader):
-    """Reads back exactly the shard task `rank` wrote (`<rank>.jsonl.gz`), so MinHash document indices line up."""
+    """Reads back exactly the shard task `rank` wrote (`<rank>.jsonl`), so MinHash document indices line up."""
 
     name = "🐿 Staged shard"
 
@@ -273,7 +273,7 @@ class StagedReader(JsonlReader):
         super().__init__(folder, add_file_path=False)
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
-        name = f"{rank:05d}.jsonl.gz"
+        name = f"{rank:05d}.jsonl"
         if not self.data_folder.isfile(name):
             return
         for doc in self.read_files_shard([name]):

@@ -3,7 +3,9 @@ the loop owns the mesh, the sharded state, the compiled step, checkpoints, metri
 
 Reads top to bottom: mesh -> optimizer -> state (restored or fresh) -> compiled step -> loop.
 """
+import contextlib
 import dataclasses
+import itertools
 import math
 import pathlib
 import time
@@ -17,6 +19,7 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lm import checkpoint as lm_checkpoint
+from lm import config as lm_config
 from lm import mesh as lm_mesh
 from lm.train import metrics as lm_metrics
 from lm.train import optim
@@ -48,7 +51,8 @@ class Objective:
 
 # --- Steps ---------------------------------------------------------------------------------------------------------
 
-def _loss_sum_and_grad(objective: Objective, spec: lm_state.StateSpec):
+def make_loss_sum_and_grad(objective: Objective, spec: lm_state.StateSpec):
+    """params, batch -> ((loss_sum, weight, metric_sums), grads of loss_sum)."""
     def loss_of_params(params, batch):
         loss_sum, weight, sums = objective.loss(spec.merge(params), batch)
         return loss_sum, (weight, sums)
@@ -62,7 +66,7 @@ def _loss_sum_and_grad(objective: Objective, spec: lm_state.StateSpec):
 
 def make_train_step(objective: Objective, spec: lm_state.StateSpec, tx, schedule, grad_accum: int, mesh):
     """state, batch -> state, metrics: one optimizer update on the (accumulated) mean loss."""
-    loss_sum_and_grad = _loss_sum_and_grad(objective, spec)
+    loss_sum_and_grad = make_loss_sum_and_grad(objective, spec)
 
     def micro_sharding(ndim):
         return lm_mesh.batch_sharding(mesh, ndim)
@@ -89,23 +93,24 @@ def make_eval_step(objective: Objective, spec: lm_state.StateSpec):
     return eval_step
 
 
-def _global_batch(local: Batch, mesh) -> dict:
+def global_batch(local: Batch, mesh) -> dict:
     """This process's rows -> global arrays sharded over the batch axes."""
     return {name: lm_mesh.global_array(np.asarray(value), mesh, value.shape[0] * jax.process_count())
             for name, value in local.items()}
 
 
-def _abstract_batch(global_batch: dict) -> dict:
-    return {name: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for name, x in global_batch.items()}
+def abstract_batch(batch: dict) -> dict:
+    """ShapeDtypeStructs (with shardings) of a global batch, for lowering."""
+    return {name: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for name, x in batch.items()}
 
 
-def compile_train_step(train_step, spec: lm_state.StateSpec, abstract_batch: dict, mesh):
+def compile_train_step(train_step, spec: lm_state.StateSpec, batch_shapes: dict, mesh):
     """jax.jit with explicit shardings and the state donated, lowered and compiled once; logs memory and FLOPs."""
     replicated = NamedSharding(mesh, PartitionSpec())
-    batch_shardings = {name: x.sharding for name, x in abstract_batch.items()}
+    batch_shardings = {name: x.sharding for name, x in batch_shapes.items()}
     jitted = jax.jit(train_step, in_shardings=(spec.shardings, batch_shardings),
                      out_shardings=(spec.shardings, replicated), donate_argnums=0)
-    compiled = jitted.lower(spec.abstract, abstract_batch).compile()
+    compiled = jitted.lower(spec.abstract, batch_shapes).compile()
     log_compiled(compiled, "train step")
     return compiled
 
@@ -132,7 +137,7 @@ def evaluate(eval_step, params, batches: Iterable[Batch], mesh) -> float:
     """Token-weighted mean loss over `batches` (nan if there are none)."""
     total, weight = 0.0, 0.0
     for local in batches:
-        loss_sum, w = jax.device_get(eval_step(params, _global_batch(local, mesh)))
+        loss_sum, w = jax.device_get(eval_step(params, global_batch(local, mesh)))
         total, weight = total + float(loss_sum), weight + float(w)
     return total / weight if weight else math.nan
 
@@ -140,103 +145,109 @@ def evaluate(eval_step, params, batches: Iterable[Batch], mesh) -> float:
 def train(config, workdir, objective: Objective, stop_after: int | None = None) -> dict:
     """Trains to `config.train.steps` total steps, resuming from the latest checkpoint in `workdir`.
 
-    `stop_after` ends the run after that step as a kill would (no final checkpoint or eval): used to test resume.
-    Returns a summary: steps, first step of this run, final train / val loss, tokens/s, MFU, parameter count.
+    Metrics go to <workdir>/metrics.jsonl and tb/ every step, val loss every `eval_every` steps and at the end
+    (eval_every 0: never), checkpoints every `checkpoint_every` steps and at the end. `stop_after` ends the run
+    after that step as a kill would (no final checkpoint or eval): it exists to test resume.
+    Returns a summary: steps, start_step, train_loss, val_loss, tokens_per_sec, mfu, params, seconds.
     """
-    train_config = config.train
-    workdir = pathlib.Path(workdir)
+    train_config, workdir = config.train, pathlib.Path(workdir)
+    total_steps = int(train_config.steps)
     started = time.perf_counter()
-
-    peak = lm_metrics.peak_flops()  # measured before the mesh is set: the CPU probe runs on one device
+    peak = lm_metrics.peak_flops()  # before the mesh is set: on CPU it times a matmul on one device
 
     # --- mesh ---
     mesh = lm_mesh.make_mesh(config.mesh)
     logging.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
-    with jax.set_mesh(mesh):
-        # --- optimizer and state shapes ---
+    _check_batch_splits(train_config, mesh)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(jax.set_mesh(mesh))
+
+        # --- optimizer, state shapes and shardings ---
         tx = optim.make_optimizer(train_config)
         schedule = optim.learning_rate(train_config)
         spec = lm_state.build_spec(objective.make_model, tx, mesh)
         n_params = sum(x.size for x in jax.tree.leaves(spec.abstract["params"]))
         logging.info("parameters: %s", f"{n_params:,}")
 
-        # --- state: restored from the latest checkpoint, else fresh ---
+        # --- state: the latest checkpoint (onto this mesh), else a fresh sharded init ---
         checkpoints = lm_checkpoint.Checkpoints(lm_checkpoint.checkpoint_dir(workdir),
                                                 keep=train_config.get("keep_checkpoints", 3))
+        stack.callback(checkpoints.close)
         start = checkpoints.latest_step() or 0
         if start:
             state, _ = checkpoints.restore(start, spec.abstract)
             logging.info("resumed from %s at step %d", checkpoints.directory, start)
         else:
             state = lm_state.init_state(objective.make_model, tx, spec)
-        total_steps = int(train_config.steps)
         writer = lm_metrics.MetricsWriter(workdir, resume_step=start)
+        stack.callback(writer.close)
         meta = dict(objective.meta, config=config.to_dict())
-        summary = dict(start_step=start, steps=start, params=int(n_params))
-        try:
-            if start < total_steps:
-                summary.update(_run_steps(config, workdir, objective, mesh, spec, tx, schedule, state, start,
-                                          checkpoints, writer, meta, peak, stop_after))
-            else:
-                logging.info("already at step %d of %d: nothing to train", start, total_steps)
-        finally:
-            writer.close()
-            checkpoints.close()
-    summary["seconds"] = time.perf_counter() - started
-    return summary
+        if start >= total_steps:
+            logging.info("already at step %d of %d: nothing to train", start, total_steps)
+            return _summary(_previous_records(writer), start, n_params, objective.flops_per_token, peak, started)
+
+        # --- data (from the restored step) and the compiled steps ---
+        local_batches = objective.train_batches(start)
+        first = next(local_batches)
+        local_batches = itertools.chain([first], local_batches)
+        train_step = make_train_step(objective, spec, tx, schedule, int(train_config.get("grad_accum", 1)), mesh)
+        compiled = compile_train_step(train_step, spec, abstract_batch(global_batch(first, mesh)), mesh)
+        eval_step = jax.jit(make_eval_step(objective, spec))
+        tokens_per_step = first["inputs"].size * jax.process_count() if "inputs" in first else 0
+        logging.info("model FLOPs per step: %.3e (%d tokens x %.3e FLOPs/token)",
+                     tokens_per_step * objective.flops_per_token, tokens_per_step, objective.flops_per_token)
+
+        # --- loop ---
+        eval_every = int(train_config.get("eval_every", 0))
+        checkpoint_every = int(train_config.get("checkpoint_every", 0))
+        log_every = max(int(train_config.get("log_every", 1)), 1)
+        records = []
+        for step in range(start + 1, total_steps + 1):
+            tick = time.perf_counter()
+            state, step_metrics = compiled(state, global_batch(next(local_batches), mesh))
+            record = {name: float(value) for name, value in jax.device_get(step_metrics).items()}
+            if not math.isfinite(record["loss"]):
+                raise FloatingPointError(f"loss is {record['loss']} at step {step}: stopping ({workdir})")
+            record["tokens_per_sec"] = tokens_per_step / (time.perf_counter() - tick)
+            record["mfu"] = record["tokens_per_sec"] * objective.flops_per_token / peak
+            if objective.eval_batches is not None and eval_every > 0 and _due(step, eval_every, total_steps):
+                record["val_loss"] = evaluate(eval_step, state["params"], objective.eval_batches(), mesh)
+            writer.write(step, record)
+            records.append(dict(record, step=step))
+            if step % log_every == 0 or step in (start + 1, total_steps):
+                logging.info("step %d/%d: %s", step, total_steps, ", ".join(f"{k}={v:.4g}" for k, v in record.items()))
+            if stop_after is not None and step >= stop_after:
+                logging.warning("stopping after step %d as asked (stop_after), as if killed", step)
+                break
+            if _due(step, checkpoint_every, total_steps):
+                checkpoints.save(step, state, meta)
+    return _summary(records, start, n_params, objective.flops_per_token, peak, started)
 
 
-def _run_steps(config, workdir, objective, mesh, spec, tx, schedule, state, start, checkpoints, writer, meta, peak,
-               stop_after):
-    train_config = config.train
-    total_steps = int(train_config.steps)
-    batches = objective.train_batches(start)
-    batch = _global_batch(next(batches), mesh)
-    tokens_per_step = int(batch["inputs"].size) if "inputs" in batch else 0
+def _check_batch_splits(train_config, mesh) -> None:
+    """Each micro batch is split over the data x fsdp devices: its rows must divide evenly."""
+    accum = int(train_config.get("grad_accum", 1))
+    rows, shards = train_config.batch_size // accum, mesh.shape["data"] * mesh.shape["fsdp"]
+    if rows % shards:
+        raise lm_config.ConfigError(
+            f"config.train.batch_size={train_config.batch_size} / config.train.grad_accum={accum} = {rows} rows per "
+            f"micro batch, which do not split over the {shards} data x fsdp devices of mesh {dict(mesh.shape)}")
 
-    # --- compiled steps ---
-    train_step = make_train_step(objective, spec, tx, schedule, int(train_config.get("grad_accum", 1)), mesh)
-    compiled = compile_train_step(train_step, spec, _abstract_batch(batch), mesh)
-    eval_step = jax.jit(make_eval_step(objective, spec))
-    logging.info("model FLOPs per step: %.3e (%d tokens x %.3e FLOPs/token)",
-                 tokens_per_step * objective.flops_per_token, tokens_per_step, objective.flops_per_token)
 
-    # --- loop ---
-    eval_every = int(train_config.get("eval_every", 0))
-    checkpoint_every = int(train_config.get("checkpoint_every", 0))
-    log_every = max(int(train_config.get("log_every", 1)), 1)
-    last = {}
-    rates = []
-    step = start
-    tick = time.perf_counter()
-    while True:
-        state, step_metrics = compiled(state, batch)
-        record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-        step += 1
-        if not math.isfinite(record["loss"]):
-            raise FloatingPointError(f"loss is {record['loss']} at step {step}: stopping ({workdir})")
-        seconds = time.perf_counter() - tick
-        record["tokens_per_sec"] = tokens_per_step / seconds
-        record["mfu"] = record["tokens_per_sec"] * objective.flops_per_token / peak
-        if step > start + 1:  # the first step also pays for warming up
-            rates.append(record["tokens_per_sec"])
-        if objective.eval_batches is not None and eval_every > 0 and (step % eval_every == 0 or step == total_steps):
-            record["val_loss"] = evaluate(eval_step, state["params"], objective.eval_batches(), mesh)
-        writer.write(step, record)
-        last.update(record)
-        if step % log_every == 0 or step == total_steps or step == start + 1:
-            logging.info("step %d/%d: %s", step, total_steps,
-                         ", ".join(f"{k}={v:.4g}" for k, v in record.items()))
-        if stop_after is not None and step >= stop_after:
-            logging.warning("stopping after step %d as asked (stop_after)", step)
-            break
-        if step == total_steps or checkpoint_every and step % checkpoint_every == 0:
-            checkpoints.save(step, state, meta)
-        if step == total_steps:
-            break
-        tick = time.perf_counter()
-        batch = _global_batch(next(batches), mesh)
+def _due(step: int, every: int, last: int) -> bool:
+    return step == last or (every > 0 and step % every == 0)
 
-    rate = float(np.median(rates)) if rates else last.get("tokens_per_sec", 0.0)
-    return dict(steps=step, train_loss=last.get("loss"), val_loss=last.get("val_loss"), tokens_per_sec=rate,
-                mfu=rate * objective.flops_per_token / peak, flops_per_token=objective.flops_per_token)
+
+def _previous_records(writer) -> list[dict]:
+    return lm_metrics.read_metrics(writer.path) if writer.active and writer.path.exists() else []
+
+
+def _summary(records, start, n_params, flops_per_token, peak, started) -> dict:
+    """Final numbers of a run (this run's records; the earlier ones when nothing was left to train)."""
+    rates = [r["tokens_per_sec"] for r in records[1:] if "tokens_per_sec" in r]  # the first step also warms up
+    rate = float(np.median(rates)) if rates else 0.0
+    val = [r["val_loss"] for r in records if "val_loss" in r]
+    return dict(start_step=start, steps=records[-1]["step"] if records else start, params=int(n_params),
+                train_loss=records[-1]["loss"] if records else None, val_loss=val[-1] if val else None,
+                tokens_per_sec=rate, mfu=rate * flops_per_token / peak, flops_per_token=flops_per_token,
+                seconds=time.perf_counter() - started)

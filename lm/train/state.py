@@ -51,7 +51,7 @@ def like_params(tree, params, param_shardings, default):
 
 def build_spec(make_model: Callable[[], nnx.Module], tx: optax.GradientTransformation, mesh) -> StateSpec:
     """Shapes and shardings of the state, from `nnx.eval_shape` (nothing is allocated). Call under jax.set_mesh."""
-    graphdef, params, _ = split_params(nnx.eval_shape(make_model))
+    graphdef, params, rest = split_params(nnx.eval_shape(make_model))
     param_shardings = lm_model.shardings(params, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
     opt_state = jax.eval_shape(tx.init, params)
@@ -62,17 +62,9 @@ def build_spec(make_model: Callable[[], nnx.Module], tx: optax.GradientTransform
     }
     shapes = {"params": params, "opt_state": opt_state, "step": jax.ShapeDtypeStruct((), jnp.int32)}
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
-    rest = _concrete_rest(make_model, mesh)
+    if jax.tree.leaves(rest):  # non-Param variables: materialise them (replicated) once
+        rest = jax.jit(lambda: split_params(make_model())[2], out_shardings=replicated)()
     return StateSpec(graphdef=graphdef, rest=rest, abstract=abstract, shardings=shardings)
-
-
-def _concrete_rest(make_model, mesh):
-    """The non-Param variables, materialised (replicated); empty for a model made of parameters only."""
-    def rest_of_model():
-        return split_params(make_model())[2]
-    if not jax.tree.leaves(jax.eval_shape(rest_of_model)):
-        return split_params(nnx.eval_shape(make_model))[2]
-    return jax.jit(rest_of_model, out_shardings=NamedSharding(mesh, PartitionSpec()))()
 
 
 def init_state(make_model: Callable[[], nnx.Module], tx: optax.GradientTransformation, spec: StateSpec) -> dict:

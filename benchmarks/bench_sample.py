@@ -1,0 +1,152 @@
+"""Decode speed: lm.sample (KV cache, one jitted while_loop) vs the same model without a cache, vs HF transformers
+`generate` (PyTorch, use_cache=True) with the same random weights, greedy, batch 1 and 8.
+
+    python benchmarks/bench_sample.py [--config=configs/tiny.py] [--prompt_len=16 --new_tokens=128 --repeats=5]
+
+tokens/s = batch * new_tokens / seconds of one whole generate call (prefill included, compilation excluded: each
+path runs once before it is timed). Also checks that the three paths produce the same greedy tokens.
+Writes benchmarks/results/sample.json.
+"""
+import functools
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from lm import config as lm_config  # noqa: E402
+from lm import hf, sample  # noqa: E402
+from lm.model import Transformer, param_count  # noqa: E402
+
+RESULTS = pathlib.Path(__file__).parent / "results" / "sample.json"
+
+_CONFIG = flags.DEFINE_string("config", "configs/tiny.py", "Config whose model shape is benchmarked (gpt2 family).")
+_VOCAB = flags.DEFINE_integer("vocab_size", 2048, "Vocabulary size when the config leaves it to the tokenizer (0).")
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 16, "Prompt tokens per row.")
+_NEW = flags.DEFINE_integer("new_tokens", 128, "Tokens generated per row.")
+_BATCHES = flags.DEFINE_list("batches", ["1", "8"], "Batch sizes.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per path (the median is reported).")
+_OUTPUT = flags.DEFINE_string("output", str(RESULTS), "Where to write the JSON results.")
+
+
+def timed(fn, repeats):
+    """Median seconds of fn() over `repeats` runs, after one untimed warm-up; returns (seconds, last result)."""
+    result = fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "new_tokens"))
+def _greedy_without_cache(state, tokens, *, graphdef, new_tokens):
+    """Greedy decoding by recomputing the whole sequence every step (the baseline a KV cache removes)."""
+    model = nnx.merge(graphdef, state)
+    B, P = tokens.shape
+    buffer = jnp.zeros((B, P + new_tokens), jnp.int32).at[:, :P].set(tokens)
+
+    def step(i, buffer):
+        logits = model(buffer)  # causal: the zeros after position P + i - 1 do not change its logits
+        next_token = jnp.argmax(jax.lax.dynamic_index_in_dim(logits, P + i - 1, axis=1, keepdims=False), -1)
+        return jax.lax.dynamic_update_index_in_dim(buffer, next_token.astype(jnp.int32), P + i, axis=1)
+
+    return jax.lax.fori_loop(0, new_tokens, step, buffer)[:, P:]
+
+
+def ours_with_cache(model, prompts, new_tokens):
+    out = sample.generate_ids(model, prompts, jax.random.key(0), new_tokens, sample.Sampling(temperature=0))
+    return out.tokens
+
+
+def ours_without_cache(model, prompts, new_tokens):
+    graphdef, state = nnx.split(model)
+    return np.asarray(_greedy_without_cache(state, jnp.asarray(prompts, jnp.int32), graphdef=graphdef,
+                                            new_tokens=new_tokens))
+
+
+def hf_generate(torch_model, prompts, new_tokens):
+    import torch
+    inputs = torch.tensor(np.asarray(prompts), dtype=torch.long)
+    with torch.inference_mode():
+        out = torch_model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=new_tokens,
+                                   min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0)
+    return out[:, inputs.shape[1]:].numpy()
+
+
+def hf_model(model, model_config):
+    import transformers
+    torch_model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf.config_to_hf(model_config)))
+    import torch
+    state = {name: torch.from_numpy(t.copy()) for name, t in hf.to_hf_state_dict(model, model_config).items()}
+    missing, unexpected = torch_model.load_state_dict(state, strict=False)
+    if unexpected or [m for m in missing if m != "lm_head.weight"]:
+        raise RuntimeError(f"HF state dict mismatch: missing {missing}, unexpected {unexpected}")
+    torch_model.tie_weights()
+    return torch_model.eval()
+
+
+def main(argv):
+    del argv
+    config = lm_config.load(_CONFIG.value, {"model.dtype": "float32"})
+    if not config.model.vocab_size:
+        config.model.vocab_size = _VOCAB.value
+    if config.model.family != "gpt2":
+        raise app.UsageError("the HF comparison uses GPT2LMHeadModel: pick a gpt2-family config")
+    if _PROMPT_LEN.value + _NEW.value > config.model.max_len:
+        raise app.UsageError(f"prompt_len + new_tokens > max_len={config.model.max_len}")
+    import torch
+    model = Transformer(config.model, rngs=nnx.Rngs(0))
+    torch_model = hf_model(model, config.model)
+    rng = np.random.default_rng(0)
+    rows = []
+    for batch in map(int, _BATCHES.value):
+        prompts = rng.integers(0, config.model.vocab_size, (batch, _PROMPT_LEN.value)).tolist()
+        new = _NEW.value
+        t_cache, tokens_cache = timed(lambda: ours_with_cache(model, prompts, new), _REPEATS.value)
+        t_nocache, tokens_nocache = timed(lambda: ours_without_cache(model, prompts, new), _REPEATS.value)
+        t_hf, tokens_hf = timed(lambda: hf_generate(torch_model, prompts, new), _REPEATS.value)
+        row = dict(batch=batch, new_tokens=new, prompt_len=_PROMPT_LEN.value,
+                   ours_kv_cache_tokens_per_s=round(batch * new / t_cache, 1),
+                   ours_no_cache_tokens_per_s=round(batch * new / t_nocache, 1),
+                   hf_generate_tokens_per_s=round(batch * new / t_hf, 1),
+                   speedup_vs_hf=round(t_hf / t_cache, 2), speedup_vs_no_cache=round(t_nocache / t_cache, 2),
+                   same_tokens_as_no_cache=float(np.mean(tokens_cache == tokens_nocache)),
+                   same_tokens_as_hf=float(np.mean(tokens_cache == tokens_hf)))
+        rows.append(row)
+        print(f"batch {batch}: KV cache {row['ours_kv_cache_tokens_per_s']:.0f} tok/s, no cache "
+              f"{row['ours_no_cache_tokens_per_s']:.0f} tok/s, HF generate {row['hf_generate_tokens_per_s']:.0f} "
+              f"tok/s -> {row['speedup_vs_hf']:.2f}x HF, {row['speedup_vs_no_cache']:.2f}x no cache; "
+              f"tokens equal: {row['same_tokens_as_no_cache']:.0%} (no cache), {row['same_tokens_as_hf']:.0%} (HF)")
+    run = dict(config=_CONFIG.value, params=param_count(config.model), results=rows,
+               model={k: config.model[k] for k in ("family", "n_layers", "d_model", "n_heads", "d_ff", "vocab_size",
+                                                    "max_len")},
+               machine=dict(platform=platform.platform(), cpus=os.cpu_count(), jax=jax.__version__,
+                            backend=jax.default_backend(), torch=torch.__version__,
+                            torch_threads=torch.get_num_threads()))
+    write(pathlib.Path(_OUTPUT.value), run)
+
+
+def write(path, run):
+    """Adds this run to the results file, replacing an earlier run of the same config."""
+    result = json.loads(path.read_text()) if path.exists() else {}
+    runs = [r for r in result.get("runs", []) if r["config"] != run["config"]] + [run]
+    result = dict(benchmark="greedy decode tokens/s: lm.sample (KV cache) vs no cache vs HF generate (use_cache)",
+                  command="python benchmarks/bench_sample.py [--config=...]", runs=runs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    logging.info("written %s", path)
+
+
+if __name__ == "__main__":
+    app.run(main)
