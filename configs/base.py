@@ -32,6 +32,15 @@ def _swiglu_width(d_model: int, multiple: int = 64) -> int:
     return multiple * ((width + multiple - 1) // multiple)
 
 
+def _filter_config(preset: str = "bundled") -> ml_collections.ConfigDict:
+    """The FineWeb recipe's section (lm/data/filter.py holds its defaults and presets: web, text, bundled)."""
+    try:
+        from lm.data import filter as data_filter
+    except ImportError:  # an image without the data-processing libraries (e.g. a GPU box running only training)
+        return ml_collections.ConfigDict({"preset": preset})
+    return data_filter.default_config(preset)
+
+
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -39,6 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(
         inputs=(),               # empty: the bundled corpus (CPython's documentation)
     ))
+    c.filter = _filter_config()
     c.tokenizer = ml_collections.ConfigDict(dict(
         kind="bpe",              # bpe (rustbpe -> tiktoken) | sentencepiece | pretrained: load `name`
         name="",                 # pretrained: cl100k_base, gpt2, a .tiktoken file or a saved directory

@@ -70,8 +70,11 @@ def run_tokenize(config, workdir, inputs):
 
 
 def run_pretrain(config, workdir, inputs):
-    from lm.train import pretrain
-    return pretrain.run(config, workdir)
+    from lm.data import pipeline
+    from lm.train import metrics, pretrain
+    summary = pretrain.run(config, workdir)
+    metrics.plot_losses(workdir / "metrics.jsonl", workdir / "loss.png")
+    return {**summary, "unigram_val_loss": pipeline.unigram_loss(workdir / "tokens"), "plot": "loss.png"}
 
 
 def run_sample(config, workdir, inputs):
@@ -119,7 +122,7 @@ def run_pipeline(config, workdir, data=(), force=False, only=()) -> dict:
         logging.info("[%d/%d] %s ...", i, len(STAGES), stage.name)
         start = time.time()
         result = stage.run(config, workdir, inputs) or {}
-        result = {"seconds": round(time.time() - start, 1), "fingerprint": fingerprint, **result}
+        result = {**result, "seconds": round(time.time() - start, 1), "fingerprint": fingerprint}
         done_marker.parent.mkdir(exist_ok=True)
         done_marker.write_text(json.dumps(result, indent=1, default=str))
         results[stage.name] = result

@@ -26,16 +26,19 @@ def _filter(workdir, result) -> list:
     lines = _scalars(workdir, result)
     blocks = result.get("blocks") or []
     if blocks:
-        lines += ["", "| block | in | kept | dropped | top reasons |", "|---|---|---|---|---|"]
+        lines += ["", "| block | documents in | kept | dropped | top reasons |", "|---|---|---|---|---|"]
         for b in blocks:
-            reasons = ", ".join(f"{k} {v}" for k, v in list((b.get("reasons") or {}).items())[:4])
-            lines.append(f"| {b.get('name')} | {b.get('in', '')} | {b.get('kept', '')} | {b.get('dropped', '')} | "
-                         f"{reasons} |")
+            reasons = sorted((b.get("reasons") or {}).items(), key=lambda kv: -kv[1])[:4]
+            lines.append(f"| {b.get('block')} | {b.get('docs_in', '')} | {b.get('docs_out', '')} | "
+                         f"{b.get('dropped', '')} | {', '.join(f'{k} {v}' for k, v in reasons)} |")
     return lines
 
 
 def _pretrain(workdir, result) -> list:
     lines = _scalars(workdir, result)
+    if "val_loss" in result and "unigram_val_loss" in result:
+        lines += ["", f"Validation loss {result['val_loss']:.3f} nats/token against {result['unigram_val_loss']:.3f} "
+                      "for a unigram model of the training tokens (a model that ignores context)."]
     plot = result.get("plot")
     if plot and (workdir / plot).exists():
         lines += ["", f"![train and validation loss]({plot})"]

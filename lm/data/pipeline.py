@@ -317,3 +317,16 @@ if __name__ == "__main__":
     flags.DEFINE_string("workdir", "runs/default", "Workdir holding tokens/ (from lm.data.tokenize).")
     flags.DEFINE_integer("steps", 100, "Batches to time.")
     app.run(main)
+
+
+def unigram_loss(tokens_dir) -> float:
+    """Cross-entropy (nats/token) of the val split under the train split's unigram distribution (add-one smoothed):
+    the loss a model that ignores context gets, the baseline a language model must beat."""
+    train, val = TokenData(tokens_dir, "train"), TokenData(tokens_dir, "val")
+    n_vocab = int(train.index["tokenizer"]["n_vocab"])
+    counts = np.ones(n_vocab, np.float64)
+    for shard in train.shards:
+        counts += np.bincount(shard, minlength=n_vocab)[:n_vocab]
+    log_probs = np.log(counts / counts.sum())
+    total = sum(float(log_probs[shard].sum()) for shard in val.shards)
+    return -total / max(val.n_tokens, 1)
