@@ -31,6 +31,7 @@ INSTALL_REQUIRES = [
     "pyarrow==26.0.1",
     "matplotlib==3.11.2",
     "safetensors==0.8.0",
+    "tensorboardX==2.6.5",
 ]
 
 TEST_REQUIRES = [

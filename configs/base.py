@@ -73,6 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
         warmup_steps=100,
         min_lr_ratio=0.1,
         weight_decay=0.1,
+        decay_embeddings=False,  # AdamW weight decay on embedding tables too
         b1=0.9,
         b2=0.95,
         eps=1e-8,

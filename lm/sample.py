@@ -409,7 +409,8 @@ def define_flags():
     flags.DEFINE_integer("max_new_tokens", None, "Tokens to generate at most (default: config.sample).")
     flags.DEFINE_integer("seed", 0, "PRNG seed: the same seed gives the same text.")
     flags.DEFINE_multi_string("stop", [], "Stop string (repeatable); end-of-text always stops.")
-    flags.DEFINE_bool("show_probs", False, "Also print each step's most probable tokens and the choice.")
+    flags.DEFINE_bool("show_probs", False, "Also print, per step, the chosen token and the most probable ones "
+                      "with the model's probabilities (temperature 1, before top-k / top-p).")
 
 
 def main(argv):

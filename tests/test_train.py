@@ -1,6 +1,6 @@
 """lm.train on real text (FineWeb documents, our own 512-token BPE) with a tiny model on 8 virtual CPU devices:
-the loss falls, meshes agree, a killed run resumes bit for bit (also onto
-another mesh), gradient accumulation equals the large batch, a NaN stops the run, and the CLI resumes."""
+the loss falls, meshes agree, a killed run resumes bit for bit (also onto another mesh), gradient accumulation
+equals the large batch, a NaN stops the run naming the step, and the CLI continues to a new total."""
 import gzip
 import json
 import os
