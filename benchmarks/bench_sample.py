@@ -3,8 +3,10 @@
 
     python benchmarks/bench_sample.py [--config=configs/tiny.py] [--prompt_len=16 --new_tokens=128 --repeats=5]
 
-tokens/s = batch * new_tokens / seconds of one whole generate call (prefill included, compilation excluded: each
-path runs once before it is timed). Also checks that the three paths produce the same greedy tokens.
+tokens/s = batch * new_tokens / median seconds of one whole generate call (prefill included, compilation excluded:
+each path runs once before it is timed; the paths take turns so load changes on a shared machine hit them alike).
+HF runs with --torch_threads (default 1, its fastest setting on the 2-core machine these figures come from).
+Also checks that the paths produce the same greedy tokens.
 Writes benchmarks/results/sample.json.
 """
 import functools
@@ -35,18 +37,22 @@ _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 16, "Prompt tokens per row.")
 _NEW = flags.DEFINE_integer("new_tokens", 128, "Tokens generated per row.")
 _BATCHES = flags.DEFINE_list("batches", ["1", "8"], "Batch sizes.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per path (the median is reported).")
+_TORCH_THREADS = flags.DEFINE_integer("torch_threads", 1, "torch.set_num_threads for HF. 1 is HF's fastest here: "
+                                      "with 2 threads on a busy 2-core machine it drops ~10x (OpenMP spin-waits).")
 _OUTPUT = flags.DEFINE_string("output", str(RESULTS), "Where to write the JSON results.")
 
 
-def timed(fn, repeats):
-    """Median seconds of fn() over `repeats` runs, after one untimed warm-up; returns (seconds, last result)."""
-    result = fn()
-    times = []
+def measure(paths: dict, repeats: int) -> dict:
+    """{name: (median seconds, last result)} for {name: fn}: one untimed warm-up each, then the paths take turns
+    `repeats` times, so a load change on a shared machine hits them alike."""
+    results = {name: fn() for name, fn in paths.items()}
+    times = {name: [] for name in paths}
     for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+        for name, fn in paths.items():
+            start = time.perf_counter()
+            results[name] = fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(times[name]), results[name]) for name in paths}
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "new_tokens"))
@@ -110,24 +116,25 @@ def main(argv):
     torch_model = hf_model(model, config.model)
     rng = np.random.default_rng(0)
     rows = []
+    torch.set_num_threads(_TORCH_THREADS.value)
     for batch in map(int, _BATCHES.value):
         prompts = rng.integers(0, config.model.vocab_size, (batch, _PROMPT_LEN.value)).tolist()
         new = _NEW.value
-        t_cache, tokens_cache = timed(lambda: ours_with_cache(model, prompts, new), _REPEATS.value)
-        t_nocache, tokens_nocache = timed(lambda: ours_without_cache(model, prompts, new), _REPEATS.value)
-        t_hf, tokens_hf = timed(lambda: hf_generate(torch_model, prompts, new), _REPEATS.value)
-        row = dict(batch=batch, new_tokens=new, prompt_len=_PROMPT_LEN.value,
-                   ours_kv_cache_tokens_per_s=round(batch * new / t_cache, 1),
-                   ours_no_cache_tokens_per_s=round(batch * new / t_nocache, 1),
-                   hf_generate_tokens_per_s=round(batch * new / t_hf, 1),
-                   speedup_vs_hf=round(t_hf / t_cache, 2), speedup_vs_no_cache=round(t_nocache / t_cache, 2),
-                   same_tokens_as_no_cache=float(np.mean(tokens_cache == tokens_nocache)),
-                   same_tokens_as_hf=float(np.mean(tokens_cache == tokens_hf)))
+        measured = measure({"kv_cache": lambda: ours_with_cache(model, prompts, new),
+                            "no_cache": lambda: ours_without_cache(model, prompts, new),
+                            "hf_generate": lambda: hf_generate(torch_model, prompts, new)}, _REPEATS.value)
+        speed = {name: round(batch * new / seconds, 1) for name, (seconds, _) in measured.items()}
+        tokens = {name: result for name, (_, result) in measured.items()}
+        row = dict(batch=batch, new_tokens=new, prompt_len=_PROMPT_LEN.value, tokens_per_s=speed,
+                   speedup_vs_hf=round(speed["kv_cache"] / speed["hf_generate"], 2),
+                   speedup_vs_no_cache=round(speed["kv_cache"] / speed["no_cache"], 2),
+                   same_tokens_as_no_cache=float(np.mean(tokens["kv_cache"] == tokens["no_cache"])),
+                   same_tokens_as_hf=float(np.mean(tokens["kv_cache"] == tokens["hf_generate"])))
         rows.append(row)
-        print(f"batch {batch}: KV cache {row['ours_kv_cache_tokens_per_s']:.0f} tok/s, no cache "
-              f"{row['ours_no_cache_tokens_per_s']:.0f} tok/s, HF generate {row['hf_generate_tokens_per_s']:.0f} "
-              f"tok/s -> {row['speedup_vs_hf']:.2f}x HF, {row['speedup_vs_no_cache']:.2f}x no cache; "
-              f"tokens equal: {row['same_tokens_as_no_cache']:.0%} (no cache), {row['same_tokens_as_hf']:.0%} (HF)")
+        print(f"batch {batch}: KV cache {speed['kv_cache']:.0f} tok/s, no cache {speed['no_cache']:.0f} tok/s, "
+              f"HF generate {speed['hf_generate']:.0f} tok/s -> {row['speedup_vs_hf']:.2f}x HF, "
+              f"{row['speedup_vs_no_cache']:.2f}x no cache; tokens equal: {row['same_tokens_as_no_cache']:.0%} "
+              f"(no cache), {row['same_tokens_as_hf']:.0%} (HF)")
     run = dict(config=_CONFIG.value, params=param_count(config.model), results=rows,
                model={k: config.model[k] for k in ("family", "n_layers", "d_model", "n_heads", "d_ff", "vocab_size",
                                                     "max_len")},

@@ -13,12 +13,6 @@ import sys
 
 from absl import app, flags
 
-_MODULE = flags.DEFINE_string("module", "lm.train", "Module each run executes.")
-_CONFIG = flags.DEFINE_string("config", "configs/tiny.py", "Base config.")
-_WORKDIR = flags.DEFINE_string("workdir", "runs/sweep", "Parent directory; each run gets a subdirectory.")
-_GRID = flags.DEFINE_multi_string("grid", [], "key=v1,v2,... (repeat for more axes).")
-_LAUNCHER = flags.DEFINE_enum("launcher", "print", ["local", "slurm", "print"], "Where the runs go.")
-
 LAUNCH = pathlib.Path(__file__).resolve().parent
 
 
@@ -38,13 +32,19 @@ def grid_commands(module, config, workdir, grid):
 
 def main(argv):
     del argv
-    for command in grid_commands(_MODULE.value, _CONFIG.value, _WORKDIR.value, _GRID.value):
+    FLAGS = flags.FLAGS
+    for command in grid_commands(FLAGS.module, FLAGS.config, FLAGS.workdir, FLAGS.grid):
         print(shlex.join(command), flush=True)
-        if _LAUNCHER.value == "local":
+        if FLAGS.launcher == "local":
             subprocess.run(command, check=True)
-        elif _LAUNCHER.value == "slurm":
+        elif FLAGS.launcher == "slurm":
             subprocess.run(["sbatch", str(LAUNCH / "slurm.sbatch"), *command[2:]], check=True)
 
 
 if __name__ == "__main__":
+    flags.DEFINE_string("module", "lm.train", "Module each run executes.")
+    flags.DEFINE_string("config", "configs/tiny.py", "Base config.")
+    flags.DEFINE_string("workdir", "runs/sweep", "Parent directory; each run gets a subdirectory.")
+    flags.DEFINE_multi_string("grid", [], "key=v1,v2,... (repeat for more axes).")
+    flags.DEFINE_enum("launcher", "print", ["local", "slurm", "print"], "Where the runs go.")
     app.run(main)

@@ -299,31 +299,30 @@ def _map_arrays(fn, tree):
 
 # ----------------------------------------------------------------------------------------------- CLI
 
-_FROM_HF = flags.DEFINE_string("from_hf", None, "HF checkpoint directory (config.json + *.safetensors) to load.")
-_TO_HF = flags.DEFINE_string("to_hf", None, "Directory to export the run's checkpoint to, in HF format.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory whose checkpoint --to_hf exports.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
-
-
 def main(argv):
     del argv
-    if _FROM_HF.value:
-        model_config, model = load_hf(_FROM_HF.value)
+    FLAGS = flags.FLAGS
+    if FLAGS.from_hf:
+        model_config, model = load_hf(FLAGS.from_hf)
         print(model_config)
         tokens = jnp.arange(8, dtype=jnp.int32)[None] % model_config.vocab_size
         logits = model(tokens)
         print(f"parameters: {param_count(model_config):,}; logits on tokens 0..7: shape {logits.shape}, "
               f"argmax {np.asarray(logits.argmax(-1))[0].tolist()}")
-    elif _TO_HF.value:
-        if not _WORKDIR.value:
+    elif FLAGS.to_hf:
+        if not FLAGS.workdir:
             raise app.UsageError("--to_hf needs --workdir")
         from lm import checkpoint  # noqa: PLC0415 (only the CLI needs checkpoints)
-        model, config, meta = checkpoint.load_model(_WORKDIR.value, step=_STEP.value)
-        out = export_hf(model, config.model, _TO_HF.value)
-        print(f"exported step {meta.get('step')} of {_WORKDIR.value} to {out}")
+        model, config, meta = checkpoint.load_model(FLAGS.workdir, step=FLAGS.step)
+        out = export_hf(model, config.model, FLAGS.to_hf)
+        print(f"exported step {meta.get('step')} of {FLAGS.workdir} to {out}")
     else:
         raise app.UsageError("pass --from_hf=DIR, or --workdir=W --to_hf=DIR")
 
 
 if __name__ == "__main__":
+    flags.DEFINE_string("from_hf", None, "HF checkpoint directory (config.json + *.safetensors) to load.")
+    flags.DEFINE_string("to_hf", None, "Directory to export the run's checkpoint to, in HF format.")
+    flags.DEFINE_string("workdir", None, "Run directory whose checkpoint --to_hf exports.")
+    flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
     app.run(main)

@@ -151,6 +151,23 @@ def examples(model, tokenizer, tasks, shots: int, seed: int) -> list[dict]:
             for (task, q), p, c in zip(queries, prompts, completions)]
 
 
+def markdown(result: dict) -> str:
+    """A table of an `evaluate` result for report.md: choice accuracy / exact match per task and number of shots."""
+    shots = [str(k) for k in result["shots"]]
+    lines = [f"choice accuracy / exact match, {result['queries']} queries per task "
+             f"(choice chance {result['chance']:.2f})", "",
+             "| task | " + " | ".join(f"{k}-shot" for k in shots) + " |", "|---" * (len(shots) + 1) + "|"]
+    rows = list(result["tasks"].items()) + [("mean", {k: {m: result["mean"][m][k] for m in result["mean"]}
+                                                       for k in shots})]
+    for task, by_shots in rows:
+        cells = [f"{by_shots[k]['choice_accuracy']:.2f} / {by_shots[k]['exact_match']:.2f}" for k in shots]
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    for e in result.get("examples", []):
+        lines += ["", f"{e['task']}: answer {e['answer']!r}, greedy completion {e['completion']!r}", "```",
+                  e["prompt"], "```"]
+    return "\n".join(lines)
+
+
 FLAGS = flags.FLAGS
 
 

@@ -19,12 +19,6 @@ from absl import app, flags, logging
 from lm import config as lm_config
 from lm import mesh as lm_mesh
 
-_CONFIG = lm_config.define_config_flag()
-_WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Directory for every output of the pipeline.")
-_DATA = flags.DEFINE_list("data", [], "Corpus files or globs (WARC, HTML, jsonl, parquet, txt). "
-                                      "Default: config.data.inputs, else the bundled corpus (CPython's documentation).")
-_FORCE = flags.DEFINE_bool("force", False, "Redo stages whose outputs already exist.")
-_STAGES = flags.DEFINE_list("stages", [], "Run only these stages (default: all, in order).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,11 +143,18 @@ def write_report(workdir: pathlib.Path, results: dict) -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    FLAGS = flags.FLAGS
     lm_mesh.initialize_distributed()
-    config = lm_config.validate(_CONFIG.value)
-    run_pipeline(config, _WORKDIR.value, _DATA.value, _FORCE.value, _STAGES.value)
-    logging.info("report: %s", pathlib.Path(_WORKDIR.value) / "report.md")
+    config = lm_config.validate(FLAGS.config)
+    run_pipeline(config, FLAGS.workdir, FLAGS.data, FLAGS.force, FLAGS.stages)
+    logging.info("report: %s", pathlib.Path(FLAGS.workdir) / "report.md")
 
 
 if __name__ == "__main__":
+    lm_config.define_config_flag()
+    flags.DEFINE_string("workdir", "runs/default", "Directory for every output of the pipeline.")
+    flags.DEFINE_list("data", [], "Corpus files or globs (WARC, HTML, jsonl, parquet, txt). "
+                                  "Default: config.data.inputs, else the bundled corpus (CPython's documentation).")
+    flags.DEFINE_bool("force", False, "Redo stages whose outputs already exist.")
+    flags.DEFINE_list("stages", [], "Run only these stages (default: all, in order).")
     app.run(main)

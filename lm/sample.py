@@ -290,7 +290,7 @@ class Completion:
 def generate(model, tokenizer, prompts, key, sampling: Sampling = Sampling(), max_new_tokens: int = 64,
              stop=(), stop_at_eot: bool = True, num_samples: int = 1, top_candidates: int = 0,
              mesh=None) -> list[Completion]:
-    """Completions of `prompts` (a string or a list), `num_samples` each (prompt-major order).
+    """Completions of `prompts` (a string or a list; "" starts a new document), `num_samples` each, prompt-major.
 
     stop: strings that end a completion; the text is cut before the first one (it is matched in the decoded
     text, so it stops a completion whichever way it was tokenized, and as token ids inside the loop to stop early).
@@ -298,7 +298,8 @@ def generate(model, tokenizer, prompts, key, sampling: Sampling = Sampling(), ma
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     rows = [p for p in prompts for _ in range(num_samples)]
     stop = [stop] if isinstance(stop, str) else list(stop)
-    out = generate_ids(model, [tokenizer.encode(p) for p in rows], key, max_new_tokens, sampling,
+    # An empty prompt starts a new document: the model saw end-of-text before every document.
+    out = generate_ids(model, [tokenizer.encode(p) or [tokenizer.eot_id] for p in rows], key, max_new_tokens, sampling,
                        stop_ids=[tokenizer.eot_id] if stop_at_eot else (),
                        stop_sequences=[tokenizer.encode(s) for s in stop], vocab_size=tokenizer.n_vocab,
                        top_candidates=top_candidates, mesh=mesh)
@@ -360,6 +361,8 @@ def _score_tokens(state, tokens, lengths, *, graphdef):
 
 # ------------------------------------------------------------------------------------------------ lm.main stage
 
+REPORT_PROMPTS = ("The ", "def ", "Return a list of")
+
 
 def report(config, workdir) -> dict:
     """The "sample" stage of lm.main: a few samples at two temperatures and the in-context-learning result.
@@ -373,10 +376,10 @@ def report(config, workdir) -> dict:
     sample_config = config.get("sample") or {}
     max_new_tokens = min(int(sample_config.get("max_new_tokens", 64)), model.spec.max_len // 2)
     samples = []
-    for i, temperature in enumerate(sample_config.get("report_temperatures", (0.7, 1.0))):
+    prompts = list(sample_config.get("report_prompts", REPORT_PROMPTS))
+    key = jax.random.key(int(config.get("seed", 0)))  # the same draws at each temperature: only it differs
+    for temperature in sample_config.get("report_temperatures", (0.7, 1.0)):
         sampling = Sampling.from_config(sample_config, temperature=float(temperature))
-        prompts = list(sample_config.get("report_prompts", REPORT_PROMPTS))
-        key = jax.random.key(int(config.get("seed", 0)) + i)
         for c in generate(model, tok, prompts, key, sampling, max_new_tokens):
             samples.append(dict(temperature=float(temperature), prompt=c.prompt, text=c.text,
                                 finish_reason=c.finish_reason))
@@ -386,9 +389,6 @@ def report(config, workdir) -> dict:
     icl_result["step"] = meta.get("step")
     (workdir / "icl.json").write_text(json.dumps(icl_result, indent=1))
     return {"samples": samples, "icl": icl_result, "step": meta.get("step")}
-
-
-REPORT_PROMPTS = ("The ", "def ", "Return a list of")
 
 
 # ------------------------------------------------------------------------------------------------ CLI

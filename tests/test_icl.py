@@ -86,3 +86,5 @@ def test_evaluate_reports_zero_and_few_shot(model, tok):
             by_shots["2"]["choice_accuracy"] - by_shots["0"]["choice_accuracy"], abs=1e-3)
     assert [e["task"] for e in result["examples"]] == list(icl.TASKS)
     assert all(e["prompt"].count(" -> ") == 2 and isinstance(e["completion"], str) for e in result["examples"])
+    table = icl.markdown(result)
+    assert "| task | 0-shot | 2-shot |" in table and all(f"| {t} | " in table for t in [*icl.TASKS, "mean"])

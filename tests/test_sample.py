@@ -213,6 +213,14 @@ def test_stop_string_cuts_the_text(models, tok):
     assert cut[1].finish_reason == "stop"
 
 
+def test_empty_prompt_starts_a_document(models, tok, prompts):
+    greedy = sample.Sampling(temperature=0)
+    texts = sample.generate(models["gpt2"], tok, ["", *TEXTS[1:]], jax.random.key(0), greedy, max_new_tokens=NEW)
+    ids = sample.generate_ids(models["gpt2"], [[tok.eot_id], *prompts[1:]], jax.random.key(0), NEW, greedy,
+                              stop_ids=[tok.eot_id])
+    assert texts[0].tokens == ids.tokens[0, :ids.lengths[0]].tolist()
+
+
 def test_sharded_model_on_a_mesh(models, prompts, greedy):
     mesh = lm_mesh.make_mesh(dict(data=2, fsdp=2, tensor=2))
     graphdef, state = nnx.split(models["gpt2"])

@@ -258,6 +258,9 @@ def run(c: ml_collections.ConfigDict, inputs: list[str], workdir) -> dict:
     files = readers.expand_inputs([inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs))
     workdir = os.path.abspath(os.fspath(workdir))
     _prepare_workdir(c, files, workdir)
+    if not c.extract.enabled and any(readers.file_format(f) in ("warc", "html") for f in files):
+        logging.warning("filter: HTML inputs with config.filter.extract disabled: pages stay HTML (preset 'web' "
+                        "extracts their text)")
     stages = plan(c, files, workdir)
     logging.info("filter: %d input files, %s executor, stages: %s", len(files), c.executor,
                  ", ".join(f"{s.name} ({s.tasks} tasks)" for s in stages))
