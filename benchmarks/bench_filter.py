@@ -76,7 +76,8 @@ def run_datatrove(inputs: str, workdir: str, workers: int, minhash_only: bool) -
         s1 = executor("sigs", [JsonlReader(inputs), MinhashDedupSignature(f"{workdir}/sigs", config=config)], workers)
         s2 = executor("buckets", [MinhashDedupBuckets(f"{workdir}/sigs", f"{workdir}/buckets", config=config)],
                       mh.num_buckets, s1)
-        s3 = executor("clusters", [MinhashDedupCluster(f"{workdir}/buckets", f"{workdir}/remove", config=config)], 1, s2)
+        s3 = executor("clusters", [MinhashDedupCluster(f"{workdir}/buckets", f"{workdir}/remove", config=config)],
+                      1, s2)
         executor("filter", [JsonlReader(inputs), MinhashDedupFilter(f"{workdir}/remove"),
                             JsonlWriter(f"{workdir}/text", expand_metadata=True)], workers, s3).run()
     else:

@@ -31,13 +31,23 @@ class Stage:
 
 def run_corpus(config, workdir, inputs):
     from lm.data import bundled
-    n = bundled.write_corpus(workdir / "corpus" / "python_docs.jsonl.gz")
+    n = bundled.write_corpus(workdir / BUNDLED_CORPUS)
     return {"documents": n, "source": "bundled CPython documentation"}
+
+
+BUNDLED_CORPUS = "corpus/python_docs.jsonl.gz"
+WEB_SUFFIXES = (".warc", ".warc.gz", ".wet", ".wet.gz", ".html", ".html.gz", ".htm", ".htm.gz")
 
 
 def run_filter(config, workdir, inputs):
     from lm.data import filter as data_filter
-    return data_filter.run(config.filter, inputs, workdir)
+    section = config.filter
+    if section.preset == "bundled" and inputs != [str(workdir / BUNDLED_CORPUS)]:
+        # The bundled preset's loosened thresholds are for CPython's docs; other data gets FineWeb's own recipe.
+        preset = "web" if any(str(i).endswith(WEB_SUFFIXES) for i in inputs) else "text"
+        logging.info("filter: --data given, using the %r preset instead of 'bundled'", preset)
+        section = data_filter.default_config(preset)
+    return data_filter.run(section, inputs, workdir)
 
 
 def run_tokenizer(config, workdir, inputs):
@@ -78,7 +88,7 @@ def run_sample(config, workdir, inputs):
 
 STAGES = (
     Stage("corpus", ("corpus",), run_corpus, ("data",)),
-    Stage("filter", ("text", "filter*"), run_filter, ("filter",)),
+    Stage("filter", ("text", "dropped", "filter*"), run_filter, ("filter",)),
     Stage("tokenizer", ("tokenizer",), run_tokenizer, ("tokenizer",)),
     Stage("tokenize", ("tokens",), run_tokenize, ("dataset",)),
     Stage("pretrain", ("checkpoints", "metrics.jsonl", "tb", "*.png"), run_pretrain, ("seed", "model", "train", "mesh")),
@@ -91,7 +101,7 @@ def run_pipeline(config, workdir, data=(), force=False, only=()) -> dict:
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     data = list(data) or list(config.data.inputs)
-    inputs = data or [str(workdir / "corpus" / "python_docs.jsonl.gz")]
+    inputs = data or [str(workdir / BUNDLED_CORPUS)]
     unknown = set(only) - {s.name for s in STAGES}
     if unknown:
         raise ValueError(f"unknown stages {sorted(unknown)}; known: {[s.name for s in STAGES]}")

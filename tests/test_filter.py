@@ -1,4 +1,4 @@
-"""lm.data.filter: config, readers (bad input is counted, never lost), sharding, and the offline blocks, on small inputs."""
+"""lm.data.filter on small inputs: config, readers (bad input counted, never lost), sharding, offline blocks."""
 import gzip
 import json
 import os
