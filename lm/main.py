@@ -19,6 +19,8 @@ from absl import app, flags, logging
 from lm import config as lm_config
 from lm import mesh as lm_mesh
 
+BUNDLED_CORPUS = "corpus/python_docs.jsonl.gz"
+WEB_SUFFIXES = (".warc", ".warc.gz", ".wet", ".wet.gz", ".html", ".html.gz", ".htm", ".htm.gz")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,10 +35,6 @@ def run_corpus(config, workdir, inputs):
     from lm.data import bundled
     n = bundled.write_corpus(workdir / BUNDLED_CORPUS)
     return {"documents": n, "source": "bundled CPython documentation"}
-
-
-BUNDLED_CORPUS = "corpus/python_docs.jsonl.gz"
-WEB_SUFFIXES = (".warc", ".warc.gz", ".wet", ".wet.gz", ".html", ".html.gz", ".htm", ".htm.gz")
 
 
 def run_filter(config, workdir, inputs):
