@@ -140,7 +140,8 @@ def main(argv):
                                                     "max_len")},
                machine=dict(platform=platform.platform(), cpus=os.cpu_count(), jax=jax.__version__,
                             backend=jax.default_backend(), torch=torch.__version__,
-                            torch_threads=torch.get_num_threads()))
+                            torch_threads=torch.get_num_threads(),
+                            load_average_1min=round(os.getloadavg()[0], 2)))  # the machine may be shared
     write(pathlib.Path(_OUTPUT.value), run)
 
 

@@ -30,8 +30,7 @@ from flax import nnx  # noqa: E402
 from lm import config as lm_config  # noqa: E402
 from lm import mesh as lm_mesh  # noqa: E402
 from lm import model as lm_model  # noqa: E402
-from lm.train import loop, metrics, optim, pretrain  # noqa: E402
-from lm.train import state as lm_state  # noqa: E402
+from lm.train import loop, metrics, pretrain  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "train.json"
 SIZES = {
@@ -118,12 +117,8 @@ def lm_trainer(config, batches):
     objective = loop.Objective(loss=pretrain.lm_loss, train_batches=None,
                                make_model=lambda: lm_model.Transformer(config.model, rngs=nnx.Rngs(0)))
     with jax.set_mesh(mesh):
-        tx = optim.make_optimizer(config.train)
-        spec = lm_state.build_spec(objective.make_model, tx, mesh)
-        state = lm_state.init_state(objective.make_model, tx, spec)
         data = [loop.global_batch(b, mesh) for b in batches]
-        train_step = loop.make_train_step(objective, spec, tx, optim.learning_rate(config.train), 1, mesh)
-        compiled = loop.compile_train_step(train_step, spec, loop.abstract_batch(data[0]), mesh)
+        state, compiled = loop.fresh_state_and_step(objective, config.train, mesh, data[0])
     holder = {"state": state}
 
     def step(i):

@@ -25,8 +25,7 @@ from flax import nnx  # noqa: E402
 from lm import config as lm_config  # noqa: E402
 from lm import mesh as lm_mesh  # noqa: E402
 from lm import model as lm_model  # noqa: E402
-from lm.train import loop, metrics, optim, pretrain  # noqa: E402
-from lm.train import state as lm_state  # noqa: E402
+from lm.train import loop, metrics, pretrain  # noqa: E402
 
 _CONFIG = lm_config.define_config_flag(str(lm_config.REPO / "configs" / "gpt2_124m.py"))
 _STEPS = flags.DEFINE_integer("steps", 300, "Timed train steps (after the warm-up).")
@@ -70,15 +69,10 @@ def main(argv):
     objective = loop.Objective(loss=pretrain.lm_loss, train_batches=None,
                                make_model=lambda: lm_model.Transformer(config.model, rngs=nnx.Rngs(0)))
     with jax.set_mesh(mesh):
-        tx = optim.make_optimizer(config.train)
-        spec = lm_state.build_spec(objective.make_model, tx, mesh)
-        state = lm_state.init_state(objective.make_model, tx, spec)
         batches = synthetic_batches(config, mesh)
-        train_step = loop.make_train_step(objective, spec, tx, optim.learning_rate(config.train),
-                                          config.train.grad_accum, mesh)
         start = time.perf_counter()
-        compiled = loop.compile_train_step(train_step, spec, loop.abstract_batch(batches[0]), mesh)
-        compile_seconds = time.perf_counter() - start
+        state, compiled = loop.fresh_state_and_step(objective, config.train, mesh, batches[0])
+        compile_seconds = time.perf_counter() - start  # includes the (small) parameter init
         compiled_info = loop.log_compiled(compiled, "train step")
 
         tokens_per_step = config.train.batch_size * config.train.seq_len

@@ -9,6 +9,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
+import gzip
+import json
 import pathlib
 
 import pytest
@@ -32,3 +34,12 @@ def shared_path(relpath: str) -> pathlib.Path:
 def shared_data():
     """`shared_data("tokenizers/cl100k_base.tiktoken")` -> pathlib.Path (skip or CI failure when absent)."""
     return shared_path
+
+
+def records(folder: pathlib.Path) -> list:
+    """Every JSON record of the *.jsonl.gz files in `folder`, in file order."""
+    out = []
+    for path in sorted(folder.glob("*.jsonl.gz")):
+        with gzip.open(path, "rt") as f:
+            out += [json.loads(line) for line in f]
+    return out

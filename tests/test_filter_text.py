@@ -12,7 +12,7 @@ from datatrove.data import Document
 
 from lm.data import filter as recipe
 from lm.data import filter_blocks, readers
-from tests.conftest import shared_path
+from tests.conftest import records, shared_path
 
 DUPLICATED = (0, 2, 3, 4, 7)  # indices of sample documents that pass the quality filters
 WITH_PII = (8, 9, 10)
@@ -45,14 +45,6 @@ def run(tmp_path_factory):
               str(shared_path("web/text/fineweb2_edu_japanese_100_samples.json"))]
     report = recipe.run(c, inputs, tmp / "out")
     return report, tmp / "out", docs
-
-
-def records(folder):
-    out = []
-    for path in sorted(folder.glob("*.jsonl.gz")):
-        with gzip.open(path, "rt") as f:
-            out += [json.loads(line) for line in f]
-    return out
 
 
 def test_japanese_documents_all_dropped_by_language(run):

@@ -1,5 +1,4 @@
 """The whole web recipe on real Common Crawl / wget WARCs, with planted bad input, and the network unavailable."""
-import gzip
 import io
 import json
 import socket
@@ -12,7 +11,7 @@ from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
 from lm.data import filter as recipe
-from tests.conftest import shared_path
+from tests.conftest import records, shared_path
 
 WARCS = ["web/warc/dolma-sample-0000.warc.gz", "web/warc/dolma-sample-0001.warc.gz",
          "web/warc/resiliparse-cc-main-2020-34-excerpt.warc.gz", "web/warc/whirlwind.warc.gz",
@@ -91,14 +90,6 @@ def run(tmp_path_factory, no_network):
     workdir = tmp / "out"
     report = recipe.run(c, [str(p) for p in warcs] + [str(tmp / "planted.warc.gz"), str(truncated)], workdir)
     return report, workdir, {"blocked": blocked_url, "banned": banned_url}
-
-
-def records(folder):
-    out = []
-    for path in sorted(folder.glob("*.jsonl.gz")):
-        with gzip.open(path, "rt") as f:
-            out += [json.loads(line) for line in f]
-    return out
 
 
 def dropped_by_url(workdir) -> dict[str, tuple[str, str, str | None]]:

@@ -129,7 +129,6 @@ def test_scan_and_dot_product_attention_give_the_same_logits(family):
 
 
 def test_remat_and_scan_give_the_same_gradients():
-    config = tiny("llama")
     params = nnx.to_pure_dict(nnx.state(make("llama")))
     x = tokens((2, T))
     weights = jax.random.normal(jax.random.key(2), (2, T, 128))

@@ -115,6 +115,17 @@ def compile_train_step(train_step, spec: lm_state.StateSpec, batch_shapes: dict,
     return compiled
 
 
+def fresh_state_and_step(objective: Objective, train_config, mesh, example_batch: dict):
+    """A freshly initialised sharded state and the train step compiled for global batches like `example_batch`
+    (benchmarks and tools that need a step without the loop's checkpoints and data)."""
+    tx = optim.make_optimizer(train_config)
+    spec = lm_state.build_spec(objective.make_model, tx, mesh)
+    state = lm_state.init_state(objective.make_model, tx, spec)
+    train_step = make_train_step(objective, spec, tx, optim.learning_rate(train_config),
+                                 int(train_config.get("grad_accum", 1)), mesh)
+    return state, compile_train_step(train_step, spec, abstract_batch(example_batch), mesh)
+
+
 def log_compiled(compiled, name: str) -> dict:
     """Logs (and returns) XLA's memory analysis and FLOP count of a compiled function."""
     info = {}
