@@ -5,6 +5,7 @@ restores it alone), the other entries as a "state" item, and a "meta" JSON item 
 data seed, ...). Restores always name target shardings built on the caller's mesh (`abstract_target`), so a run
 can resume on another topology. Knows nothing of trainers; `load_model` (for inference) imports only the model.
 """
+import logging as std_logging
 import pathlib
 
 import jax
@@ -16,6 +17,16 @@ from absl import logging
 META = "meta"
 PARAMS = "params"
 REST = "state"
+
+
+class _OrbaxInfoFilter(std_logging.Filter):
+    """Orbax logs dozens of INFO lines per save and restore; they would bury the training progress lines."""
+
+    def filter(self, record):
+        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname.replace("\\", "/")
+
+
+logging.get_absl_handler().addFilter(_OrbaxInfoFilter())
 
 
 def abstract_target(tree, shardings):
