@@ -86,9 +86,13 @@ def get_config() -> ml_collections.ConfigDict:
     ))
     c.sample = ml_collections.ConfigDict(dict(
         max_new_tokens=64,
-        temperature=1.0,
-        top_k=0,
+        temperature=1.0,         # 0: greedy
+        top_k=0,                 # 0: all tokens
         top_p=1.0,
         num_samples=2,
+        report_temperatures=(0.7, 1.0),               # lm.main's sample stage
+        report_prompts=("The ", "def ", "Return a list of"),
+        icl_shots=(0, 1, 4),                          # few-shot sizes of the in-context-learning eval
+        icl_queries=32,
     ))
     return c

@@ -1,5 +1,4 @@
 """<workdir>/report.md: what each stage of lm.main did, in numbers, with the loss plot and samples."""
-import json
 import pathlib
 
 
@@ -50,9 +49,9 @@ def _sample(workdir, result) -> list:
     for s in result.get("samples", []):
         lines += [f"**temperature {s.get('temperature')}**, prompt `{s.get('prompt')!r}`:", "", "```",
                   str(s.get("text", "")), "```", ""]
-    icl = result.get("icl")
-    if icl:
-        lines += ["### In-context learning", "", "```json", json.dumps(icl, indent=1, default=str)[:4000], "```"]
+    if result.get("icl"):
+        from lm import icl
+        lines += ["### In-context learning", "", icl.markdown(result["icl"])]
     return lines
 
 

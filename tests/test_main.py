@@ -7,7 +7,7 @@ from lm import config as lm_config
 from lm import main as lm_main
 
 OVERRIDES = {"train.steps": 16, "train.eval_every": 8, "train.checkpoint_every": 8, "train.log_every": 4,
-             "tokenizer.vocab_size": 512, "sample.max_new_tokens": 8}
+             "tokenizer.vocab_size": 512, "sample.max_new_tokens": 8, "sample.icl_queries": 4}
 
 
 def test_pipeline_end_to_end_then_skip_and_resume(tmp_path):
@@ -25,7 +25,7 @@ def test_pipeline_end_to_end_then_skip_and_resume(tmp_path):
     assert (tmp_path / "loss.png").stat().st_size > 1000
     assert results["sample"]["samples"]
     report = (tmp_path / "report.md").read_text()
-    for section in ("## filter", "## tokenizer", "## pretrain", "loss.png", "## sample"):
+    for section in ("## filter", "## tokenizer", "## pretrain", "loss.png", "## sample", "In-context learning"):
         assert section in report
 
     # The CLI on the same workdir: done stages are skipped; a longer run resumes pretraining from step 16.
