@@ -72,28 +72,32 @@ def apply_rope(x, rope):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def attention(q, k, v, mask=None, implementation="xla"):
+def attention(q, k, v, mask=None, implementation="xla", kv_heads_first=False):
     """Softmax attention, causal when `mask` is None.
 
-    q [B, T, H, D]; k, v [B, S, K, D] with H a multiple of K (grouped-query); mask bool [B, T, S] (True: may attend).
+    q [B, T, H, D]; k, v [B, S, K, D], or [B, K, S, D] when `kv_heads_first` (the KV cache's layout), with H a
+    multiple of K (grouped-query); mask bool [B, T, S] (True: may attend).
     implementation: "xla" (einsums, float32 softmax) or "dot_product" (jax.nn.dot_product_attention; cuDNN on GPU
     for causal bf16/fp16 attention without a mask).
     """
     if implementation == "dot_product":
+        if kv_heads_first:
+            k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
         use_cudnn = mask is None and q.dtype in (jnp.bfloat16, jnp.float16) and jax.default_backend() == "gpu"
         return jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None],
                                             is_causal=mask is None, implementation="cudnn" if use_cudnn else None)
     if implementation != "xla":
         raise ValueError(f"unknown attention implementation {implementation!r} (xla | dot_product)")
     B, T, H, D = q.shape
-    S, K = k.shape[1], k.shape[2]
+    K, S = (k.shape[1], k.shape[2]) if kv_heads_first else (k.shape[2], k.shape[1])
+    kv = "bksd" if kv_heads_first else "bskd"
     q = q.reshape(B, T, K, H // K, D)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(D)
+    scores = jnp.einsum(f"btkgd,{kv}->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(D)
     if mask is None:
         mask = jnp.tril(jnp.ones((T, S), bool), k=S - T)[None]
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H, D)
+    return jnp.einsum(f"bkgts,{kv}->btkgd", probs, v).reshape(B, T, H, D)
 
 
 class Attention(nnx.Module):
@@ -116,19 +120,25 @@ class Attention(nnx.Module):
         self.implementation = spec.attention
 
     def __call__(self, x, rope, mask, kv_cache):
-        """x [B, T, d] -> ([B, T, d], updated (k, v) cache or None). kv_cache: None or (k, v, write index)."""
+        """x [B, T, d] -> ([B, T, d], updated (k, v) cache or None).
+
+        kv_cache: None or (k, v, layer, write index), k and v the whole stacked cache [layers, B, K, S, D]: this
+        layer's new keys / values are written into it in place (no per-layer copies to re-stack each step).
+        """
         q = self._project(x, self.q, self.q_bias)
         k = self._project(x, self.k, self.k_bias)
         v = self._project(x, self.v, self.v_bias)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        new_cache = None
-        if kv_cache is not None:
-            k_cache, v_cache, index = kv_cache
-            k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
-            new_cache = (k, v)
-        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.implementation)
+        if kv_cache is None:
+            out = attention(q, k, v, mask, self.implementation)
+            new_cache = None
+        else:
+            k_cache, v_cache, layer, index = kv_cache
+            k_cache, k = _write_cache(k_cache, k, layer, index)
+            v_cache, v = _write_cache(v_cache, v, layer, index)
+            out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.implementation, kv_heads_first=True)
+            new_cache = (k_cache, v_cache)
         y = jnp.einsum("bthd,hde->bte", out, self.o[...].astype(self.dtype))
         if self.o_bias is not None:
             y = y + self.o_bias[...].astype(self.dtype)
@@ -137,6 +147,16 @@ class Attention(nnx.Module):
     def _project(self, x, w, b):
         y = jnp.einsum("btd,dhk->bthk", x, w[...].astype(self.dtype))
         return y if b is None else y + b[...].astype(self.dtype)
+
+
+def _write_cache(cache, new, layer, index):
+    """Writes `new` [B, T, K, D] into slots index.. of `layer` in `cache` [layers, B, K, S, D].
+
+    Returns (updated cache, that layer's [B, K, S, D]).
+    """
+    new = new.swapaxes(1, 2).astype(cache.dtype)[None]
+    cache = jax.lax.dynamic_update_slice(cache, new, (layer, 0, 0, index, 0))
+    return cache, jax.lax.dynamic_index_in_dim(cache, layer, axis=0, keepdims=False)
 
 
 class MLP(nnx.Module):

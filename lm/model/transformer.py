@@ -2,7 +2,7 @@
 LLaMA family (RoPE, RMSNorm, SwiGLU, grouped-query attention, untied head), chosen by `config.model.family`.
 
 Decoding uses a KV cache, a plain pytree from `Transformer.init_cache`:
-  k, v   [n_layers, batch, max_len, n_kv_heads, head_dim]  keys / values by cache slot
+  k, v   [n_layers, batch, n_kv_heads, max_len, head_dim]  keys / values by cache slot (attention reads it as is)
   pos    int32 [batch, max_len]                             position of the token in each slot; -1: empty or padding
   index  int32 []                                           next slot to write (the same for every row)
 Tokens whose position is negative are padding: no token attends to them. Left-padded prompts therefore take
@@ -182,32 +182,32 @@ class Transformer(nnx.Module):
     def init_cache(self, batch_size: int, max_len: int, dtype=None) -> dict:
         """An empty KV cache for `batch_size` rows of up to `max_len` tokens (prompt + generated)."""
         spec = self.spec
-        shape = (spec.n_layers, batch_size, max_len, spec.n_kv_heads, spec.head_dim)
+        shape = (spec.n_layers, batch_size, spec.n_kv_heads, max_len, spec.head_dim)
         dtype = dtype or spec.dtype
         return dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                     pos=jnp.full((batch_size, max_len), -1, jnp.int32), index=jnp.zeros((), jnp.int32))
 
     def _run_blocks(self, x, rope, mask, cache):
+        """The blocks in order; with a cache, the stacked (k, v) is threaded through and each layer writes its slice."""
         index = None if cache is None else cache["index"]
+        kv = None if cache is None else (cache["k"], cache["v"])
         if self.spec.scan_layers:
             graphdef, state = nnx.split(self.blocks)
             step = self._block_step(graphdef, rope, mask, index)
-            kv = None if cache is None else (cache["k"], cache["v"])
-            return jax.lax.scan(lambda h, layer: step(h, *layer), x, (state, kv))
-        ks, vs = [], []
+
+            def layer_step(carry, layer):
+                return step(*carry, *layer), None
+            layers = (state, jnp.arange(self.spec.n_layers, dtype=jnp.int32))
+            return jax.lax.scan(layer_step, (x, kv), layers)[0]
         for i, block in enumerate(self.blocks):
             graphdef, state = nnx.split(block)
-            kv = None if cache is None else (cache["k"][i], cache["v"][i])
-            x, kv = self._block_step(graphdef, rope, mask, index)(x, state, kv)
-            if kv is not None:
-                ks.append(kv[0])
-                vs.append(kv[1])
-        return x, (None if cache is None else (jnp.stack(ks), jnp.stack(vs)))
+            x, kv = self._block_step(graphdef, rope, mask, index)(x, kv, state, i)
+        return x, kv
 
     def _block_step(self, graphdef, rope, mask, index):
-        """(x, block state, (k, v) or None) -> (x, (k, v) or None), rematerialised as config.model.remat says."""
-        def step(x, state, kv):
-            kv_cache = None if kv is None else (*kv, index)
+        """(x, stacked (k, v) or None, block state, layer) -> (x, (k, v) or None), remat as config.model.remat says."""
+        def step(x, kv, state, layer):
+            kv_cache = None if kv is None else (*kv, layer, index)
             return nnx.merge(graphdef, state)(x, rope, mask, kv_cache)
         if self.spec.remat == "none":
             return step
@@ -316,6 +316,6 @@ def flops_per_token(model_config, seq_len: int) -> int:
 
 def cache_shardings(cache: dict, mesh) -> dict:
     """NamedShardings for a KV cache from `init_cache`: rows over the batch axes, kv heads over `tensor`."""
-    kv = ("layers", "batch", "length", "kv_heads", "head_dim")
+    kv = ("layers", "batch", "kv_heads", "length", "head_dim")
     axes = dict(k=kv, v=kv, pos=("batch", "length"), index=())
     return {name: lm_mesh.named_sharding(mesh, axes[name], value.shape) for name, value in cache.items()}
