@@ -267,3 +267,20 @@ def test_cli_continues_to_the_new_total(straight_run, tmp_path, compilation_cach
     assert summary["start_step"] == 30 and summary["steps"] == 32
     assert [r["step"] for r in curve(workdir)] == list(range(1, 33))
     assert "step 32/32" in result.stderr
+
+
+def test_two_processes_train_like_one(straight_run, tmp_path, tokens_dir, compilation_cache):
+    """launch/multiprocess_cpu.sh: 2 processes x 4 CPU devices (jax.distributed on localhost), each feeding its half
+    of every batch, give the single-process loss curve."""
+    workdir = new_workdir(tmp_path, tokens_dir, "two_processes")
+    overrides = [f"--config.{k}={v}" for k, v in OVERRIDES.items()] + [f"--config.train.steps={STEPS}"]
+    env = dict(os.environ, **compilation_cache, PYTHONPATH=str(REPO), NPROC="2", DEVICES="4")
+    env.pop("XLA_FLAGS", None)
+    result = subprocess.run(["bash", str(REPO / "launch" / "multiprocess_cpu.sh"), "lm.train",
+                             "--config=configs/tiny.py", f"--workdir={workdir}", *overrides],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert "[p1]" in result.stdout and f"step {STEPS}/{STEPS}" in result.stdout
+    two, one = curve(workdir), curve(straight_run[0])
+    assert [r["step"] for r in two] == [r["step"] for r in one]
+    np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=1e-4)

@@ -19,8 +19,8 @@ PEAK_FLOPS = (
 
 @functools.cache
 def measured_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a float32 n x n matmul on the first device (the CPU 'peak' for MFU), best of `repeats`."""
-    on_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    """FLOP/s of a float32 n x n matmul on this process's first device (the CPU 'peak' for MFU), best of `repeats`."""
+    on_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     x = jax.jit(lambda: jnp.ones((n, n), jnp.float32), out_shardings=on_device)()
     matmul = jax.jit(lambda a: a @ a)
     matmul(x).block_until_ready()
@@ -34,11 +34,12 @@ def measured_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
 
 @functools.cache
 def peak_flops() -> float:
-    """Peak FLOP/s of all devices together: a table for accelerators; one measured matmul for the whole CPU host."""
-    device = jax.devices()[0]
+    """Peak FLOP/s of all devices together: a table for accelerators; on CPU one measured matmul per process (virtual
+    CPU devices share their host's cores; each process is taken to be a host of its own)."""
+    device = jax.local_devices()[0]
     if device.platform == "cpu":
-        peak = measured_matmul_flops()  # virtual CPU devices share the host's cores
-        logging.info("CPU peak (measured float32 matmul): %.1f GFLOP/s", peak / 1e9)
+        peak = measured_matmul_flops() * jax.process_count()
+        logging.info("CPU peak (measured float32 matmul x %d processes): %.1f GFLOP/s", jax.process_count(), peak / 1e9)
         return peak
     kind = device.device_kind.lower()
     for name, flops in PEAK_FLOPS:
