@@ -2,7 +2,8 @@
 
     python -m lm.main --config=configs/tiny.py --workdir=runs/tiny [--data=<paths or globs>] [--force]
 
-A stage whose outputs are already in the workdir is skipped (`--force` redoes every stage; `--stages` picks some).
+A stage that already ran on the same inputs and config sections is skipped; a change re-runs it and the stages
+after it (`--force` redoes every stage; `--stages` picks some).
 Each stage is also a module of its own (`python -m lm.data.filter`, `python -m lm.train`, ...).
 """
 import dataclasses
@@ -95,7 +96,8 @@ STAGES = (
 
 
 def run_pipeline(config, workdir, data=(), force=False, only=()) -> dict:
-    """Runs the stages in order; returns {stage: results}. A stage is done once <workdir>/stages/<name>.json exists."""
+    """Runs the stages in order; returns {stage: results}. A stage is done when <workdir>/stages/<name>.json holds the
+    fingerprint of the inputs and of its config sections and those of the stages before it."""
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     data = list(data) or list(config.data.inputs)

@@ -35,7 +35,7 @@ def _filter(workdir, result) -> list:
 
 def _pretrain(workdir, result) -> list:
     lines = _scalars(workdir, result)
-    if "val_loss" in result and "unigram_val_loss" in result:
+    if result.get("val_loss") is not None and result.get("unigram_val_loss") is not None:
         lines += ["", f"Validation loss {result['val_loss']:.3f} nats/token against {result['unigram_val_loss']:.3f} "
                       "for a unigram model of the training tokens (a model that ignores context)."]
     plot = result.get("plot")
