@@ -103,8 +103,9 @@ def checkpoint_dir(workdir) -> pathlib.Path:
     return pathlib.Path(workdir) / "checkpoints"
 
 
-def load_model(workdir, step: int | None = None, mesh=None):
-    """(model, config, meta): the Transformer with the parameters of checkpoint `step` (default: latest).
+def load_model(workdir, step: int | None = None, mesh=None, directory=None):
+    """(model, config, meta): the Transformer with the parameters of checkpoint `step` (default: latest) in
+    `directory` (default: <workdir>/checkpoints).
 
     `mesh` defaults to all devices as data parallel (parameters replicated unless the mesh shards them).
     """
@@ -113,7 +114,7 @@ def load_model(workdir, step: int | None = None, mesh=None):
     from lm import mesh as lm_mesh
     from lm import model as lm_model
 
-    checkpoints = Checkpoints(checkpoint_dir(workdir), keep=None, read_only=True)
+    checkpoints = Checkpoints(directory or checkpoint_dir(workdir), keep=None, read_only=True)
     try:
         step = checkpoints.latest_step() if step is None else step
         if step is None:
@@ -133,3 +134,42 @@ def load_model(workdir, step: int | None = None, mesh=None):
         checkpoints.close()
     logging.info("loaded %s step %d", checkpoints.directory, step)
     return model, config, meta
+
+
+def find_checkpoints(run) -> pathlib.Path:
+    """The checkpoints directory of `run`: a run directory holding checkpoints/, or a checkpoints directory."""
+    run = pathlib.Path(run)
+    for candidate in (checkpoint_dir(run), run):
+        if candidate.is_dir() and any(p.name.isdigit() for p in candidate.iterdir()):
+            return candidate
+    raise FileNotFoundError(f"{run}: no checkpoints here (expected {checkpoint_dir(run)}/<step>/)")
+
+
+def find_tokenizer_dir(run, meta: dict) -> pathlib.Path:
+    """Where a run's tokenizer lives: meta's tokenizer_dir, else <run>/tokenizer, else the workdir's (a stage
+    run such as <workdir>/sft/ shares <workdir>/tokenizer)."""
+    run = pathlib.Path(run)
+    candidates = [pathlib.Path(meta["tokenizer_dir"])] if meta.get("tokenizer_dir") else []
+    candidates += [run / "tokenizer", run.parent / "tokenizer", run.parent.parent / "tokenizer"]
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"{run}: no tokenizer found (looked in {', '.join(map(str, candidates))})")
+
+
+def load_run(run, step: int | None = None, mesh=None):
+    """(model, tokenizer, config, meta) of a run directory (or its checkpoints directory) at `step` (default: latest).
+
+    The tokenizer must be the one the run trained with: a hash that differs from the checkpoint meta's is an error.
+    """
+    from lm import tokenizer as lm_tokenizer
+
+    directory = find_checkpoints(run)
+    model, config, meta = load_model(run, step=step, mesh=mesh, directory=directory)
+    tokenizer_dir = find_tokenizer_dir(run, meta)
+    tokenizer = lm_tokenizer.load(tokenizer_dir)
+    want = meta.get("tokenizer_hash")
+    if want and tokenizer.hash != want:
+        raise ValueError(f"{tokenizer_dir}: tokenizer hash {tokenizer.hash} differs from {want}, the one checkpoint "
+                         f"{directory}/{meta.get('step')} was trained with")
+    return model, tokenizer, config, meta
