@@ -206,7 +206,7 @@ def ppo_clip_loss(logp, logp_old, advantages, mask, eps_low: float = 0.2, eps_hi
     if advantages.ndim == 1:
         advantages = advantages[:, None]
     advantages = jnp.where(keep, advantages, 0.0)
-    ratio = jnp.exp(jnp.where(keep, logp - logp_old, 0.0))
+    ratio = jnp.exp(jnp.where(keep, logp - logp_old, 0.0).astype(jnp.float32))
     unclipped = -advantages * ratio
     clipped = -advantages * jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
     loss = aggregate(jnp.maximum(unclipped, clipped), mask, aggregation, max_len)
