@@ -88,8 +88,8 @@ def validate(messages, where: str = "conversation", need_answer: bool = True) ->
         if role == "system" and i != 0:
             raise ConversationError(f"{where}: message {i}: a system message may only come first")
         if role != "system" and role != expected:
-            raise ConversationError(f"{where}: message {i} is a {role} turn where a {expected} turn must come "
-                                    f"(turns alternate user, assistant, ...)")
+            raise ConversationError(f"{where}: message {i} is {_article(role)} turn where {_article(expected)} "
+                                    f"turn must come (turns alternate user, assistant, ...)")
         if not isinstance(message.get("content"), str):
             raise ConversationError(f"{where}: message {i} ({role}) content is not a string: "
                                     f"{_short(message.get('content'))}")
@@ -176,6 +176,10 @@ def _render(tokenizer: Tokenizer, messages) -> tuple[list[int], list[int]]:
             start, end = _TURN_TOKENS[role]
             add([special(start), *tokenizer.encode(message["content"]), special(end)], 0)
     return ids, mask
+
+
+def _article(role: str) -> str:
+    return f"an {role}" if role == "assistant" else f"a {role}"
 
 
 def _short(value, limit: int = 80) -> str:
