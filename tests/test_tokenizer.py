@@ -8,7 +8,7 @@ import pytest
 import tiktoken
 
 from lm import tokenizer
-from lm.data.documents import iter_documents
+from lm.data.readers import iter_documents
 from lm.tokenizer import encoding
 
 CL100K = "tokenizers/cl100k_base.tiktoken"

@@ -12,7 +12,7 @@ import pytest
 import tokenizers
 
 from lm import tokenizer
-from lm.data.documents import iter_documents
+from lm.data.readers import iter_documents
 from lm.tokenizer import encoding, huggingface, reference, train
 from tests.conftest import shared_path
 from tests.test_tokenizer import CL100K, FINEWEB, TRICKY, _fineweb
