@@ -181,6 +181,7 @@ def test_a_small_corpus_still_gets_a_usable_val_split(tmp_path, shared_data):
     index = tokenize.run(gpt2, [str(one)], tmp_path / "one", dict(val_fraction=0.05))
     assert index["splits"]["train"]["documents"] == 1 and not index["split"]["val_usable"]
     assert not tokenize.has_val(tokenize.read_index(tmp_path / "one"))
+    assert pipeline.unigram_loss(tmp_path / "one") is None and pipeline.unigram_loss(tmp_path / "tokens") > 0
 
 
 def test_text_files_are_split_into_documents(tmp_path, shared_data):
