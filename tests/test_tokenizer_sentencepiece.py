@@ -70,7 +70,7 @@ def test_train_command_line_with_sentencepiece_backend(shared_data, tmp_path):
     import subprocess
     import sys
     out = tmp_path / "sp"
-    result = subprocess.run([sys.executable, "-m", "lm.tokenizer.train", "--backend=sentencepiece",
+    result = subprocess.run([sys.executable, "-m", "lm.data.train_tokenizer", "--backend=sentencepiece",
                              f"--input={shared_data('web/text/c4_en_sample.01.json.gz')}", "--vocab_size=400",
                              f"--output={out}"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,4 +1,5 @@
 """The bits -> bytes -> tokens viewer, in the terminal and as a self-contained HTML page."""
+import os
 import re
 import subprocess
 import sys
@@ -58,3 +59,14 @@ def test_command_line_writes_html(shared_data, tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "15339" in result.stdout and "15339" in page.read_text()
+
+
+def test_readme_command_loads_cl100k_base_by_name_on_a_default_install(tmp_path):
+    """No tiktoken cache, no path: the vocabulary comes from the package setup.py installs."""
+    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty")}
+    result = subprocess.run([sys.executable, "-m", "lm.tokenizer.show", "--text=hello world 👋",
+                             "--tokenizer=cl100k_base", f"--html={tmp_path / 'tokens.html'}"],
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout)
+    assert "15339 1917 62904 233" in plain and (tmp_path / "tokens.html").is_file()

@@ -12,7 +12,8 @@ import pytest
 import tokenizers
 
 from lm import tokenizer
-from lm.data.documents import iter_documents
+from lm.data import train_tokenizer
+from lm.data.readers import iter_documents
 from lm.tokenizer import encoding, huggingface, reference, train
 from tests.conftest import shared_path
 from tests.test_tokenizer import CL100K, FINEWEB, TRICKY, _fineweb
@@ -121,20 +122,51 @@ def test_hf_export_of_published_vocabularies_gives_identical_ids(vocabulary, sha
         assert hf.token_to_id(name) == token_id
 
 
-def test_train_command_line_reports_rejected_documents(tmp_path, fineweb):
+def test_train_command_line_reports_dropped_and_replaced_documents(tmp_path, fineweb):
     corpus = tmp_path / "corpus.jsonl"
     good = [json.dumps({"text": text}).encode() for text in _texts(fineweb, 200_000)]
     lines = good[:5] + [b"{not json", json.dumps({"text": 7}).encode(), b'{"text": "bad \xff byte"}'] + good[5:]
     corpus.write_bytes(b"\n".join(lines) + b"\n")
     (tmp_path / "notes.txt").write_text("a whole document in a text file\n")
     out = tmp_path / "tok"
-    result = subprocess.run([sys.executable, "-m", "lm.tokenizer.train", f"--input={corpus},{tmp_path}/*.txt",
+    result = subprocess.run([sys.executable, "-m", "lm.data.train_tokenizer", f"--input={corpus},{tmp_path}/*.txt",
                              "--vocab_size=1000", f"--output={out}"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "documents_report.json").read_text())
-    assert report["documents"] == len(good) + 2 and report["replaced_utf8"] == 1
-    assert report["by_reason"] == {"malformed JSON": 1, "text not a string": 1}
-    assert [(r["line"], r["source"]) for r in report["examples"]] == [(6, str(corpus)), (7, str(corpus))]
+    assert report["documents"] == len(good) + 2 and report["utf8_replaced"] == 1
+    assert report["by_reason"] == {"malformed_json": 1, "missing_text": 1}
+    assert [(r["line"], r["file"]) for r in report["dropped_examples"]] == [(6, str(corpus)), (7, str(corpus))]
+    assert report["replaced_examples"] == [{"file": str(corpus), "line": 8}]
+    assert f"{corpus}:8: invalid UTF-8 replaced" in result.stderr and f"{corpus}:6: dropped (malformed_json)" in result.stderr
     loaded = tokenizer.load(out)
     assert loaded.n_vocab == 1000 and loaded.hash == json.loads((out / "train_report.json").read_text())["hash"]
     assert loaded.decode(loaded.encode("bad \ufffd byte")) == "bad \ufffd byte"
+    assert loaded.name == "bpe_1000"
+
+
+def test_training_on_no_text_is_an_error_naming_the_inputs(tmp_path):
+    with pytest.raises(train.EmptyCorpus, match="0 documents"):
+        train.train([], 1000)
+    with pytest.raises(train.EmptyCorpus, match="2 empty texts"):
+        train.train(["", ""], 1000, backend="sentencepiece")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"body": "no text"}\n{broken\n')
+    with pytest.raises(ValueError, match=rf"no documents to train a tokenizer on in {bad}: .*missing_text: 1"):
+        train_tokenizer.run([str(bad)], 1000, tmp_path / "tok")
+    assert not (tmp_path / "tok").exists()
+
+
+@pytest.mark.parametrize("backend", ["bpe", "sentencepiece"])
+def test_too_little_text_names_the_vocabulary_by_its_real_size(tmp_path, backend, caplog):
+    texts = ["the theme then the thesis there", "a tiny corpus cannot fill a vocabulary"] * 10
+    tok = train.train(texts, 4000, tmp_path, backend=backend)
+    assert tok.n_vocab < 4000 and tok.name == f"{backend}_{tok.n_vocab}"
+    shortfall = 4000 - tok.n_vocab
+    assert f"{shortfall} short of vocab_size=4000" in caplog.text
+    meta = json.loads((tmp_path / encoding.META_FILE).read_text())
+    report = json.loads((tmp_path / train.TRAIN_REPORT).read_text())
+    for saved in (meta["training"], report):
+        assert saved["requested_vocab_size"] == 4000 and saved["n_vocab"] == tok.n_vocab
+        assert saved["shortfall"] == shortfall and tok.name in saved["warning"]
+    loaded = tokenizer.load(tmp_path)
+    assert loaded.name == tok.name and loaded.encode(texts[0]) == tok.encode(texts[0])

@@ -319,10 +319,12 @@ if __name__ == "__main__":
     app.run(main)
 
 
-def unigram_loss(tokens_dir) -> float:
+def unigram_loss(tokens_dir) -> float | None:
     """Cross-entropy (nats/token) of the val split under the train split's unigram distribution (add-one smoothed):
-    the loss a model that ignores context gets, the baseline a language model must beat."""
+    the loss a model that ignores context gets, the baseline a language model must beat. None without a val split."""
     train, val = TokenData(tokens_dir, "train"), TokenData(tokens_dir, "val")
+    if val.n_tokens == 0:
+        return None
     n_vocab = int(train.index["tokenizer"]["n_vocab"])
     counts = np.ones(n_vocab, np.float64)
     for shard in train.shards:

@@ -1,21 +1,37 @@
-"""Input readers for the filter recipe: WARC/WET, HTML, jsonl/json, parquet (FineWeb's schema) and plain text.
+"""The one reader of text files: WARC/WET, HTML, jsonl/json, parquet (FineWeb's schema) and plain text.
 
-Unlike datatrove's own readers, which log and skip what they cannot read, every bad input (a truncated file, a page
-that is not UTF-8 and whose charset cannot be detected, an empty document, a malformed jsonl line) is counted in the
-reader's stats as `dropped_<reason>` and written, with its file and line, to the reader's exclusion writer.
+Every stage reads through here: the filter as a datatrove reader (`InputReader`), tokenizer training, tokenize and
+show through `iter_documents`. One rule for bad input everywhere:
+
+- Bytes that are not valid UTF-8 (and lone surrogates from JSON escapes such as "\\ud800") become U+FFFD. The document
+  is kept, and counted and reported with its file and line. HTML and WARC pages are first decoded by the charset
+  cchardet detects (as datatrove's WARC reader does); only a page that fits no charset is decoded with replacement.
+- Whatever is not a usable document is dropped, counted by reason and reported with its file and line: a malformed
+  JSON line (`malformed_json`), a record that is not an object (`malformed_record`), no text field or one that is not
+  a string (`missing_text`), blank text (`empty_document`), a .txt file holding NUL bytes (`binary_file`), a WARC
+  record that is not HTML (`not_html`), a truncated or unreadable file (`truncated_or_unreadable`, at the line where
+  reading stopped; what came before it is kept). Nothing is skipped silently.
+
+A plain-text file is split into documents at blank lines, consecutive paragraphs merged up to `txt_max_chars`
+characters (see `split_text`), so a 1 MB book is a few hundred documents rather than one.
 """
+import collections
 import contextlib
 import dataclasses
 import glob
+import json
 import os
+import re
 import time
 import zlib
+from typing import Iterator
 
 import fsspec
-from datatrove.data import Document
+from absl import logging
+from datatrove.data import Document as DatatroveDocument
 from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.readers.base import BaseReader
-from datatrove.utils.logging import logger
+from datatrove.utils.logging import logger as datatrove_logger
 
 HTML = "text/html"
 PLAIN = "text/plain"
@@ -23,13 +39,17 @@ FINEWEB = "hf://datasets/HuggingFaceFW/fineweb"
 COMPRESSIONS = (".gz", ".zst", ".bz2", ".xz")
 FORMATS = {".warc": "warc", ".arc": "warc", ".wet": "warc", ".html": "html", ".htm": "html", ".jsonl": "jsonl",
            ".json": "json", ".ndjson": "jsonl", ".parquet": "parquet", ".txt": "text", ".text": "text", ".md": "text"}
+BLANK_LINE = r"\n\s*\n"     # a line break, then only whitespace up to the next one
+TXT_MAX_CHARS = 10_000       # paragraphs of a text file are merged into documents of at most this many characters
 PROGRESS_SECONDS = 30
-WARNINGS_PER_FILE = 10  # bad inputs logged per file and reason; all are counted and written
+WARNINGS_PER_FILE = 10       # bad inputs logged per file and reason; all are counted
+MAX_EXAMPLES = 1000          # dropped / replaced inputs kept in full (file, line, ...) in ReadStats
 
 
+# -- which files ------------------------------------------------------------------------------------------------------
 def file_format(path: str) -> str:
     """'warc' | 'html' | 'jsonl' | 'json' | 'parquet' | 'text', from the name (after any compression suffix)."""
-    name = os.path.basename(path).lower()
+    name = os.path.basename(os.fspath(path)).lower()
     for suffix in COMPRESSIONS:
         name = name.removesuffix(suffix)
     if name.endswith(".warc.wet") or name.endswith(".warc.wat"):
@@ -41,8 +61,11 @@ def file_format(path: str) -> str:
     return FORMATS[ext]
 
 
-def expand_inputs(patterns: list[str]) -> list[str]:
-    """Files named by paths, directories (all files below) and globs; `fineweb:sample/10BT` is FineWeb on the HF hub."""
+def expand_inputs(patterns) -> list[str]:
+    """Files named by paths, directories (all files below) and globs, each once, in order; `fineweb:sample/10BT` is
+    FineWeb on the HF hub. A pattern that matches nothing and a file of unknown format are errors naming them."""
+    if isinstance(patterns, (str, os.PathLike)):
+        patterns = [patterns]
     files = []
     for pattern in patterns:
         pattern = fineweb_pattern(os.fspath(pattern))
@@ -74,17 +97,343 @@ def _expand_remote(pattern: str) -> list[str]:
     return sorted(f"{protocol}://{p}" for p in (fs.glob(path) if glob.has_magic(path) else [path]))
 
 
+# -- what reading a file yields ---------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ReadOptions:
+    text_key: str = "text"              # JSON field / parquet column holding the text
+    id_key: str = "id"                  # field holding the id (default id: "<file>:<line>")
+    txt_separator: str = BLANK_LINE     # regex between paragraphs of a text file ("": the whole file is a document)
+    txt_max_chars: int = TXT_MAX_CHARS  # paragraphs merged up to this size (0: the whole file is a document)
+
+
+@dataclasses.dataclass
+class Record:
+    """A document as read: its text, id and the record's other fields, and where it came from."""
+    text: str
+    id: str
+    metadata: dict
+    file: str
+    line: int                    # 1-based line (jsonl, text), item (json list), row (parquet), record (WARC)
+    utf8_replaced: bool = False  # invalid UTF-8 / lone surrogates became U+FFFD
+
+
 @dataclasses.dataclass
 class Bad:
-    """An input that is not a usable document: counted and written as dropped with its reason."""
+    """An input that is not a usable document: counted and reported as dropped with its reason."""
     reason: str
-    line: int
+    line: int                    # where in the file (0: the file as a whole, before any line)
     detail: str = ""
     raw: str = ""
 
 
+def read_file(path: str, options: ReadOptions = ReadOptions()) -> Iterator[Record | Bad]:
+    """Records and Bad items of one file, in file order."""
+    kind = file_format(path)
+    line = 0
+    try:
+        for item in _READERS[kind](path, options):
+            line = item.line
+            yield item
+    except damaged_file_errors() as e:
+        # what was read before the damage has been yielded; the rest of the file is one dropped item
+        yield Bad("truncated_or_unreadable", line, f"{type(e).__name__}: {e}")
+
+
+def damaged_file_errors() -> tuple[type[Exception], ...]:
+    """What reading a truncated or corrupt gzip / WARC / parquet file raises."""
+    from pyarrow import ArrowException
+    from warcio.recordloader import ArchiveLoadFailed
+    return EOFError, OSError, zlib.error, ArchiveLoadFailed, ArrowException
+
+
+def _record(data, path: str, line: int, options: ReadOptions, replaced: bool = False) -> Record | Bad:
+    if not isinstance(data, dict):
+        return Bad("malformed_record", line, f"expected an object, got {type(data).__name__}", repr(data)[:10000])
+    text = data.get(options.text_key)
+    if not isinstance(text, str):
+        what = "no field" if text is None else f"{type(text).__name__} in field"
+        return Bad("missing_text", line, f"{what} {options.text_key!r}", repr(data)[:10000])
+    if not text.strip():
+        return Bad("empty_document", line, f"blank text in field {options.text_key!r}", text[:10000])
+    text, surrogates = _without_surrogates(text)
+    data = dict(data)
+    data.pop(options.text_key)
+    doc_id = data.pop(options.id_key, None)
+    metadata = data.pop("metadata", None) or {}
+    metadata = (metadata if isinstance(metadata, dict) else {"metadata": metadata}) | data
+    doc_id = str(doc_id) if doc_id not in (None, "") else f"{path}:{line}"
+    return Record(text, doc_id, metadata, path, line, replaced or surrogates)
+
+
+def _without_surrogates(text: str) -> tuple[str, bool]:
+    """Lone surrogates (from JSON escapes) cannot be encoded as UTF-8; they become U+FFFD."""
+    try:
+        text.encode("utf-8")
+        return text, False
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"), True
+
+
+def utf8(data: bytes) -> tuple[str, bool]:
+    """(text, whether invalid UTF-8 bytes were replaced by U+FFFD)."""
+    try:
+        return data.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return data.decode("utf-8", "replace"), True
+
+
+def _parse_json(raw: bytes):
+    """(value, replaced). orjson is fast but strict: on failure, invalid bytes become U+FFFD and the stdlib parser,
+    which takes lone-surrogate escapes, decides. Raises ValueError for malformed JSON."""
+    import orjson
+    try:
+        return orjson.loads(raw), False
+    except orjson.JSONDecodeError:
+        text, replaced = utf8(raw)
+        return json.loads(text), replaced
+
+
+def _read_jsonl(path: str, options: ReadOptions):
+    with fsspec.open(path, "rb", compression="infer") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                data, replaced = _parse_json(line)
+            except ValueError as e:
+                yield Bad("malformed_json", line_number, str(e), line.decode("utf-8", "replace")[:10000])
+                continue
+            yield _record(data, path, line_number, options, replaced)
+
+
+def _read_json(path: str, options: ReadOptions):
+    """JSON lines, or one JSON list of objects when the file starts with "[" (items numbered from 1)."""
+    with fsspec.open(path, "rb", compression="infer") as f:
+        content = f.read()
+    if not content.lstrip().startswith(b"["):
+        yield from _read_jsonl(path, options)
+        return
+    try:
+        records, replaced = _parse_json(content)
+    except ValueError as e:
+        yield Bad("malformed_json", 0, str(e))
+        return
+    for i, data in enumerate(records, start=1):
+        # replacement happened somewhere in the file: flag the records it reached
+        text = data.get(options.text_key) if isinstance(data, dict) else None
+        yield _record(data, path, i, options, replaced and isinstance(text, str) and "\ufffd" in text)
+
+
+def _read_parquet(path: str, options: ReadOptions):
+    import pyarrow.parquet as pq
+    with fsspec.open(path, "rb") as f:
+        parquet = pq.ParquetFile(f)
+        if options.text_key not in parquet.schema_arrow.names:
+            yield Bad("missing_text", 0, f"no column {options.text_key!r} (columns: {parquet.schema_arrow.names})")
+            return
+        row = 0
+        for batch in parquet.iter_batches(batch_size=1000):
+            for data in batch.to_pylist():
+                row += 1
+                yield _record(data, path, row, options)
+
+
+def _read_text(path: str, options: ReadOptions):
+    with fsspec.open(path, "rb", compression="infer") as f:
+        content = f.read()
+    if b"\x00" in content[:1 << 16]:
+        yield Bad("binary_file", 0, "NUL bytes: not a text file", content[:1000].decode("utf-8", "replace"))
+        return
+    text, replaced = utf8(content)
+    pieces = split_text(text, options.txt_separator, options.txt_max_chars)
+    if not pieces:
+        yield Bad("empty_document", 0, "blank text file", text[:10000])
+    for line, piece in pieces:
+        doc_id = path if len(pieces) == 1 else f"{path}:{line}"
+        yield _record({"text": piece, "id": doc_id, "content_type": PLAIN}, path, line, options,
+                      replaced and "\ufffd" in piece)
+
+
+def split_text(text: str, separator: str = BLANK_LINE, max_chars: int = TXT_MAX_CHARS) -> list[tuple[int, str]]:
+    """(first line, text) of the documents of a plain-text file.
+
+    The text is cut only where `separator` (a regex; default: a blank line) matches; consecutive paragraphs are merged
+    while the document stays within max_chars. A paragraph longer than max_chars is cut at line breaks instead (a
+    single line longer than that stays whole). Each document is an exact slice of the file (the separators between
+    paragraphs of one document kept); the separators between documents are dropped. With separator "" or
+    max_chars <= 0 the whole file is one document.
+    """
+    if not text.strip():
+        return []
+    if not separator or max_chars <= 0:
+        return [(1, text)]
+    spans = []
+    start = 0
+    for match in re.finditer(separator, text):
+        spans += _cut_long(text, start, match.start(), max_chars)
+        start = match.end()
+    spans += _cut_long(text, start, len(text), max_chars)
+    documents = []
+    for begin, end in spans:
+        if not text[begin:end].strip():
+            continue
+        if documents and end - documents[-1][0] <= max_chars:
+            documents[-1][1] = end
+        else:
+            documents.append([begin, end])
+    lines, line, position = [], 1, 0
+    for begin, _ in documents:
+        line += text.count("\n", position, begin)
+        position = begin
+        lines.append(line)
+    return [(line, text[begin:end]) for line, (begin, end) in zip(lines, documents)]
+
+
+def _cut_long(text: str, begin: int, end: int, max_chars: int) -> list[tuple[int, int]]:
+    """[begin, end) as one span, or as lines when it is longer than max_chars (merged again by the caller)."""
+    if end - begin <= max_chars:
+        return [(begin, end)]
+    spans, start = [], begin
+    while start < end:
+        stop = text.find("\n", start, end)
+        stop = end if stop < 0 else stop + 1
+        spans.append((start, stop))
+        start = stop
+    return spans
+
+
+def _read_html(path: str, options: ReadOptions):
+    with fsspec.open(path, "rb", compression="infer") as f:
+        content = f.read()
+    text, note = decode(content)
+    yield _record({"text": text, "id": path, "content_type": HTML}, path, 1, options, bool(note))
+
+
+def _read_warc(path: str, options: ReadOptions):
+    from warcio.archiveiterator import ArchiveIterator
+    with fsspec.open(path, "rb") as f:
+        for number, record in enumerate(ArchiveIterator(f), start=1):
+            if record.rec_type not in ("response", "conversion"):
+                continue  # requests, metadata and warcinfo records are not pages
+            yield _warc_page(record, path, number, options)
+    if path.endswith(".gz"):
+        # warcio stops quietly at a truncated gzip member; reading the stream to its end raises EOFError
+        with fsspec.open(path, "rb", compression="gzip") as f:
+            while f.read(1 << 22):
+                pass
+
+
+def _warc_page(record, path: str, number: int, options: ReadOptions):
+    headers = record.rec_headers
+    is_wet = record.rec_type == "conversion"
+    mime = headers.get_header("WARC-Identified-Payload-Type")
+    content = record.content_stream().read()
+    if mime is None and not is_wet:
+        import magic
+        mime = magic.from_buffer(content, mime=True)
+    if not is_wet and mime not in (HTML, "application/xhtml+xml"):
+        return Bad("not_html", number, f"{headers.get_header('WARC-Target-URI')}: {mime}")
+    text, note = decode(content)
+    data = {"text": text, "id": headers.get_header("WARC-Record-ID"), "url": headers.get_header("WARC-Target-URI"),
+            "date": headers.get_header("WARC-Date"), "content_type": PLAIN if is_wet else HTML}
+    return _record(data, path, number, options, bool(note))
+
+
+def decode(content: bytes) -> tuple[str, str]:
+    """(text, note) of a web page: UTF-8, else the charset cchardet detects (as datatrove's WARC reader does), else
+    UTF-8 with invalid bytes replaced by U+FFFD; note is "" unless bytes were replaced, and then says why."""
+    try:
+        return content.decode("utf-8"), ""
+    except UnicodeDecodeError as e:
+        error = str(e)
+    import cchardet
+    charset = cchardet.detect(content)["encoding"]
+    if charset and charset.lower().replace("-", "") != "utf8":
+        try:
+            return content.decode(charset), ""
+        except (UnicodeDecodeError, LookupError) as e:
+            error = f"{charset}: {e}"
+    return content.decode("utf-8", "replace"), f"not UTF-8 and no charset fits ({error})"
+
+
+_READERS = {"jsonl": _read_jsonl, "json": _read_json, "parquet": _read_parquet, "text": _read_text,
+            "html": _read_html, "warc": _read_warc}
+
+
+# -- reading many files: tokenizer training, tokenize, show -----------------------------------------------------------
+@dataclasses.dataclass
+class ReadStats:
+    """What iter_documents read, replaced and dropped; the first MAX_EXAMPLES of each kept with file and line."""
+    files: int = 0
+    documents: int = 0
+    characters: int = 0
+    utf8_replaced: int = 0           # documents kept with U+FFFD in place of invalid UTF-8 / lone surrogates
+    dropped: int = 0
+    by_reason: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    dropped_examples: list = dataclasses.field(default_factory=list)    # {"file", "line", "reason", "detail"}
+    replaced_examples: list = dataclasses.field(default_factory=list)   # {"file", "line"}
+
+    def add(self, item: Record | Bad, path: str) -> None:
+        if isinstance(item, Bad):
+            self.dropped += 1
+            self.by_reason[item.reason] += 1
+            if len(self.dropped_examples) < MAX_EXAMPLES:
+                self.dropped_examples.append(dict(file=path, line=item.line, reason=item.reason, detail=item.detail))
+            return
+        self.documents += 1
+        self.characters += len(item.text)
+        if item.utf8_replaced:
+            self.utf8_replaced += 1
+            if len(self.replaced_examples) < MAX_EXAMPLES:
+                self.replaced_examples.append(dict(file=path, line=item.line))
+
+    def to_dict(self) -> dict:
+        return dict(files=self.files, documents=self.documents, characters=self.characters,
+                    utf8_replaced=self.utf8_replaced, dropped=self.dropped, by_reason=dict(self.by_reason),
+                    dropped_examples=list(self.dropped_examples), replaced_examples=list(self.replaced_examples))
+
+    def summary(self) -> str:
+        reasons = ", ".join(f"{reason}: {n}" for reason, n in self.by_reason.most_common()) or "none"
+        return (f"{self.documents} documents ({self.characters / 1e6:.1f}M characters) from {self.files} files; "
+                f"{self.utf8_replaced} with invalid UTF-8 replaced; {self.dropped} dropped ({reasons})")
+
+
+def iter_documents(inputs, stats: ReadStats | None = None, options: ReadOptions | None = None,
+                   **option_values) -> Iterator[Record]:
+    """The Records of every file named by `inputs` (paths, directories, globs), in order. What is dropped or has
+    its UTF-8 replaced is counted in `stats` and logged (the first few per file) with file and line.
+    Options: a ReadOptions, or its fields as keywords (text_key="question")."""
+    stats = ReadStats() if stats is None else stats
+    options = options or ReadOptions(**option_values)
+    for path in expand_inputs(inputs):
+        stats.files += 1
+        warned = collections.Counter()
+        for item in read_file(path, options):
+            stats.add(item, path)
+            if isinstance(item, Bad):
+                _warn(warned, item.reason, f"{path}:{item.line}: dropped ({item.reason}) {item.detail}".rstrip())
+                continue
+            if item.utf8_replaced:
+                _warn(warned, "utf8_replaced", f"{path}:{item.line}: invalid UTF-8 replaced by U+FFFD")
+            yield item
+
+
+def _warn(warned: collections.Counter, kind: str, message: str) -> None:
+    warned[kind] += 1
+    if warned[kind] <= WARNINGS_PER_FILE:
+        logging.warning("%s", message)
+
+
+def texts(inputs, stats: ReadStats | None = None, **option_values) -> Iterator[str]:
+    """Just the texts of iter_documents (what tokenizer training reads)."""
+    return (record.text for record in iter_documents(inputs, stats, **option_values))
+
+
+# -- the filter's datatrove readers -----------------------------------------------------------------------------------
 class InputReader(BaseReader):
-    """Reads a fixed list of files of any supported format.
+    """The reader above as a datatrove pipeline step: yields datatrove Documents; dropped inputs are counted as
+    `dropped_<reason>` / `bad_input::<reason>::<file>` and written, with file and line, to the exclusion writer;
+    documents kept with replaced UTF-8 are counted as `utf8_replaced` / `utf8_replaced::<file>`.
 
     Task `rank` of `world_size` reads files[rank::world_size]; with fewer files than tasks, every task reads all files
     and keeps every world_size-th item, so a single file is still processed in parallel.
@@ -92,10 +441,12 @@ class InputReader(BaseReader):
 
     name = "📖 Inputs"
 
-    def __init__(self, files: list[str], exclusion_writer=None, text_key="text", id_key="id", limit: int = -1):
+    def __init__(self, files: list[str], exclusion_writer=None, text_key="text", id_key="id", limit: int = -1,
+                 txt_separator: str = BLANK_LINE, txt_max_chars: int = TXT_MAX_CHARS):
         super().__init__(limit=limit, text_key=text_key, id_key=id_key)
         self.files = list(files)
         self.exclusion_writer = exclusion_writer
+        self.options = ReadOptions(text_key, id_key, txt_separator, txt_max_chars)
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         if data:
@@ -106,7 +457,7 @@ class InputReader(BaseReader):
         with self.exclusion_writer or contextlib.nullcontext() as writer:
             for path in files:
                 self.stat_update("input_files")
-                logger.info(f"Reading {path}")
+                datatrove_logger.info(f"Reading {path}")
                 last_log = time.monotonic()
                 for item in self.read_file(path):
                     index += 1
@@ -122,7 +473,7 @@ class InputReader(BaseReader):
                     self.stat_update("bytes", value=len(item.text.encode("utf-8")))
                     self.update_doc_stats(item)
                     if time.monotonic() - last_log > PROGRESS_SECONDS:
-                        logger.info(f"{path}: {count} items read by task {rank}")
+                        datatrove_logger.info(f"{path}: {count} items read by task {rank}")
                         last_log = time.monotonic()
                     yield item
 
@@ -130,138 +481,22 @@ class InputReader(BaseReader):
         self.stat_update("documents", "dropped", f"dropped_{bad.reason}", f"bad_input::{bad.reason}::{path}")
         self.stat_update("bytes", value=len(bad.raw.encode("utf-8", "replace")))
         if self.stats[f"bad_input::{bad.reason}::{path}"].total <= WARNINGS_PER_FILE:
-            logger.warning(f"{path}:{bad.line}: {bad.reason} {bad.detail}".rstrip())
+            datatrove_logger.warning(f"{path}:{bad.line}: {bad.reason} {bad.detail}".rstrip())
         if writer:
             meta = {"file": path, "line": bad.line, "filter_reason": bad.reason, "detail": bad.detail}
-            writer.write(Document(text=bad.raw, id=f"{path}:{bad.line}", metadata=meta), rank)
+            writer.write(DatatroveDocument(text=bad.raw, id=f"{path}:{bad.line}", metadata=meta), rank)
 
     def read_file(self, path: str):
-        """Yields Documents and Bad items, in file order."""
-        kind = file_format(path)
-        try:
-            yield from getattr(self, f"_read_{kind}")(path)
-        except damaged_file_errors() as e:
-            # what was read before the damage has been yielded; the rest of the file is one dropped item
-            yield Bad("truncated_or_unreadable", -1, f"{type(e).__name__}: {e}")
-
-    def _document(self, data: dict, path: str, line: int):
-        if not isinstance(data, dict):
-            return Bad("malformed_record", line, f"expected an object, got {type(data).__name__}")
-        text = data.get(self.text_key)
-        if not isinstance(text, str) or not text.strip():
-            return Bad("empty_document", line, f"no text in field {self.text_key!r}")
-        data = dict(data)
-        data.pop(self.text_key)
-        doc_id = data.pop(self.id_key, None) or f"{path}:{line}"
-        metadata = data.pop("metadata", None) or {}
-        metadata = (metadata if isinstance(metadata, dict) else {"metadata": metadata}) | data
-        return Document(text=text, id=str(doc_id), metadata=metadata)
-
-    def _read_jsonl(self, path):
-        import orjson
-        with fsspec.open(path, "rb", compression="infer") as f:
-            for line_number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    data = orjson.loads(line)  # orjson rejects invalid UTF-8, so this also catches non-UTF-8 lines
-                except orjson.JSONDecodeError as e:
-                    reason = "not_utf8" if "utf-8" in str(e).lower() else "malformed_json"
-                    yield Bad(reason, line_number, str(e), line.decode("utf-8", "replace")[:10000])
-                    continue
-                yield self._document(data, path, line_number)
-
-    def _read_json(self, path):
-        import orjson
-        with fsspec.open(path, "rb", compression="infer") as f:
-            content = f.read()
-        if not content.lstrip().startswith(b"["):
-            yield from self._read_jsonl(path)
-            return
-        try:
-            records = orjson.loads(content)
-        except orjson.JSONDecodeError as e:
-            yield Bad("malformed_json", 0, str(e))
-            return
-        for i, data in enumerate(records):
-            yield self._document(data, path, i)
-
-    def _read_parquet(self, path):
-        import pyarrow.parquet as pq
-        with fsspec.open(path, "rb") as f:
-            parquet = pq.ParquetFile(f)
-            row = 0
-            for batch in parquet.iter_batches(batch_size=1000):
-                for data in batch.to_pylist():
-                    yield self._document(data, path, row)
-                    row += 1
-
-    def _read_text(self, path):
-        yield self._whole_file(path, PLAIN)
-
-    def _read_html(self, path):
-        yield self._whole_file(path, HTML)
-
-    def _whole_file(self, path, content_type):
-        with fsspec.open(path, "rb", compression="infer") as f:
-            content = f.read()
-        text, error = decode(content)
-        if text is None:
-            return Bad("not_utf8", 0, error, content[:10000].decode("utf-8", "replace"))
-        return self._document({"text": text, "id": path, "content_type": content_type}, path, 0)
-
-    def _read_warc(self, path):
-        from warcio.archiveiterator import ArchiveIterator
-        with fsspec.open(path, "rb") as f:
-            for number, record in enumerate(ArchiveIterator(f), start=1):
-                if record.rec_type not in ("response", "conversion"):
-                    continue  # requests, metadata and warcinfo records are not pages
-                yield self._warc_page(record, path, number)
-        if path.endswith(".gz"):
-            # warcio stops quietly at a truncated gzip member; reading the stream to its end raises EOFError
-            with fsspec.open(path, "rb", compression="gzip") as f:
-                while f.read(1 << 22):
-                    pass
-
-    def _warc_page(self, record, path, number):
-        headers = record.rec_headers
-        is_wet = record.rec_type == "conversion"
-        mime = headers.get_header("WARC-Identified-Payload-Type")
-        content = record.content_stream().read()
-        if mime is None and not is_wet:
-            import magic
-            mime = magic.from_buffer(content, mime=True)
-        if not is_wet and mime not in (HTML, "application/xhtml+xml"):
-            return Bad("not_html", number, f"{headers.get_header('WARC-Target-URI')}: {mime}")
-        text, error = decode(content)
-        if text is None:
-            return Bad("not_utf8", number, f"{headers.get_header('WARC-Target-URI')}: {error}")
-        data = {"text": text, "id": headers.get_header("WARC-Record-ID"), "url": headers.get_header("WARC-Target-URI"),
-                "date": headers.get_header("WARC-Date"), "content_type": PLAIN if is_wet else HTML}
-        return self._document(data, path, number)
-
-
-def damaged_file_errors() -> tuple[type[Exception], ...]:
-    """What reading a truncated or corrupt gzip / WARC / parquet file raises."""
-    from pyarrow import ArrowException
-    from warcio.recordloader import ArchiveLoadFailed
-    return EOFError, OSError, zlib.error, ArchiveLoadFailed, ArrowException
-
-
-def decode(content: bytes) -> tuple[str | None, str]:
-    """UTF-8, else the charset cchardet detects (as datatrove's WARC reader does); (None, why) when neither works."""
-    try:
-        return content.decode("utf-8"), ""
-    except UnicodeDecodeError as e:
-        error = str(e)
-    import cchardet
-    charset = cchardet.detect(content)["encoding"]
-    if not charset or charset.lower().replace("-", "") == "utf8":
-        return None, error
-    try:
-        return content.decode(charset), ""
-    except (UnicodeDecodeError, LookupError) as e:
-        return None, f"{charset}: {e}"
+        """datatrove Documents and Bad items of one file, in file order."""
+        for item in read_file(path, self.options):
+            if isinstance(item, Bad):
+                yield item
+                continue
+            if item.utf8_replaced:
+                self.stat_update("utf8_replaced", f"utf8_replaced::{path}")
+                if self.stats[f"utf8_replaced::{path}"].total <= WARNINGS_PER_FILE:
+                    datatrove_logger.warning(f"{path}:{item.line}: invalid UTF-8 replaced by U+FFFD")
+            yield DatatroveDocument(text=item.text, id=item.id, metadata=item.metadata)
 
 
 class StagedReader(JsonlReader):

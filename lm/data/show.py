@@ -17,26 +17,25 @@ class Totals:
     characters: int = 0
     bytes: int = 0
     lines: int = 0
-    skipped: int = 0  # bad inputs (empty, malformed, not UTF-8 ...) passed over
+    skipped: int = 0  # bad inputs (empty, malformed, binary, truncated ...) passed over
 
 
 def first_documents(inputs: list[str], n: int, extract: bool = True, totals: Totals | None = None):
-    """Yields up to `n` Documents from `inputs` (paths, directories or globs) in order; HTML becomes its text."""
+    """Yields up to `n` readers.Records from `inputs` (paths, directories or globs) in order; HTML becomes its text."""
     totals = totals if totals is not None else Totals()
-    reader = readers.InputReader(readers.expand_inputs(inputs))
     if n <= 0:
         return
+    stats = readers.ReadStats()
     count = 0
-    for item in (item for path in reader.files for item in reader.read_file(path)):
-        if isinstance(item, readers.Bad):
-            totals.skipped += 1
-            continue
-        if extract and item.metadata.get("content_type") == readers.HTML:
-            item.text = _extract(item.text)
-        yield item
+    for record in readers.iter_documents(inputs, stats):
+        totals.skipped = stats.dropped
+        if extract and record.metadata.get("content_type") == readers.HTML:
+            record.text = _extract(record.text)
+        yield record
         count += 1
         if count >= n:
             return
+    totals.skipped = stats.dropped
 
 
 def _extract(html: str) -> str:

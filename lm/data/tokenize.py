@@ -2,14 +2,22 @@
 
 Each shard is a flat little-endian array of token ids (uint16 when the vocabulary fits, else uint32) in which every
 document is followed by the end-of-text token, plus `NNNNN.docs.bin` (uint64): the offset of each document's first
-token in the shard. A document goes to val when the first 8 bytes of blake2b(its UTF-8 text) read as a fraction of
-2**64 fall below `val_fraction`, so the split is deterministic and duplicates land on the same side. Shards are filled
-in document order and closed at a document boundary once they hold `shard_tokens` tokens; the output does not depend
-on the number of workers, and a re-run on the same input writes byte-identical files.
+token in the shard. Shards are filled in document order and closed at a document boundary once they hold
+`shard_tokens` tokens; the output does not depend on the number of workers, and a re-run on the same input writes
+byte-identical files.
 
-Documents come from lm.data.documents (jsonl / json / parquet / txt, optionally gzipped); whatever it rejects
-(unreadable file, malformed line, missing or empty text) is counted and listed in the index with file and line, and
-documents in = tokenized + rejected.
+The split: a document goes to val when the first 8 bytes of blake2b(its UTF-8 text) read as a fraction of 2**64 fall
+below `val_fraction`, so the split is deterministic and duplicates land on the same side. With val_fraction > 0, a
+split that rule leaves empty while the other has at least 2 documents takes the other's last document, so a corpus
+of 2 or more documents always has a usable val split (one document: at least 2 tokens, one window) and a train split.
+When that is impossible (1 document, or val_fraction 0) index.json says so (`split.val_usable` false) and
+`has_val(index)` is False, so training can skip evaluation.
+
+Documents come from lm.data.readers (jsonl / json / parquet / txt / html / warc, optionally compressed; .txt files
+split at blank lines, see `txt_separator` / `txt_max_chars`); whatever it drops (unreadable file, malformed line,
+missing or empty text) is counted and listed in the index with file and line, documents in = tokenized + rejected,
+and documents whose invalid UTF-8 was replaced are counted and listed too. Inputs that give no document are an error
+naming them.
 
     python -m lm.data.tokenize --config=configs/tiny.py --workdir=runs/tiny [--input=<files or globs>]
 """
@@ -19,20 +27,24 @@ import json
 import os
 import pathlib
 import shutil
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from absl import app, flags, logging
 
-from lm.data import documents
+from lm.data import readers
 
 INDEX_FILE = "index.json"
 FORMAT = "lm.tokens/1"
 SPLITS = ("train", "val")
 CHUNK_CHARS = 1 << 18           # text per worker task: small enough to balance, large enough to amortise
 PROGRESS_SECONDS = 10.0
-DEFAULTS = dict(val_fraction=0.05, shard_tokens=1 << 24, workers=0, text_key="text")
+DEFAULTS = dict(val_fraction=0.05, shard_tokens=1 << 24, workers=0, text_key="text",
+                txt_separator=readers.BLANK_LINE, txt_max_chars=readers.TXT_MAX_CHARS)
+SPLIT_RULE = ("blake2b(utf-8 text, 8 bytes) / 2**64 < val_fraction; with val_fraction > 0, a split left empty takes "
+              "the other split's last document when that one has at least 2")
 
 
 def token_dtype(n_vocab: int) -> np.dtype:
@@ -46,6 +58,11 @@ def available_cores() -> int:
 def is_val(text_bytes: bytes, val_fraction: float) -> bool:
     digest = hashlib.blake2b(text_bytes, digest_size=8).digest()
     return int.from_bytes(digest, "little") < val_fraction * 2.0 ** 64
+
+
+def has_val(index: dict) -> bool:
+    """Whether the val split has a document to evaluate on (training skips evaluation, with a warning, if not)."""
+    return index["splits"]["val"]["documents"] > 0
 
 
 def read_index(tokens_dir) -> dict:
@@ -96,6 +113,35 @@ class ShardWriter:
                     shards=self.shards)
 
 
+class Splits:
+    """Sends each document to train or val by the hash rule, holding the latest document of each split back so that
+    at the end a split the rule left empty can take the other split's last one (see the module docstring)."""
+
+    def __init__(self, writers: dict, val_fraction: float):
+        self.writers, self.val_fraction = writers, val_fraction
+        self.pending = {split: None for split in SPLITS}   # (tokens, "file:line") not yet written
+        self.counts = {split: 0 for split in SPLITS}
+        self.moved = None
+
+    def add(self, split: str, tokens: np.ndarray, where: str) -> None:
+        if self.pending[split] is not None:
+            self.writers[split].add(self.pending[split][0])
+        self.pending[split] = (tokens, where)
+        self.counts[split] += 1
+
+    def finish(self) -> dict:
+        if self.val_fraction > 0:
+            for empty, full in (("val", "train"), ("train", "val")):
+                if self.counts[empty] == 0 and self.counts[full] >= 2:
+                    self.pending[empty], self.pending[full] = self.pending[full], None
+                    self.counts[empty], self.counts[full] = 1, self.counts[full] - 1
+                    self.moved = dict(document=self.pending[empty][1], moved_from=full, moved_to=empty)
+        for split, held in self.pending.items():
+            if held is not None:
+                self.writers[split].add(held[0])
+        return {split: writer.finish() for split, writer in self.writers.items()}
+
+
 def _chunks(docs, chunk_chars: int):
     """Lists of documents of about chunk_chars characters each, in order."""
     chunk, size = [], 0
@@ -137,8 +183,8 @@ def _ordered(pool, chunks, submit, depth: int):
 
 
 def run(tokenizer, inputs, tokens_dir, dataset_config=None) -> dict:
-    """Tokenizes the documents of `inputs` (paths or globs) into `tokens_dir`; returns the index (also written as
-    index.json, last, so a directory with an index is complete)."""
+    """Tokenizes the documents of `inputs` (paths, directories or globs) into `tokens_dir`; returns the index (also
+    written as index.json, last, so a directory with an index is complete). No document at all is an error."""
     given = dataset_config.to_dict() if hasattr(dataset_config, "to_dict") else dict(dataset_config or {})
     cfg = {**DEFAULTS, **{k: v for k, v in given.items() if k in DEFAULTS}}
     tokens_dir = pathlib.Path(tokens_dir)
@@ -146,27 +192,37 @@ def run(tokenizer, inputs, tokens_dir, dataset_config=None) -> dict:
     dtype = token_dtype(tokenizer.n_vocab)
     eot_id = tokenizer.eot_id
     _clear(tokens_dir)
-    writers = {split: ShardWriter(tokens_dir, split, cfg["shard_tokens"]) for split in SPLITS}
-    stats = documents.DocumentStats()
+    splits = Splits({split: ShardWriter(tokens_dir, split, cfg["shard_tokens"]) for split in SPLITS},
+                    cfg["val_fraction"])
+    stats = readers.ReadStats()
     per_source = collections.Counter()
     progress = _Progress()
 
     def encode(chunk):
         return _encode_chunk(tokenizer, [d.text for d in chunk], dtype, eot_id, cfg["val_fraction"])
 
-    docs = documents.iter_documents(inputs, text_key=cfg["text_key"], stats=stats)
+    options = readers.ReadOptions(text_key=cfg["text_key"], txt_separator=cfg["txt_separator"],
+                                  txt_max_chars=cfg["txt_max_chars"])
+    docs = readers.iter_documents(inputs, stats, options)
     with ThreadPoolExecutor(workers) as pool:
         for chunk, (encoded, n_bytes) in _ordered(pool, _chunks(docs, CHUNK_CHARS), encode, 2 * workers):
             for doc, (val, tokens) in zip(chunk, encoded):
-                writers["val" if val else "train"].add(tokens)
-                per_source[doc.source] += 1
+                splits.add("val" if val else "train", tokens, f"{doc.file}:{doc.line}")
+                per_source[doc.file] += 1
             progress.update(len(chunk), n_bytes, sum(len(tokens) for _, tokens in encoded))
     progress.log(final=True)
-    index = _index(tokenizer, dtype, cfg, {s: w.finish() for s, w in writers.items()}, stats, per_source)
+    if not per_source:
+        names = ", ".join(map(str, [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs))
+        raise ValueError(f"no documents to tokenize in {names}: {stats.summary()}")
+    index = _index(tokenizer, dtype, cfg, splits, stats, per_source)
     _write_json(tokens_dir / INDEX_FILE, index)
     logging.info("tokenized %s", stats.summary())
-    if not index["splits"]["val"]["documents"] and cfg["val_fraction"] > 0:
-        logging.warning("%s: no document fell in the val split (val_fraction=%s)", tokens_dir, cfg["val_fraction"])
+    if splits.moved:
+        logging.warning("%s: the split rule left %s empty; it takes %s from %s", tokens_dir, splits.moved["moved_to"],
+                        splits.moved["document"], splits.moved["moved_from"])
+    if not has_val(index):
+        logging.warning("%s: the val split is empty (%d documents, val_fraction=%s): training cannot evaluate",
+                        tokens_dir, sum(per_source.values()), cfg["val_fraction"])
     return {**index, "seconds": round(progress.seconds, 2), "mb_per_s": round(progress.mb_per_s, 2)}
 
 
@@ -178,22 +234,24 @@ def _clear(tokens_dir: pathlib.Path):
         shutil.rmtree(tokens_dir / split, ignore_errors=True)
 
 
-def _index(tokenizer, dtype, cfg, splits, stats, per_source) -> dict:
-    report = stats.to_dict()
+def _index(tokenizer, dtype, cfg, splits: Splits, stats: readers.ReadStats, per_source) -> dict:
     tokenized = sum(per_source.values())
+    written = splits.finish()
     return {
         "format": FORMAT,
         "dtype": dtype.name,
         "tokenizer": dict(name=tokenizer.name, hash=tokenizer.hash, n_vocab=tokenizer.n_vocab,
                           eot_id=tokenizer.eot_id),
-        "split": dict(val_fraction=cfg["val_fraction"], rule="blake2b(utf-8 text, 8 bytes) / 2**64 < val_fraction"),
-        "splits": splits,
-        "documents": {"in": tokenized + stats.rejected, "tokenized": tokenized, "rejected": stats.rejected,
-                      "utf8_replaced": stats.replaced_utf8},
+        "split": dict(val_fraction=cfg["val_fraction"], rule=SPLIT_RULE, moved=splits.moved,
+                      val_usable=written["val"]["documents"] > 0),
+        "splits": written,
+        "documents": {"in": tokenized + stats.dropped, "tokenized": tokenized, "rejected": stats.dropped,
+                      "utf8_replaced": stats.utf8_replaced},
         "sources": [{"file": source, "documents": n} for source, n in per_source.items()],
-        "files": report["files"],
-        "rejected_by_reason": report["by_reason"],
-        "rejected": [{"file": r["source"], "line": r["line"], "reason": r["reason"]} for r in report["examples"]],
+        "files": stats.files,
+        "rejected_by_reason": dict(stats.by_reason),
+        "rejected": stats.dropped_examples,
+        "utf8_replaced": stats.replaced_examples,
     }
 
 
@@ -237,7 +295,10 @@ def main(argv):
     workdir = pathlib.Path(flags.FLAGS.workdir)
     inputs = flags.FLAGS.input or [str(workdir / "text" / "*.jsonl.gz")]
     tok = lm_tokenizer.load(flags.FLAGS.tokenizer or workdir / "tokenizer")
-    index = run(tok, inputs, workdir / "tokens", config.dataset)
+    try:
+        index = run(tok, inputs, workdir / "tokens", config.dataset)
+    except (ValueError, FileNotFoundError) as error:   # no documents, no such input: the message says which
+        sys.exit(f"lm.data.tokenize: {error}")
     docs = index["documents"]
     print(f"{docs['in']} documents in: {docs['tokenized']} tokenized, {docs['rejected']} rejected "
           f"{index['rejected_by_reason'] or ''}")

@@ -1,6 +1,6 @@
 """Tokenizers: `load(name_or_path)` gives the one `Tokenizer` type every stage uses.
 
-Train with `lm.tokenizer.train.train(texts, vocab_size, output_dir)` or `python -m lm.tokenizer.train`;
+Train with `lm.tokenizer.train.train(texts, vocab_size, output_dir)` (on files: `python -m lm.data.train_tokenizer`);
 look inside with `python -m lm.tokenizer.show`.
 """
 import json
@@ -14,7 +14,7 @@ SENTENCEPIECE_MODEL = "tokenizer.model"
 
 def load(name_or_path) -> Tokenizer:
     """A trained vocabulary directory, a .tiktoken / sentencepiece .model file, a directory with GPT-2's
-    encoder.json + vocab.bpe, or a published name ("cl100k_base", "gpt2") found offline."""
+    encoder.json + vocab.bpe, or a published name (o200k_base, cl100k_base, p50k_base, gpt2 / r50k_base) found offline."""
     path = pathlib.Path(name_or_path)
     if path.is_dir():
         return _load_directory(path)

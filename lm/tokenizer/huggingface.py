@@ -4,7 +4,7 @@ import re
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from lm.tokenizer.encoding import TiktokenTokenizer, byte_to_unicode
+from lm.tokenizer.base import byte_to_unicode
 
 
 def merges_from_ranks(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
@@ -26,8 +26,9 @@ def hf_pattern(pattern: str) -> str:
     return re.sub(r"(\{\d+(?:,\d*)?\})\+", r"\1", pattern)
 
 
-def to_hf(tokenizer: TiktokenTokenizer) -> HFTokenizer:
-    """Byte-level BPE with the same ranks as ids; special tokens sit in the model vocab too so HF keeps their ids."""
+def to_hf(tokenizer) -> HFTokenizer:
+    """A TiktokenTokenizer (its mergeable_ranks, pattern, special_tokens) as byte-level BPE with the same ranks as
+    ids; special tokens sit in the model vocab too so HF keeps their ids."""
     b2u = byte_to_unicode()
 
     def as_text(token: bytes) -> str:

@@ -69,12 +69,12 @@ class SentencePieceTokenizer(Tokenizer):
     def hash(self) -> str:
         return hashlib.sha256(self._proto).hexdigest()
 
-    def save(self, directory) -> None:
+    def save(self, directory, meta: dict | None = None) -> None:
         directory = pathlib.Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / MODEL_FILE).write_bytes(self._proto)
         meta = dict(name=self.name, backend="sentencepiece", special_tokens=self.special_tokens,
-                    n_vocab=self.n_vocab, hash=self.hash)
+                    n_vocab=self.n_vocab, hash=self.hash, **(meta or {}))
         (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
@@ -86,13 +86,14 @@ def load(path) -> SentencePieceTokenizer:
     return SentencePieceTokenizer(path.read_bytes(), name)
 
 
-def train(texts: Iterable[str], vocab_size: int, output_dir=None, *, name: str | None = None,
-          max_chars: int = 0) -> SentencePieceTokenizer:
-    """SentencePiece BPE with n_vocab <= vocab_size (unk, special tokens and the 256 byte pieces included)."""
-    from lm.tokenizer.train import TextStream
+def train(texts: Iterable[str], vocab_size: int, output_dir=None, *,
+          name: str | None = None) -> SentencePieceTokenizer:
+    """SentencePiece BPE with n_vocab <= vocab_size (unk, special tokens and the 256 byte pieces included), named
+    sentencepiece_<n_vocab> by default. Texts must be valid UTF-8 strings: lm.tokenizer.train.train (backend
+    "sentencepiece") cleans them, stops at max_chars, and reports a vocabulary smaller than asked."""
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(TextStream(texts, max_chars)), model_writer=model,
+        sentence_iterator=iter(texts), model_writer=model,
         model_type="bpe", vocab_size=vocab_size, hard_vocab_limit=False,
         normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
         byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True,
@@ -100,7 +101,8 @@ def train(texts: Iterable[str], vocab_size: int, output_dir=None, *, name: str |
         unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, control_symbols=list(SPECIAL_TOKENS),
         minloglevel=2,
     )
-    tokenizer = SentencePieceTokenizer(model.getvalue(), name or f"sentencepiece_{vocab_size}")
+    tokenizer = SentencePieceTokenizer(model.getvalue(), "sentencepiece")
+    tokenizer.name = name or f"sentencepiece_{tokenizer.n_vocab}"
     if output_dir is not None:
         tokenizer.save(output_dir)
     return tokenizer

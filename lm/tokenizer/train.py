@@ -1,17 +1,25 @@
-"""Train a byte-level BPE vocabulary: GPT-4 regex pre-split, 256 byte tokens, merges, then special tokens.
+"""Train a byte-level BPE vocabulary on texts: GPT-4 regex pre-split, 256 byte tokens, merges, then special tokens.
 
-    python -m lm.tokenizer.train --input='corpus/*.jsonl.gz' --vocab_size=32768 --output=runs/tok
+    from lm.tokenizer import train
+    tokenizer = train.train(texts, vocab_size=32768, output_dir="runs/tok")
 
-The corpus streams through rustbpe (Rust, parallel chunk counting, incremental merges; it exports tiktoken ranks
+Training takes texts (any iterable of str); reading them from files is lm.data's job:
+`python -m lm.data.train_tokenizer --input=... --vocab_size=... --output=...` reads with lm.data.readers and calls this.
+The texts stream through rustbpe (Rust, parallel chunk counting, incremental merges; it exports tiktoken ranks
 directly), so any corpus size works in memory proportional to its distinct regex chunks. The result encodes with
-tiktoken's core and is saved as tokenizer.tiktoken + tokenizer.meta.json + tokenizer.json (HF).
+tiktoken's core and is saved as tokenizer.tiktoken + tokenizer.meta.json + tokenizer.json (HF) + train_report.json.
+
+No texts is an error. Too little text for the vocabulary asked for gives a smaller one, named by its real size
+(bpe_<n_vocab>), with the shortfall in a warning, in tokenizer.meta.json ("training") and in train_report.json.
 """
+import itertools
 import json
 import pathlib
+import sys
 import time
 from typing import Iterable, Iterator
 
-from absl import app, flags, logging
+from absl import logging
 
 from lm.tokenizer.base import SPECIAL_TOKENS, Tokenizer
 from lm.tokenizer.encoding import GPT4_PATTERN, TiktokenTokenizer
@@ -19,18 +27,25 @@ from lm.tokenizer.encoding import GPT4_PATTERN, TiktokenTokenizer
 TRAIN_REPORT = "train_report.json"
 
 
+class EmptyCorpus(ValueError):
+    """Training was given no text."""
+
+
 class TextStream:
-    """Passes texts through, makes them valid UTF-8 for Rust, stops at max_chars, and logs progress."""
+    """Passes texts through, skips empty ones, makes them valid UTF-8 for Rust, stops at max_chars, logs progress."""
 
     def __init__(self, texts: Iterable[str], max_chars: int = 0, log_every_s: float = 10.0):
         self._texts, self._max_chars, self._log_every_s = texts, max_chars, log_every_s
-        self.documents = self.characters = self.replaced = 0
+        self.documents = self.characters = self.replaced = self.empty = 0
         self._start = self._last_log = time.monotonic()
 
     def __iter__(self) -> Iterator[str]:
         for text in self._texts:
             if self._max_chars and self.characters >= self._max_chars:
                 break
+            if not text:
+                self.empty += 1
+                continue
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError:  # lone surrogates: Rust strings cannot hold them
@@ -44,43 +59,63 @@ class TextStream:
                              self.characters / 1e6, self.characters / 1e6 / (self._last_log - self._start))
             yield text
 
+    def non_empty(self) -> Iterator[str]:
+        """The stream, after checking it has at least one text (EmptyCorpus otherwise)."""
+        texts = iter(self)
+        first = next(texts, None)
+        if first is None:
+            raise EmptyCorpus(f"no text to train a tokenizer on: 0 documents ({self.empty} empty texts)")
+        return itertools.chain([first], texts)
+
 
 def train(texts: Iterable[str], vocab_size: int, output_dir=None, *, backend: str = "bpe",
           pattern: str = GPT4_PATTERN, special_tokens: tuple[str, ...] = SPECIAL_TOKENS, name: str | None = None,
           max_chars: int = 0) -> Tokenizer:
-    """Train on texts so that n_vocab == vocab_size (merges + special tokens); save into output_dir if given.
+    """Train on texts so that n_vocab == vocab_size (merges + special tokens) when the text allows it; save into
+    output_dir if given.
 
     backend "bpe": rustbpe ranks encoded by tiktoken (a TiktokenTokenizer); "sentencepiece": SentencePiece BPE.
     """
+    if backend not in ("bpe", "sentencepiece"):
+        raise ValueError(f"backend={backend!r}: expected 'bpe' or 'sentencepiece'")
+    stream = TextStream(texts, max_chars)
+    start = time.monotonic()
     if backend == "sentencepiece":
         from lm.tokenizer import sentencepiece
-        return sentencepiece.train(texts, vocab_size, output_dir, name=name, max_chars=max_chars)
-    if backend != "bpe":
-        raise ValueError(f"backend={backend!r}: expected 'bpe' or 'sentencepiece'")
+        tokenizer = sentencepiece.train(stream.non_empty(), vocab_size, name=name)
+    else:
+        tokenizer = _train_bpe(stream, vocab_size, pattern, special_tokens, name)
+    seconds = time.monotonic() - start
+    logging.info("trained %s on %d documents (%.1fM characters) in %.1fs", tokenizer, stream.documents,
+                 stream.characters / 1e6, seconds)
+    report = dict(documents=stream.documents, characters=stream.characters, replaced_utf8=stream.replaced,
+                  empty=stream.empty, requested_vocab_size=vocab_size, n_vocab=tokenizer.n_vocab,
+                  shortfall=vocab_size - tokenizer.n_vocab, seconds=round(seconds, 3))
+    if report["shortfall"] > 0:
+        report["warning"] = (f"{stream.documents} documents ({stream.characters:,} characters) only support "
+                             f"n_vocab={tokenizer.n_vocab}, {report['shortfall']} short of vocab_size={vocab_size}; "
+                             f"the vocabulary is named {tokenizer.name}")
+        logging.warning("%s", report["warning"])
+    if output_dir is not None:
+        tokenizer.save(output_dir, meta={"training": report})
+        report["hash"] = tokenizer.hash
+        (pathlib.Path(output_dir) / TRAIN_REPORT).write_text(json.dumps(report, indent=2) + "\n")
+    return tokenizer
+
+
+def _train_bpe(stream: TextStream, vocab_size: int, pattern: str, special_tokens, name) -> TiktokenTokenizer:
     import rustbpe
     n_ranks = vocab_size - len(special_tokens)
     if n_ranks < 256:
         raise ValueError(f"vocab_size={vocab_size} leaves {n_ranks} ids after {len(special_tokens)} special tokens; "
                          f"need at least 256 for the byte tokens")
-    stream = TextStream(texts, max_chars)
-    start = time.monotonic()
     trainer = rustbpe.Tokenizer()
-    trainer.train_from_iterator(iter(stream), vocab_size=n_ranks, pattern=pattern)
+    trainer.train_from_iterator(stream.non_empty(), vocab_size=n_ranks, pattern=pattern)
     ranks = _unique_ranks(trainer.get_mergeable_ranks())
-    seconds = time.monotonic() - start
-    if trainer.vocab_size < n_ranks:
-        logging.warning("the corpus only supports %d merges: n_vocab is %d, not %d", trainer.vocab_size - 256,
-                        trainer.vocab_size + len(special_tokens), vocab_size)
-    specials = {token: max(ranks.values()) + 1 + i for i, token in enumerate(special_tokens)}
-    tokenizer = TiktokenTokenizer(name or f"bpe_{vocab_size}", ranks, pattern, specials)
-    logging.info("trained %s on %d documents (%.1fM characters) in %.1fs", tokenizer, stream.documents,
-                 stream.characters / 1e6, seconds)
-    if output_dir is not None:
-        tokenizer.save(output_dir)
-        report = dict(documents=stream.documents, characters=stream.characters, replaced_utf8=stream.replaced,
-                      seconds=round(seconds, 3), n_vocab=tokenizer.n_vocab, hash=tokenizer.hash)
-        (pathlib.Path(output_dir) / TRAIN_REPORT).write_text(json.dumps(report, indent=2) + "\n")
-    return tokenizer
+    first_special = max(ranks.values()) + 1
+    specials = {token: first_special + i for i, token in enumerate(special_tokens)}
+    n_vocab = first_special + len(specials)
+    return TiktokenTokenizer(name or f"bpe_{n_vocab}", ranks, pattern, specials)
 
 
 def _unique_ranks(ranks: list[tuple[bytes, int]]) -> dict[bytes, int]:
@@ -95,36 +130,6 @@ def _unique_ranks(ranks: list[tuple[bytes, int]]) -> dict[bytes, int]:
     return unique
 
 
-# -- command line -----------------------------------------------------------------------------------------------------
-FLAGS = flags.FLAGS
-
-
-def define_flags():
-    """Flags exist only when run as a program, so importing train() never clashes with another module's flags."""
-    flags.DEFINE_list("input", None, "Documents: paths, globs or directories (.jsonl[.gz], .json[.gz], .parquet, "
-                      ".txt).")
-    flags.DEFINE_integer("vocab_size", 32768, "Total vocabulary size, special tokens included.")
-    flags.DEFINE_string("output", None, "Directory to write the vocabulary into.")
-    flags.DEFINE_enum("backend", "bpe", ["bpe", "sentencepiece"],
-                      "bpe: rustbpe, encoded by tiktoken; sentencepiece: SentencePiece BPE with byte fallback.")
-    flags.DEFINE_string("text_key", "text", "JSON field / parquet column holding the text.")
-    flags.DEFINE_integer("max_chars", 0, "Stop reading after this many characters (0: read everything).")
-    flags.mark_flags_as_required(["input", "output"])
-
-
-def main(argv):
-    del argv
-    from lm.data.documents import DocumentStats, iter_documents
-    stats = DocumentStats()
-    texts = (document.text for document in iter_documents(FLAGS.input, FLAGS.text_key, stats))
-    tokenizer = train(texts, FLAGS.vocab_size, FLAGS.output, backend=FLAGS.backend, max_chars=FLAGS.max_chars)
-    logging.info("documents: %s", stats.summary())
-    for rejection in stats.examples[:5]:
-        logging.warning("rejected %s:%d: %s", rejection.source, rejection.line, rejection.reason)
-    (pathlib.Path(FLAGS.output) / "documents_report.json").write_text(json.dumps(stats.to_dict(), indent=2) + "\n")
-    print(f"{tokenizer} hash={tokenizer.hash} -> {FLAGS.output}")
-
-
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    sys.exit("lm.tokenizer.train trains on texts and has no command line: to train on files, run "
+             "python -m lm.data.train_tokenizer --input=... --vocab_size=... --output=...")
