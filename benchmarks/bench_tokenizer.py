@@ -23,7 +23,7 @@ import tiktoken
 import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
-from lm.data.documents import iter_documents
+from lm.data.readers import iter_documents
 from lm.tokenizer import SPECIAL_TOKENS, encoding, huggingface, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

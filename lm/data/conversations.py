@@ -33,7 +33,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from lm.data import pipeline
-from lm.data.documents import expand
+from lm.data.readers import expand_inputs
 from lm.tokenizer import chat
 from lm.tokenizer.base import Tokenizer
 
@@ -125,7 +125,7 @@ def read_json_records(path, stats: ReadStats) -> Iterator[tuple[int, object]]:
 
 
 def json_files(paths_or_globs) -> list[pathlib.Path]:
-    files = expand(paths_or_globs)
+    files = [pathlib.Path(f) for f in expand_inputs(paths_or_globs)]
     unknown = [str(p) for p in files if not p.name.lower().endswith(JSON_SUFFIXES)]
     if unknown:
         raise ValueError(f"not JSON / JSON-lines files ({', '.join(JSON_SUFFIXES)}): {unknown[:5]}")
