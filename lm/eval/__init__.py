@@ -1,0 +1,1 @@
+"""Evaluation: in-context learning, tasks with checkable answers, graders, the stage reports."""
