@@ -52,7 +52,7 @@ setup(
     version="0.1.0",
     description="A JAX research codebase that builds a ChatGPT-style assistant end to end.",
     python_requires=">=3.10",
-    packages=find_packages(include=["lm", "lm.*"]),
+    packages=find_packages(include=["lm", "lm.*", "configs"]),
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES},
 )

@@ -1,9 +1,5 @@
 """GPT-2 small (124M parameters): the classic nanoGPT shape, with the GPT-2 vocabulary padded to 50304."""
-import pathlib
-import sys
-
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-import base  # noqa: E402
+from configs import base
 
 
 def get_config(arg: str = "gpt2"):

@@ -1,9 +1,5 @@
 """A tiny model that trains on a laptop CPU in minutes. `configs/tiny.py:llama` selects the LLaMA family."""
-import pathlib
-import sys
-
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-import base  # noqa: E402
+from configs import base
 
 
 def get_config(arg: str = "gpt2"):

@@ -81,8 +81,8 @@ def run_pretrain(config, workdir, inputs):
 
 
 def run_sample(config, workdir, inputs):
-    from lm import sample
-    return sample.report(config, workdir)
+    from lm.eval import report
+    return report.run(config, workdir)
 
 
 STAGES = (
@@ -167,4 +167,5 @@ if __name__ == "__main__":
                                   "Default: config.data.inputs, else the bundled corpus (CPython's documentation).")
     flags.DEFINE_bool("force", False, "Redo stages whose outputs already exist.")
     flags.DEFINE_list("stages", [], "Run only these stages (default: all, in order).")
+    lm_mesh.define_distributed_flags()
     app.run(main)

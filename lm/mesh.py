@@ -27,11 +27,6 @@ RULES = {
     "norm": None,
 }
 
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "host:port of process 0 for a multi-process run (jax.distributed).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
-
 
 class MeshError(ValueError):
     """A mesh shape that the devices cannot make."""
@@ -93,11 +88,21 @@ def batch_sharding(mesh, ndim: int = 2) -> NamedSharding:
     return named_sharding(mesh, ("batch",) + (None,) * (ndim - 1))
 
 
+def define_distributed_flags() -> None:
+    """--coordinator_address, --num_processes, --process_id: call it in the `__main__` block of a program that can
+    run on several processes (before app.run), never at import, so importing lm.mesh defines no flags."""
+    flags.DEFINE_string("coordinator_address", None,
+                        "host:port of process 0 for a multi-process run (jax.distributed).")
+    flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
+    flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+
+
 def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None) -> None:
-    """Starts jax.distributed when the flags or the environment (TPU pod, SLURM) say this is a multi-host run."""
-    coordinator_address = coordinator_address or _flag(_COORDINATOR)
-    num_processes = num_processes if num_processes is not None else _flag(_NUM_PROCESSES)
-    process_id = process_id if process_id is not None else _flag(_PROCESS_ID)
+    """Starts jax.distributed when the arguments, the flags of `define_distributed_flags` or the environment
+    (TPU pod, SLURM) say this is a multi-host run."""
+    coordinator_address = coordinator_address or _flag("coordinator_address")
+    num_processes = num_processes if num_processes is not None else _flag("num_processes")
+    process_id = process_id if process_id is not None else _flag("process_id")
     if coordinator_address:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # only affects CPU devices
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
@@ -107,8 +112,9 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
                  jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
 
 
-def _flag(holder):
-    return holder.value if flags.FLAGS.is_parsed() else None
+def _flag(name):
+    """A distributed flag's value, or None when the program did not define it or has not parsed its flags."""
+    return flags.FLAGS[name].value if name in flags.FLAGS and flags.FLAGS.is_parsed() else None
 
 
 def host_local_rows(global_batch: int) -> slice:

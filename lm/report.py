@@ -1,4 +1,7 @@
-"""<workdir>/report.md: what each stage of lm.main did, in numbers, with the loss plot and samples."""
+"""<workdir>/report.md: what each stage of lm.main did, in numbers, with the loss plot and samples.
+
+It sits with lm.main (the top of the imports): it renders every stage's results, so it may import any of them.
+"""
 import pathlib
 
 
@@ -45,14 +48,8 @@ def _pretrain(workdir, result) -> list:
 
 
 def _sample(workdir, result) -> list:
-    lines = []
-    for s in result.get("samples", []):
-        lines += [f"**temperature {s.get('temperature')}**, prompt `{s.get('prompt')!r}`:", "", "```",
-                  str(s.get("text", "")), "```", ""]
-    if result.get("icl"):
-        from lm import icl
-        lines += ["### In-context learning", "", icl.markdown(result["icl"])]
-    return lines
+    from lm.eval import report as eval_report
+    return eval_report.markdown(result)
 
 
 _RENDERERS = {"filter": _filter, "pretrain": _pretrain, "sample": _sample}

@@ -1,7 +1,6 @@
 """Text generation with a KV cache: greedy, temperature, top-k and top-p sampling, shared by the CLI, chat and RL.
 
-    model, config, meta = lm.checkpoint.load_model(workdir)
-    tok = lm.tokenizer.load(workdir / "tokenizer")
+    model, tok, config, meta = lm.checkpoint.load_run(workdir)
     outs = generate(model, tok, ["def ", "The list"], jax.random.key(0), Sampling(temperature=0.8, top_p=0.95))
     outs[0].text, outs[0].tokens, outs[0].logprobs, outs[0].finish_reason
 
@@ -11,17 +10,16 @@ until every row has stopped or `max_new_tokens` is reached. It is compiled per m
 length (a power of two), max_new_tokens and filters; the temperature is an input, so changing it does not recompile.
 Row b samples with its own key (`fold_in(key, b)`, or the b-th of a batch of keys) folded with the step, so a row's
 text does not depend on the other rows of the batch. Log-probabilities are the model's own (temperature 1,
-unfiltered): what RL's ratios need. A model whose parameters are spread over a mesh runs there, rows split over
-the mesh's batch axes.
+unfiltered), from `lm.model.token_logprobs`, the function the trainers differentiate: what RL's ratios need.
+A model whose parameters are spread over a mesh runs there, rows split over the mesh's batch axes.
 
 CLI (text on stdout, logs on stderr):
     python -m lm.sample --workdir=runs/tiny --prompt="The list" [--temperature=0.8 --top_k=40 --top_p=0.95
         --num_samples=2 --seed=0 --max_new_tokens=48 --stop=... --show_probs]
+Greedy decoding (--temperature=0) gives one sample per prompt: every sample would be the same.
 """
 import dataclasses
 import functools
-import json
-import pathlib
 import sys
 
 import jax
@@ -228,8 +226,7 @@ def _decode(state, tokens, positions, row_keys, stops, temperature, *, graphdef,
         logits = logits.at[:, vocab_size:].set(-jnp.inf) if vocab_size < logits.shape[-1] else logits
         keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
         token = choose(logits / temperature, keys, sampling)
-        logprobs = jax.nn.log_softmax(logits, axis=-1)
-        logprob = jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
+        logprob = lm_model.token_logprobs(logits, token)
         window = jnp.concatenate([window[:, 1:], token[:, None]], axis=1)
         hit = ((window[:, None, :] == stops[None]) | (stops[None] == ANY)).all(-1).any(-1)
         out = dict(out)
@@ -238,9 +235,10 @@ def _decode(state, tokens, positions, row_keys, stops, temperature, *, graphdef,
         out["lengths"] = out["lengths"] + (~done).astype(jnp.int32)
         out["stopped"] = out["stopped"] | (hit & ~done)
         if top_candidates:
-            top_logprobs, top_ids = jax.lax.top_k(logprobs, top_candidates)
+            top_ids = jax.lax.top_k(logits, top_candidates)[1]
+            every = jnp.broadcast_to(logits[:, None], (B, top_candidates, logits.shape[-1]))
             out["top_ids"] = out["top_ids"].at[:, step].set(top_ids)
-            out["top_probs"] = out["top_probs"].at[:, step].set(jnp.exp(top_logprobs))
+            out["top_probs"] = out["top_probs"].at[:, step].set(jnp.exp(lm_model.token_logprobs(every, top_ids)))
         return token, done | hit, window, out
 
     out = dict(tokens=jnp.full((B, max_new_tokens), NO_TOKEN, jnp.int32),
@@ -354,41 +352,9 @@ def score_tokens(model, tokens, lengths=None):
 def _score_tokens(state, tokens, lengths, *, graphdef):
     logits = nnx.merge(graphdef, state)(tokens)[:, :-1]
     targets = tokens[:, 1:]
-    logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), targets[..., None], axis=-1)[..., 0]
+    logprobs = lm_model.token_logprobs(logits, targets)
     valid = jnp.arange(1, tokens.shape[1])[None, :] < lengths[:, None]
     return jnp.where(valid, logprobs, 0.0), valid & (jnp.argmax(logits, -1) == targets)
-
-
-# ------------------------------------------------------------------------------------------------ lm.main stage
-
-REPORT_PROMPTS = ("The ", "def ", "Return a list of")
-
-
-def report(config, workdir) -> dict:
-    """The "sample" stage of lm.main: a few samples at two temperatures and the in-context-learning result.
-
-    Writes <workdir>/samples.json and <workdir>/icl.json; returns {"samples": [...], "icl": {...}}.
-    """
-    from lm import checkpoint, icl, tokenizer as lm_tokenizer
-    workdir = pathlib.Path(workdir)
-    model, _, meta = checkpoint.load_model(workdir)
-    tok = lm_tokenizer.load(workdir / "tokenizer")
-    sample_config = config.get("sample") or {}
-    max_new_tokens = min(int(sample_config.get("max_new_tokens", 64)), model.spec.max_len // 2)
-    samples = []
-    prompts = list(sample_config.get("report_prompts", REPORT_PROMPTS))
-    key = jax.random.key(int(config.get("seed", 0)))  # the same draws at each temperature: only it differs
-    for temperature in sample_config.get("report_temperatures", (0.7, 1.0)):
-        sampling = Sampling.from_config(sample_config, temperature=float(temperature))
-        for c in generate(model, tok, prompts, key, sampling, max_new_tokens):
-            samples.append(dict(temperature=float(temperature), prompt=c.prompt, text=c.text,
-                                finish_reason=c.finish_reason))
-    (workdir / "samples.json").write_text(json.dumps(samples, indent=1, ensure_ascii=False))
-    icl_result = icl.evaluate(model, tok, shots=tuple(sample_config.get("icl_shots", (0, 1, 4))),
-                              n_queries=int(sample_config.get("icl_queries", 32)), seed=int(config.get("seed", 0)))
-    icl_result["step"] = meta.get("step")
-    (workdir / "icl.json").write_text(json.dumps(icl_result, indent=1))
-    return {"samples": samples, "icl": icl_result, "step": meta.get("step")}
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -411,20 +377,23 @@ def define_flags():
     flags.DEFINE_multi_string("stop", [], "Stop string (repeatable); end-of-text always stops.")
     flags.DEFINE_bool("show_probs", False, "Also print, per step, the chosen token and the most probable ones "
                       "with the model's probabilities (temperature 1, before top-k / top-p).")
+    lm_mesh.define_distributed_flags()
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from lm import checkpoint, tokenizer as lm_tokenizer
+    from lm import checkpoint  # only the program reads checkpoints
     lm_mesh.initialize_distributed()
-    workdir = pathlib.Path(FLAGS.workdir)
-    model, config, meta = checkpoint.load_model(workdir, step=FLAGS.step)
-    tok = lm_tokenizer.load(workdir / "tokenizer")
+    model, tok, config, meta = checkpoint.load_run(FLAGS.workdir, step=FLAGS.step)
     sample_config = config.get("sample") or {}
     sampling = Sampling.from_config(sample_config, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
                                     top_p=FLAGS.top_p)
     num_samples = FLAGS.num_samples or int(sample_config.get("num_samples", 1))
+    if sampling.greedy and num_samples > 1:
+        logging.warning("temperature 0 is greedy: the %d samples per prompt would be identical; printing one",
+                        num_samples)
+        num_samples = 1
     max_new_tokens = FLAGS.max_new_tokens or int(sample_config.get("max_new_tokens", 64))
     prompts = FLAGS.prompt or [sys.stdin.read()]
     logging.info("step %s, %s, %d sample(s) of up to %d tokens", meta.get("step"), sampling, num_samples,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lm import hf
+from lm.model import hf
 from lm.model import Transformer
 
 torch = pytest.importorskip("torch")

@@ -1,5 +1,6 @@
-"""lm.icl: the tasks say what they claim, the prompts have the few-shot format, the scores match an independent
-forward pass, and an evaluation reports zero- and few-shot accuracies."""
+"""lm.eval.icl: the tasks say what they claim, the prompts have the few-shot format, the scores match an independent
+forward pass, choices are length-fair, an evaluation reports zero- and few-shot accuracies, and the CLI prints the
+table."""
 import functools
 
 import jax
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lm import icl
+from lm.eval import icl
 from lm.model import Transformer
 from lm.tokenizer import train as tokenizer_train
 
@@ -61,7 +62,7 @@ def _log_softmax(state, tokens, *, graphdef):
 def test_option_scores_match_a_forward_pass(model, tok):
     prompts = ["Repeat the word.\nlen -> len\nzip ->", "Repeat the word.\nabs ->"]
     options = [["zip", "map"], ["abs", "hex"]]
-    logprobs, greedy = icl.score_options(model, tok, prompts, options, batch=3)
+    logprobs, n_tokens, greedy = icl.score_options(model, tok, prompts, options, batch=3)
     graphdef, state = nnx.split(model)
     for i, (text, choices) in enumerate(zip(prompts, options)):
         for j, choice in enumerate(choices):
@@ -72,6 +73,7 @@ def test_option_scores_match_a_forward_pass(model, tok):
             positions = range(len(context) - 1, len(context) + len(answer) - 1)
             expected = sum(lp[t, tokens[0, t + 1]] for t in positions)
             np.testing.assert_allclose(logprobs[i, j], expected, rtol=1e-5, atol=1e-4)
+            assert n_tokens[i, j] == len(answer)
             assert greedy[i, j] == all(np.argmax(lp[t]) == tokens[0, t + 1] for t in positions)
 
 
@@ -88,3 +90,23 @@ def test_evaluate_reports_zero_and_few_shot(model, tok):
     assert all(e["prompt"].count(" -> ") == 2 and isinstance(e["completion"], str) for e in result["examples"])
     table = icl.markdown(result)
     assert "| task | 0-shot | 2-shot |" in table and all(f"| {t} | " in table for t in [*icl.TASKS, "mean"])
+
+
+def test_choice_is_length_fair_where_a_sum_is_not():
+    """" hash" (2 tokens at -1.0 each) against " __hash__" (5 tokens at -0.5 each): the sum prefers the short wrong
+    option (-2.0 > -2.5); the mean per token prefers the answer the model rates higher at every token."""
+    logprobs = np.array([[-2.5, -2.0, -6.0]])   # answer, short distractor, long unlikely distractor
+    n_tokens = np.array([[5, 2, 6]])
+    assert np.argmax(logprobs, axis=1)[0] == 1
+    assert icl.choose_option(logprobs, n_tokens)[0] == 0
+
+
+def test_evaluate_scores_choices_by_mean_log_prob(model, tok):
+    """evaluate's choice accuracy is the mean-log-prob choice over score_options' numbers (recomputed here)."""
+    result = icl.evaluate(model, tok, shots=(1,), n_queries=5, seed=3, tasks=("dunder",))
+    queries = icl.build_queries("dunder", 5, 1, seed=3)
+    logprobs, n_tokens, _ = icl.score_options(model, tok, [icl.prompt("dunder", q, 1) for q in queries],
+                                              [[q["answer"]] + q["distractors"] for q in queries])
+    mean = logprobs / n_tokens
+    expected = np.mean([row.argmax() == 0 for row in mean])
+    assert result["tasks"]["dunder"]["1"]["choice_accuracy"] == pytest.approx(expected, abs=1e-4)

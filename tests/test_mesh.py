@@ -62,3 +62,19 @@ def test_global_array_from_local_rows():
     array = lm_mesh.global_array(data[lm_mesh.host_local_rows(16)], mesh, 16)
     assert array.shape == (16, 3)
     np.testing.assert_array_equal(np.asarray(array), data)
+
+
+def test_flags_exist_only_in_programs():
+    """Importing the modules defines no absl flags (no clash between programs); define_distributed_flags does."""
+    import subprocess
+    import sys
+    code = ("from absl import flags\n"
+            "import lm.mesh, lm.config, lm.sample, lm.main, lm.hf, lm.eval.icl, lm.eval.report\n"
+            "assert not [f for f in ('coordinator_address', 'num_processes', 'process_id', 'workdir', 'config')\n"
+            "            if f in flags.FLAGS], list(flags.FLAGS)\n"
+            "lm.mesh.define_distributed_flags()\n"
+            "flags.FLAGS(['prog', '--num_processes=3', '--process_id=1'])\n"
+            "print(lm.mesh._flag('num_processes'), lm.mesh._flag('process_id'), lm.mesh._flag('coordinator_address'))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["3", "1", "None"]

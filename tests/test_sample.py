@@ -1,6 +1,8 @@
 """lm.sample: KV-cache decoding against full recomputation, the sampling filters against numpy, batching, keys,
-log-probs, stops, a sharded model, the CLI and the lm.main stage. A small random model and a small trained BPE."""
+log-probs, stops, a sharded model, the CLIs of lm.sample and lm.eval.icl, and lm.main's sample stage. A small random
+model and a small trained BPE."""
 import functools
+import json
 import os
 import pathlib
 import subprocess
@@ -17,6 +19,8 @@ from lm import checkpoint, sample
 from lm import config as lm_config
 from lm import model as lm_model
 from lm import mesh as lm_mesh
+from lm.eval import icl
+from lm.eval import report as eval_report
 from lm.model import Transformer
 from lm.tokenizer import train as tokenizer_train
 
@@ -264,24 +268,29 @@ def test_bad_requests_are_clear_errors(models):
 def workdir(tmp_path_factory, tok):
     """A run directory as lm.train leaves it: a checkpoint of a (random) model and the tokenizer."""
     workdir = tmp_path_factory.mktemp("run")
-    config = lm_config.load("configs/tiny.py", {"model.vocab_size": tok.n_vocab, "model.max_len": 96})
+    config = lm_config.load("configs/tiny.py", {"model.vocab_size": tok.n_vocab, "model.max_len": 96,
+                                                "train.seq_len": 64})
     with config.unlocked():
         config.sample.update(max_new_tokens=8, icl_queries=4, icl_shots=(0, 2))
     model = Transformer(config.model, rngs=nnx.Rngs(0))
     _, params, _ = nnx.split(model, nnx.Param, ...)
     checkpoints = checkpoint.Checkpoints(checkpoint.checkpoint_dir(workdir))
-    checkpoints.save(3, {"params": params}, {"config": config.to_dict()})
+    checkpoints.save(3, {"params": params}, {"config": config.to_dict(), "tokenizer_hash": tok.hash})
     checkpoints.close()
     tok.save(workdir / "tokenizer")
     return workdir, config
 
 
-def test_cli_prints_only_the_generated_text(workdir, tok):
-    path, _ = workdir
+def run_module(*args):
     env = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]))
-    command = [sys.executable, "-m", "lm.sample", f"--workdir={path}", "--prompt=The list", "--temperature=0",
-               "--max_new_tokens=6", "--num_samples=1", "--show_probs"]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_cli_prints_only_the_generated_text(workdir, tok):
+    """Greedy decoding asked for 3 samples prints one (they would be identical) and says so on stderr."""
+    path, _ = workdir
+    result = run_module("lm.sample", f"--workdir={path}", "--prompt=The list", "--temperature=0",
+                        "--max_new_tokens=6", "--num_samples=3", "--show_probs")
     assert result.returncode == 0, result.stderr[-2000:]
     model, _, _ = checkpoint.load_model(path)
     expected = sample.generate(model, tok, "The list", jax.random.key(0), sample.Sampling(temperature=0),
@@ -290,12 +299,25 @@ def test_cli_prints_only_the_generated_text(workdir, tok):
     steps = result.stdout.splitlines()[-len(expected.tokens):]
     assert all(" chose " in line and "%" in line for line in steps)
     assert "step 3" in result.stderr  # logs go to stderr
+    assert "temperature 0 is greedy: the 3 samples per prompt would be identical; printing one" in result.stderr
+
+
+def test_icl_cli_prints_the_table(workdir):
+    path, _ = workdir
+    result = run_module("lm.eval.icl", f"--workdir={path}", "--shots=0,1", "--queries=2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    written = json.loads((path / "icl.json").read_text())
+    assert written["step"] == 3 and written["shots"] == [0, 1]
+    assert result.stdout == icl.markdown(written) + "\n"
+    assert result.stdout.startswith("choice accuracy") and "| task | 0-shot | 1-shot |" in result.stdout
 
 
 def test_report_stage(workdir):
     path, config = workdir
-    result = sample.report(config, path)
+    result = eval_report.run(config, path)
     assert {s["temperature"] for s in result["samples"]} == {0.7, 1.0}
     assert all(isinstance(s["text"], str) and s["prompt"] for s in result["samples"])
     assert set(result["icl"]["tasks"]) == {"copy", "upper", "dunder"}
     assert (path / "samples.json").exists() and (path / "icl.json").exists()
+    lines = eval_report.markdown(result)
+    assert "### In-context learning" in lines and sum(line == "```" for line in lines) == 2 * len(result["samples"])

@@ -11,13 +11,17 @@ The words come from Python itself (builtin names, special-method names), so a mo
 documentation has seen them; the tasks need copying from the prompt, which small models learn first:
     copy    len -> len          upper   len -> LEN          dunder   len -> __len__
 Two scores per task and number of shots, both from one forward pass over prompt + " answer\n":
-    choice_accuracy  the answer line is more probable (summed log-prob) than 3 distractors (chance 0.25): the
+    choice_accuracy  the answer line has a higher mean log-prob per token than 3 distractors (chance 0.25): the
                      query word as the two other tasks answer it (hash, HASH for dunder), which only the examples
-                     rule out, and another word's answer (__len__), which only the query rules out;
+                     rule out, and another word's answer (__len__), which only the query rules out. The mean, not
+                     the sum: a summed log-prob favours the shortest option (" hash" over " __hash__"), which put
+                     the upper and dunder tasks below chance;
     exact_match      greedy decoding produces exactly the answer and the newline (every token is the argmax).
 A few greedy completions from lm.sample.generate are kept as examples.
 
-    python -m lm.icl --workdir=runs/tiny [--shots=0,1,4 --queries=32 --seed=0]
+    python -m lm.eval.icl --workdir=runs/tiny [--shots=0,1,4 --queries=32 --seed=0]
+
+prints the table (the markdown report.md shows) and writes the full result to <workdir>/icl.json.
 """
 import builtins
 import json
@@ -91,8 +95,8 @@ def evaluate(model, tokenizer, shots=(0, 1, 4), n_queries: int = 32, seed: int =
     cases = [(task, k, q) for task in tasks for q in build_queries(task, n_queries, max(shots), seed) for k in shots]
     prompts = [prompt(task, q, k) for task, k, q in cases]
     options = [[q["answer"]] + q["distractors"] for _, _, q in cases]
-    logprobs, greedy = score_options(model, tokenizer, prompts, options)
-    correct = np.argmax(logprobs, axis=1) == 0
+    logprobs, n_tokens, greedy = score_options(model, tokenizer, prompts, options)
+    correct = choose_option(logprobs, n_tokens) == 0
     results = {task: {} for task in tasks}
     for task in tasks:
         for k in shots:
@@ -108,10 +112,17 @@ def evaluate(model, tokenizer, shots=(0, 1, 4), n_queries: int = 32, seed: int =
                 examples=examples(model, tokenizer, tasks, max(shots), seed))
 
 
-def score_options(model, tokenizer, prompts: list[str], options: list[list[str]], batch: int = 64):
-    """For each prompt and option " <option>\n": (summed log-prob, whether greedy decoding produces it exactly).
+def choose_option(logprobs, n_tokens):
+    """The index of the chosen option per row: the highest mean log-prob per token (length-fair; a sum would
+    prefer short options). logprobs, n_tokens: [rows, options] summed log-probs and token counts."""
+    return np.argmax(np.asarray(logprobs) / np.maximum(np.asarray(n_tokens), 1), axis=1)
 
-    Both [len(prompts), len(options[0])]. Rows go through the model in batches of one fixed shape (one compile).
+
+def score_options(model, tokenizer, prompts: list[str], options: list[list[str]], batch: int = 64):
+    """For each prompt and option " <option>\n": (summed log-prob, its number of tokens, whether greedy decoding
+    produces it exactly), each [len(prompts), len(options[0])].
+
+    Rows go through the model in batches of one fixed shape (one compile).
     """
     rows, spans = [], []
     for text, choices in zip(prompts, options):
@@ -137,7 +148,9 @@ def score_options(model, tokenizer, prompts: list[str], options: list[list[str]]
             # scores[:, t - 1] rates tokens[:, t]
             logprobs[first + i] = scores[i, start - 1:end - 1].sum()
             greedy[first + i] = is_greedy[i, start - 1:end - 1].all()
-    return logprobs.reshape(len(prompts), -1), greedy.reshape(len(prompts), -1)
+    n_tokens = np.array([end - start for start, end in spans])
+    shape = (len(prompts), -1)
+    return logprobs.reshape(shape), n_tokens.reshape(shape), greedy.reshape(shape)
 
 
 def examples(model, tokenizer, tasks, shots: int, seed: int) -> list[dict]:
@@ -154,7 +167,7 @@ def examples(model, tokenizer, tasks, shots: int, seed: int) -> list[dict]:
 def markdown(result: dict) -> str:
     """A table of an `evaluate` result for report.md: choice accuracy / exact match per task and number of shots."""
     shots = [str(k) for k in result["shots"]]
-    lines = [f"choice accuracy / exact match, {result['queries']} queries per task "
+    lines = [f"choice accuracy (mean log-prob per token) / exact match, {result['queries']} queries per task "
              f"(choice chance {result['chance']:.2f})", "",
              "| task | " + " | ".join(f"{k}-shot" for k in shots) + " |", "|---" * (len(shots) + 1) + "|"]
     rows = list(result["tasks"].items()) + [("mean", {k: {m: result["mean"][m][k] for m in result["mean"]}
@@ -183,15 +196,14 @@ def define_flags():
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from lm import checkpoint, tokenizer as lm_tokenizer
+    from lm import checkpoint  # only the program reads checkpoints
     workdir = pathlib.Path(FLAGS.workdir)
-    model, _, meta = checkpoint.load_model(workdir, step=FLAGS.step)
-    tok = lm_tokenizer.load(workdir / "tokenizer")
+    model, tok, _, meta = checkpoint.load_run(workdir, step=FLAGS.step)
     result = evaluate(model, tok, [int(s) for s in FLAGS.shots], FLAGS.queries, FLAGS.seed)
     result["step"] = meta.get("step")
     (workdir / "icl.json").write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
-    logging.info("written %s", workdir / "icl.json")
+    print(markdown(result))
+    logging.info("step %s; the full result is in %s", meta.get("step"), workdir / "icl.json")
 
 
 if __name__ == "__main__":
