@@ -26,7 +26,8 @@ from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from lm import config as lm_config  # noqa: E402
-from lm import hf, sample  # noqa: E402
+from lm import sample  # noqa: E402
+from lm.model import hf  # noqa: E402
 from lm.model import Transformer, param_count  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "sample.json"

@@ -51,17 +51,14 @@ def run_filter(config, workdir, inputs):
 
 def run_tokenizer(config, workdir, inputs):
     from lm import tokenizer
-    from lm.data import documents
     out = workdir / "tokenizer"
     if config.tokenizer.kind == "pretrained":
         tok = tokenizer.load(config.tokenizer.name)
         tok.save(out)
         return {"name": tok.name, "n_vocab": tok.n_vocab, "hash": tok.hash}
-    from lm.tokenizer import train
-    stats = documents.DocumentStats()
-    texts = (d.text for d in documents.iter_documents([str(workdir / "text" / "*.jsonl.gz")], stats=stats))
-    tok = train.train(texts, config.tokenizer.vocab_size, out, backend=config.tokenizer.kind,
-                      max_chars=config.tokenizer.max_chars)
+    from lm.data import train_tokenizer
+    tok, stats = train_tokenizer.run([str(workdir / "text" / "*.jsonl.gz")], config.tokenizer.vocab_size, out,
+                                     backend=config.tokenizer.kind, max_chars=config.tokenizer.max_chars)
     return {"name": tok.name, "n_vocab": tok.n_vocab, "hash": tok.hash, "documents": stats.to_dict()}
 
 
