@@ -98,7 +98,7 @@ def params_from_source(params, source_params, param_shardings, fresh: tuple[str,
         names = tuple(map(str, path))
         return any(names[:len(p)] == p for p in prefixes)
 
-    missing = [_path_name(p) for p in target if p not in given and not starts_fresh(p)]
+    missing = sorted(_path_name(p) for p in target if p not in given and not starts_fresh(p))
     if missing:
         raise ValueError(f"init_from {source}: the model has parameters the checkpoint lacks: {missing}. Name the "
                          f"path prefixes that may start fresh in Objective.init_fresh (now {tuple(fresh)})")
