@@ -255,6 +255,9 @@ class Trainer:
             if "init_from" in restored_meta:  # where this run's parameters first came from
                 self.meta["init_from"] = restored_meta["init_from"]
             logging.info("resumed from %s at step %d", self.checkpoints.directory, self.start_step)
+            if self.objective.init_from:
+                logging.info("init_from %s not used: the run resumes from its own checkpoints",
+                             self.objective.init_from)
         else:
             self.state = lm_state.init_state(self.objective.make_model, self.tx, self.spec)
             if self.objective.init_from:

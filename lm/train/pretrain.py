@@ -5,6 +5,7 @@
 import pathlib
 
 import ml_collections
+from absl import logging
 from flax import nnx
 
 from lm import model as lm_model
@@ -31,6 +32,19 @@ def _tokenizer_dir(workdir, tokens_dir) -> pathlib.Path | None:
     return None
 
 
+def _has_val_window(tokens_dir, seq_len: int, packing: str) -> bool:
+    """False, with a warning, when the val split cannot make one batch (no eval then, rather than a crash)."""
+    from lm.data import tokenize
+
+    val = tokenize.read_index(tokens_dir)["splits"].get("val") or {}
+    tokens = int(val.get("tokens", 0))
+    if tokens == 0 or (packing == "concat" and tokens < seq_len + 1):
+        logging.warning("%s: the val split has %d tokens, too few for one window of %d: no validation loss",
+                        tokens_dir, tokens, seq_len + 1)
+        return False
+    return True
+
+
 def objective(config, tokens_dir, tokenizer_dir=None) -> loop.Objective:
     """The pretraining Objective over the token shards in `tokens_dir` (config.model.vocab_size resolved).
 
@@ -53,7 +67,7 @@ def objective(config, tokens_dir, tokenizer_dir=None) -> loop.Objective:
     return loop.Objective(
         loss=losses.make_lm_loss(train),
         train_batches=train_batches,
-        eval_batches=eval_batches,
+        eval_batches=eval_batches if _has_val_window(tokens_dir, train.seq_len, packing) else None,
         make_model=lambda: lm_model.Transformer(config.model, rngs=nnx.Rngs(config.seed)),
         flops_per_token=lm_model.flops_per_token(config.model, train.seq_len),
         meta=dict(objective="pretrain", tokenizer_hash=tokenizer.get("hash"), tokenizer_name=tokenizer.get("name"),
