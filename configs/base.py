@@ -68,6 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
         batch_size=32,           # global, in sequences
         seq_len=1024,
         grad_accum=1,
+        loss_chunk=0,            # 0: off; N > 0 scores N positions at a time, never building the full float32 logits
         lr=6e-4,
         schedule="cosine",
         warmup_steps=100,

@@ -20,7 +20,8 @@ from lm.train import state as lm_state
 from tests.conftest import REPO
 
 MODEL = {"model.vocab_size": 96, "model.d_model": 32, "model.n_heads": 4, "model.n_kv_heads": 2,
-         "model.d_ff": 64, "model.n_layers": 1, "model.max_len": 16, "model.dtype": "float32"}
+         "model.d_ff": 64, "model.n_layers": 1, "model.max_len": 16, "model.dtype": "float32",
+         "train.seq_len": 16}
 
 
 def tiny_config(family="llama"):

@@ -11,6 +11,7 @@ from lm import config as lm_config
 from lm import mesh as lm_mesh
 
 _CONFIG = lm_config.define_config_flag()
+lm_mesh.define_distributed_flags()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory holding tokens/; checkpoints and metrics go here.")
 flags.mark_flag_as_required("workdir")
 
