@@ -44,6 +44,7 @@ def _filter_config(preset: str = "bundled") -> ml_collections.ConfigDict:
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
+    c.objective = "pretrain"   # what lm.train runs: pretrain | sft | reward | dpo | ppo | grpo (lm/train/<name>.py)
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.data = ml_collections.ConfigDict(dict(
         inputs=(),               # empty: the bundled corpus (CPython's documentation)
