@@ -78,7 +78,7 @@ def test_every_block_can_be_switched_off_and_reparameterised(tmp_path):
         c[block].enabled = False
     stages = recipe.plan(c, ["x.jsonl"], str(tmp_path))
     assert len(stages) == 1
-    assert [type(s).__name__ for s in stages[0].pipeline] == ["InputReader", "Tally", "JsonlWriter"]
+    assert [type(s).__name__ for s in stages[0].pipeline] == ["InputReader", "Tally", "Progress", "JsonlWriter"]
 
 
 # ---------------------------------------------------------------- readers
@@ -261,9 +261,11 @@ def test_cli_preset_overrides_report_only_and_resume(shared_data, tmp_path):
     written = shard.stat().st_mtime_ns
     assert recipe.run(c, [src], out)["documents_kept"] == report["documents_kept"]
     assert shard.stat().st_mtime_ns == written
-    c.language.language_threshold = 0.99  # a changed config starts afresh
-    changed = recipe.run(c, [src], out)
-    assert changed["documents_kept"] < report["documents_kept"]
+    c.language.language_threshold = 0.99  # a changed config starts afresh; keeping nothing stops with a hint
+    with pytest.raises(recipe.KeptNothing, match=r"kept 0 of 12 documents: language dropped 12 \(not_language=12\)"
+                                                 r".*relax config.filter.language.language_threshold"):
+        recipe.run(c, [src], out)
+    assert json.loads((out / "filter_report.json").read_text())["documents_kept"] == 0
     assert not shard.exists() or shard.stat().st_mtime_ns != written
 
 
