@@ -616,6 +616,31 @@ def check_kept(result: dict):
                       f"reasons, are in {worst['dropped_to']}")
 
 
+def pass_rates(c: ml_collections.ConfigDict, docs) -> dict:
+    """The text blocks of `c` (language, Gopher repetition, Gopher quality, C4, FineWeb quality; whichever are
+    enabled) run in this process on `docs` (datatrove Documents), each on every document: how many pass all, how many
+    each block drops in recipe order ("first": the block that drops a document first) and on its own ("alone").
+    Measures how far the recipe is from a corpus that is already filtered (FineWeb's own documents)."""
+    words = word_splitter(c.word_splitter)
+    names = [b for b in FILTER_BLOCKS if b not in ("url_filter", "extract") and c[b].enabled]
+    blocks = [(b, _make_block(b, c[b], None, words)) for b in names]
+    first, alone, kept = collections.Counter(), collections.Counter(), 0
+    for doc in docs:
+        verdicts = [(name, block.filter(doc)) for name, block in blocks]
+        failed = [(name, v[1] if isinstance(v, tuple) else DEFAULT_REASON.get(name, name))
+                  for name, v in verdicts if v is not True and not (isinstance(v, tuple) and v[0])]
+        alone.update(f"{name}:{reason}" for name, reason in failed)
+        if failed:
+            first[f"{failed[0][0]}:{failed[0][1]}"] += 1
+        else:
+            kept += 1
+    n = sum(first.values()) + kept
+    return {"documents": n, "kept": kept, "pass_rate": kept / n if n else None,
+            "block_pass_rates": {name: 1 - sum(v for k, v in alone.items() if k.startswith(name + ":")) / n
+                                 for name in names} if n else {},
+            "first": dict(first.most_common()), "alone": dict(alone.most_common())}
+
+
 # ---------------------------------------------------------------- CLI
 
 def main(argv):
