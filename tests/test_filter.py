@@ -108,8 +108,9 @@ def test_bad_jsonl_lines_are_counted_with_file_and_line(tmp_path):
     items = read_all([path])
     docs = [i for i in items if isinstance(i, Document)]
     bad = [(i.reason, i.line) for i in items if isinstance(i, readers.Bad)]
-    assert [d.id for d in docs] == ["a", "e"] and docs[0].metadata["url"] == "http://a.example/"
-    assert bad == [("malformed_json", 2), ("empty_document", 3), ("not_utf8", 4), ("malformed_record", 5)]
+    assert [d.id for d in docs] == ["a", "d", "e"] and docs[0].metadata["url"] == "http://a.example/"
+    assert docs[1].text == "caf\ufffd"  # one UTF-8 rule everywhere: invalid bytes replaced, the document kept
+    assert bad == [("malformed_json", 2), ("empty_document", 3), ("malformed_record", 5)]
 
 
 def test_truncated_gzip_keeps_what_was_read_and_counts_the_rest(tmp_path):

@@ -150,7 +150,9 @@ def test_bad_input_counted_with_file_and_reason(run):
     report, workdir, _ = run
     bad = {(b["file"].rsplit("/", 1)[-1], b["reason"]): b["count"] for b in report["bad_input"]}
     assert bad[("truncated.warc.gz", "truncated_or_unreadable")] == 1
-    assert bad[("planted.warc.gz", "not_utf8")] == 1
+    assert ("planted.warc.gz", "not_utf8") not in bad  # invalid UTF-8 is replaced and counted, the page kept
+    replaced = {r["file"].rsplit("/", 1)[-1]: r["count"] for r in report["utf8_replaced"]}
+    assert replaced["planted.warc.gz"] == 1
     assert bad[("dolma-sample-0000.warc.gz", "not_html")] == 1
     read = report["blocks"][0]
     assert read["dropped"] == sum(bad.values()) == sum(read["reasons"].values())

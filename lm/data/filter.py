@@ -76,7 +76,8 @@ def default_config(preset: str = "web") -> ml_collections.ConfigDict:
     c.slurm = ml_collections.ConfigDict(dict(partition="", time="10:00:00", cpus_per_task=1, mem_per_cpu_gb=2,
                                              job_name="lm_filter", venv_path="", workers=-1))
     c.ray = ml_collections.ConfigDict(dict(cpus_per_task=1, mem_per_cpu_gb=2.0))
-    c.reader = ml_collections.ConfigDict(dict(text_key="text", id_key="id", limit=-1))
+    c.reader = ml_collections.ConfigDict(dict(text_key="text", id_key="id", limit=-1,
+                                              txt_separator=readers.BLANK_LINE, txt_max_chars=readers.TXT_MAX_CHARS))
     # How the Gopher, C4 and FineWeb-quality blocks split words: "nltk" is FineWeb's (NLTK's word_tokenize, English
     # Punkt model shipped in a wheel), "spacy" datatrove's current default (3x slower here).
     c.word_splitter = "nltk"
@@ -497,12 +498,18 @@ def report(c: ml_collections.ConfigDict, files: list[str], workdir, seconds: flo
         "documents_in": blocks[0]["docs_in"], "bytes_in": blocks[0]["bytes_in"],
         "documents_kept": kept, "bytes_kept": kept_bytes,
         "documents_dropped": sum(b["dropped"] for b in blocks), "blocks": blocks,
-        "bad_input": _bad_input(reader), "seconds": seconds,
+        "bad_input": _bad_input(reader), "utf8_replaced": _utf8_replaced(reader), "seconds": seconds,
     }
     with open(paths.report, "w") as f:
         json.dump(result, f, indent=2)
     check_balance(result)
     return result
+
+
+def _utf8_replaced(reader) -> list[dict]:
+    """Files whose invalid UTF-8 was replaced (documents kept), with how many documents each."""
+    return sorted(({"file": key.split("::", 1)[1], "count": int(value)} for key, value in reader["totals"].items()
+                   if key.startswith("utf8_replaced::")), key=lambda row: row["file"])
 
 
 def _stage_steps(logging_dir: str) -> dict:
