@@ -232,7 +232,7 @@ def test_gsm8k_config_runs_two_steps_on_a_tiny_hf_model(shared_data, tmp_path):
         config.model = model_config
     save_run(tmp_path / "w" / "sft", model, config, tok)
     overrides = {"grpo.prompts": 2, "grpo.group_size": 4, "grpo.prompt_len": 192, "grpo.max_new_tokens": 8,
-                 "grpo.minibatches": 1, "grpo.beta": 0.05, "grpo.dtype": "float32", "grpo.eval_problems": 2,
+                 "grpo.minibatches": 1, "grpo.train_problems": 64, "grpo.beta": 0.05, "grpo.dtype": "float32", "grpo.eval_problems": 2,
                  "grpo.eval_samples": 2, "grpo.eval_ks": (1, 2), "train.steps": 2, "train.eval_every": 2,
                  "train.checkpoint_every": 2, "mesh.data": 8}
     config = lm_config.load("configs/grpo_gsm8k.py", overrides)

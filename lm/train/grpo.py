@@ -33,7 +33,7 @@ from exactly the parameters the uninterrupted run sampled it with.
 Evaluation (`train.eval_every` and at the end, and once on the init model before any step): greedy pass@1 and
 sampled pass@k (k in `grpo.eval_ks`, `grpo.eval_samples` samples, the unbiased estimator) on `grpo.eval_problems`
 held-out test problems, logged as eval/<key>, and written with the curve over steps and a few full completions
-(their thinking included) to <workdir>/grpo/grpo_report.json (`REPORT`).
+(their thinking included) to <workdir>/<grpo.run_dir>/grpo_report.json (`REPORT`; run_dir "grpo" by default).
 """
 import functools
 import json
@@ -56,7 +56,6 @@ from lm.eval import tasks
 from lm.tokenizer import chat
 from lm.train import loop, losses, rl_math
 
-RUN_DIR = "grpo"
 REPORT = "grpo_report.json"
 TASKS = {"arithmetic": tasks.Arithmetic, "compare_decimals": tasks.CompareDecimals,
          "count_letters": tasks.CountLetters, "identity": tasks.Identity, "gsm8k": tasks.GSM8K}
@@ -70,6 +69,7 @@ def default_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         init_from="sft",         # run to start from (and the KL reference): relative to the workdir, or absolute
         init_step=-1,            # its checkpoint step; -1: the latest
+        run_dir="grpo",          # this run's directory, relative to the workdir (seeds of a sweep side by side)
         dtype="",                # compute dtype of the policy ("": the init run's model.dtype)
         task="arithmetic",       # a name in TASKS
         task_kwargs={},          # its constructor arguments (difficulty dials; gsm8k: directory)
@@ -309,11 +309,17 @@ class FittingProblems(tasks.Task):
         self.task, self.tokenizer, self.limit, self.name = task, tokenizer, limit, task.name
 
     def examples(self, split, n=None, seed=0):
-        from_file = isinstance(self.task, tasks.GSM8K)
-        found = [e for e in self.task.examples(split, None if from_file else n, seed=seed)
-                 if len(chat.render_for_completion(self.tokenizer, e.prompt)) <= self.limit]
-        if from_file and n is not None:
-            found = random.Random(f"{self.name}:{split}:{seed}").sample(found, min(n, len(found)))
+        if isinstance(self.task, tasks.GSM8K):  # a seeded order of the whole file, the first n that fit
+            candidates = self.task.examples(split)
+            random.Random(f"{self.name}:{split}:{seed}").shuffle(candidates)
+        else:
+            candidates = self.task.examples(split, n, seed=seed)
+        found = []
+        for example in candidates:
+            if n is not None and len(found) == n:
+                break
+            if len(chat.render_for_completion(self.tokenizer, example.prompt)) <= self.limit:
+                found.append(example)
         return found
 
     def reward(self, answer_text, reference):
@@ -416,7 +422,7 @@ def run(config, workdir, stop_after: int | None = None, task=None) -> dict:
     config = ml_collections.ConfigDict(config.to_dict())
     config.grpo = grpo_config
     workdir = pathlib.Path(workdir)
-    run_dir = workdir / RUN_DIR
+    run_dir = workdir / config.grpo.run_dir
     init_run = resolve_init(config, workdir)
     init_model, tokenizer, init_config, init_meta = lm_checkpoint.load_run(init_run, step=init_step(config.grpo))
     config = with_init_model(config, init_config)
