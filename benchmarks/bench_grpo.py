@@ -1,0 +1,215 @@
+"""GRPO step time (rollout + update) of lm.train.grpo vs TRL's GRPOTrainer, on the same tiny GPT-2 weights on CPU.
+
+    ../shared/tools/quiet-run python benchmarks/bench_grpo.py [--trl_python=/work/venv-trl/bin/python]
+        [--threads=1,2] [--prompts=4 --group=8 --new_tokens=32 --steps=6]
+
+One random tiny GPT-2 (configs/tiny.py's model: 2 layers, d 128, this script's 2,048-token BPE) is saved as our
+run and exported through lm.model.hf for transformers, with our tokenizer's HF tokenizer.json on both sides, so both
+start from the same weights and see the same prompt ids (arithmetic prompts in our chat template). Each step: P
+prompts x G samples of up to `new_tokens` tokens (TRL: exactly that, min_new_tokens and no eos; ours stops only at
+<|assistant_end|>, which a random model rarely produces; the generated-token count of each side is reported, so
+tokens/s compare even where a row stops early), then one optimizer update (beta 0, one iteration per rollout, AdamW, float32).
+TRL 1.16 runs offline on CPU with use_vllm=False, bf16=False, no gradient checkpointing, disable_dropout=True;
+its per_device_train_batch_size counts completions (P x G). Each side runs in its own process pinned to `threads`
+cores (sched_setaffinity; torch.set_num_threads / XLA's CPU thread pool follow it). The first step (compilation,
+warm-up) is reported apart; the median of the others is the step time. TRL lives in its own venv, never in ours.
+Writes benchmarks/results/grpo_bench.json.
+"""
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+VOCAB = 2048
+
+
+# ------------------------------------------------------------------------------------------------ shared setup (ours)
+
+def prepare(directory: pathlib.Path, prompts: int) -> dict:
+    """Tokenizer, the random tiny model as a run (W/sft) and in HF format (W/hf), and the prompt texts."""
+    import pydoc_data.topics
+    from flax import nnx
+
+    from lm import checkpoint, config as lm_config
+    from lm.eval import tasks
+    from lm.model import Transformer
+    from lm.model import hf
+    from lm.tokenizer import chat
+    from lm.tokenizer import train as tokenizer_train
+
+    texts = list(pydoc_data.topics.topics.values())[:80]
+    texts += [e.prompt[0]["content"] + " " + e.thinking for e in tasks.Arithmetic().examples("train", 200)]
+    tok = tokenizer_train.train(texts, VOCAB, directory / "tokenizer")
+    config = lm_config.load("configs/tiny.py", {"model.vocab_size": tok.n_vocab})
+    model = Transformer(config.model, rngs=nnx.Rngs(0))
+    _, params, _ = nnx.split(model, nnx.Param, ...)
+    ck = checkpoint.Checkpoints(checkpoint.checkpoint_dir(directory / "sft"))
+    ck.save(1, {"params": params}, {"config": config.to_dict(), "tokenizer_hash": tok.hash, "objective": "sft"})
+    ck.close()
+    hf.export_hf(model, config.model, directory / "hf", bos_token_id=tok.eot_id, eos_token_id=tok.eot_id,
+                 pad_token_id=chat.pad_id(tok))
+    examples = tasks.Arithmetic().examples("train", prompts, seed=0)
+    prompt_texts = [tok.decode(chat.render_for_completion(tok, e.prompt)) for e in examples]
+    return dict(tokenizer_json=str(directory / "tokenizer" / "tokenizer.json"), prompts=prompt_texts,
+                pad=chat.pad_id(tok), eot=tok.eot_id)
+
+
+def pin(threads: int) -> None:
+    os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:threads]))
+
+
+# ------------------------------------------------------------------------------------------------ ours
+
+def run_ours(directory: pathlib.Path, args) -> dict:
+    from lm import checkpoint, config as lm_config
+    from lm.eval import tasks
+    from lm.train import grpo, loop
+
+    class HasDigit(tasks.Task):
+        name = "has_digit"
+
+        def examples(self, split, n=None, seed=0):
+            return tasks.Arithmetic().examples(split, n, seed)
+
+        def reward(self, answer_text, reference):
+            return float(any(c.isdigit() for c in answer_text))
+
+    overrides = {"grpo.prompts": args.prompts, "grpo.group_size": args.group, "grpo.max_new_tokens": args.new_tokens,
+                 "grpo.prompt_len": 32, "grpo.minibatches": 1, "grpo.eval_problems": 0, "grpo.train_problems": 256,
+                 "train.steps": args.steps, "train.eval_every": 0, "train.checkpoint_every": 0,
+                 "train.seq_len": 32 + args.new_tokens - 1, "train.lr": 1e-3}
+    config = lm_config.load("configs/grpo_tiny.py", overrides)
+    init = directory / "sft"
+    _, tok, init_config, init_meta = checkpoint.load_run(init)
+    config = grpo.with_init_model(config, init_config)
+    grpo.check_config(config)
+    objective = grpo.objective(config, directory, tok, HasDigit(), {}, init)
+    times, tokens = [], []
+    run_dir = directory / f"ours_{args.threads}"
+    with loop.Trainer(config, run_dir, objective) as trainer:
+        batches = trainer.train_batches()
+        for _ in range(args.steps):
+            tick = time.perf_counter()
+            batch = next(batches)
+            trainer.step(batch)
+            times.append(time.perf_counter() - tick)
+            tokens.append(float(batch["loss_mask"].sum()))
+    return dict(times=times, generated_tokens=tokens)
+
+
+# ------------------------------------------------------------------------------------------------ TRL
+
+def run_trl(directory: pathlib.Path, setup: dict, args) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    torch.set_num_threads(args.threads)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=setup["tokenizer_json"], pad_token="<|pad|>",
+                                        eos_token="<|endoftext|>")
+    model = GPT2LMHeadModel.from_pretrained(directory / "hf", torch_dtype=torch.float32)
+    # No stop: every completion has exactly new_tokens tokens (as ours, where a random model rarely ends a turn).
+    model.generation_config.eos_token_id = None
+
+    def has_digit(completions, **kwargs):
+        return [float(any(c.isdigit() for c in text)) for text in completions]
+
+    times, tokens = [], []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.tick = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - self.tick)
+
+    rows = args.prompts * args.group
+    dataset = Dataset.from_dict({"prompt": setup["prompts"] * (args.steps + 1)})
+    config = GRPOConfig(
+        output_dir=str(directory / f"trl_{args.threads}"), per_device_train_batch_size=rows,
+        num_generations=args.group, max_completion_length=args.new_tokens, max_steps=args.steps,
+        learning_rate=1e-3, beta=0.0, num_iterations=1, temperature=1.0, bf16=False, fp16=False,
+        gradient_checkpointing=False, disable_dropout=True, use_vllm=False, use_cpu=True, logging_steps=1,
+        report_to="none", save_strategy="no", seed=0, dataloader_num_workers=0, shuffle_dataset=False,
+        generation_kwargs={"min_new_tokens": args.new_tokens})
+    trainer = GRPOTrainer(model=model, reward_funcs=has_digit, args=config, train_dataset=dataset,
+                          processing_class=tokenizer, callbacks=[Timer()])
+    trainer.train()
+    lengths = [r.get("completions/mean_length") for r in trainer.state.log_history if "completions/mean_length" in r]
+    tokens = [float(length) * rows for length in lengths]
+    return dict(times=times, generated_tokens=tokens)
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+def summarise(result: dict) -> dict:
+    times, tokens = result["times"], result["generated_tokens"]
+    rest = times[1:] or times
+    per_step_tokens = statistics.median(tokens[1:] or tokens) if tokens else None
+    median = statistics.median(rest)
+    return dict(first_step_s=times[0], median_step_s=median, steps=len(times),
+                generated_tokens_per_step=per_step_tokens,
+                generated_tokens_per_s=per_step_tokens / median if per_step_tokens else None, times=times)
+
+
+def child(args) -> None:
+    pin(args.threads)
+    directory = pathlib.Path(args.dir)
+    setup = json.loads((directory / "setup.json").read_text())
+    result = run_ours(directory, args) if args.side == "ours" else run_trl(directory, setup, args)
+    print("RESULT " + json.dumps(result))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trl_python", default="/work/venv-trl/bin/python")
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--group", type=int, default=8)
+    parser.add_argument("--new_tokens", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--dir", default="/tmp/bench_grpo")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "grpo_bench.json"))
+    parser.add_argument("--side", choices=("ours", "trl"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:
+        args.threads = int(args.threads)
+        return child(args)
+
+    directory = pathlib.Path(args.dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    setup = prepare(directory, args.prompts)
+    (directory / "setup.json").write_text(json.dumps(setup))
+    common = [f"--dir={directory}", f"--prompts={args.prompts}", f"--group={args.group}",
+              f"--new_tokens={args.new_tokens}", f"--steps={args.steps}"]
+    results = {}
+    for threads in [int(t) for t in args.threads.split(",")]:
+        for side, python in (("ours", sys.executable), ("trl", args.trl_python)):
+            env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="",
+                       HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+                       OMP_NUM_THREADS=str(threads), XLA_FLAGS="")
+            out = subprocess.run([python, __file__, f"--side={side}", f"--threads={threads}", *common], cwd=REPO,
+                                 env=env, capture_output=True, text=True)
+            line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+            if out.returncode or not line:
+                raise SystemExit(f"{side} with {threads} threads failed:\n{out.stderr[-4000:]}")
+            results[f"{side}_{threads}"] = summarise(json.loads(line[-1][len("RESULT "):]))
+            print(side, threads, {k: v for k, v in results[f"{side}_{threads}"].items() if k != "times"}, flush=True)
+    for threads in args.threads.split(","):
+        ours, trl = results[f"ours_{threads}"], results[f"trl_{threads}"]
+        results[f"trl_over_ours_step_time_{threads}"] = trl["median_step_s"] / ours["median_step_s"]
+    result = dict(prompts=args.prompts, group=args.group, new_tokens=args.new_tokens, steps=args.steps,
+                  load_average=list(os.getloadavg()), cpu_count=os.cpu_count(), results=results)
+    pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in results.items() if k.startswith("trl_over")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
