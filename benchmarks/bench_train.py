@@ -69,8 +69,7 @@ LEVERS = {
     "all": ({"model.flat_matmuls": True, "model.fused_qkv": True, "model.attention": "blockwise",
              "model.attention_block": 128, "train.loss_chunk": 128}, ""),
 }
-DEFAULT_LEVERS = ["flat_matmuls", "fused_qkv", "blockwise", "blockwise64", "loss_chunk", "xnnpack",
-                  "concurrency_scheduler", "all"]
+DEFAULT_LEVERS = ["flat_matmuls", "fused_qkv", "blockwise", "loss_chunk", "xnnpack", "concurrency_scheduler", "all"]
 
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Interleaved rounds (each times every variant once).")
 _ROUND_SECONDS = flags.DEFINE_float("round_seconds", 2.0, "Target seconds of one variant's round (sets the steps).")
@@ -258,6 +257,8 @@ def run_size(name, size, peak, rounds, levers):
     assert len(set(params.values())) == 1, params
     warm = max(s[2] for s in started.values())
     steps = _STEPS.value or max(1, round(_ROUND_SECONDS.value / warm))
+    print(f"{name}: {len(workers)} variants ready, slowest warm step {warm:.2f} s: {rounds} rounds of {steps} steps "
+          f"take about {rounds * steps * sum(s[2] for s in started.values()):.0f} s", flush=True)
     times, last_loss, foreign, wall = timed_rounds(workers, started, rounds, steps)
     for process, connection in workers.values():
         connection.send(None)
