@@ -1,19 +1,32 @@
-"""Training throughput of lm's train step vs a straightforward PyTorch GPT-2 (nanoGPT style), fp32 on CPU.
+"""Training step time of lm vs a nanoGPT-style PyTorch GPT (fp32, CPU), and of each of lm's compute levers.
 
-Same shapes (GPT-2 family: learned positions, LayerNorm, GELU MLP, biases, tied embeddings; the parameter
-counts are checked equal), same synthetic batches, AdamW with global-norm clipping on both sides, the loss
-read back every step on both sides (as the training loop does). Each side lives in its own worker process
-(so XLA's and torch's thread pools never compete), and rounds are interleaved (lm, torch, lm, torch, ...) so
-machine noise hits both alike; the median step time of each side is reported. Achieved FLOP/s use
-the model FLOPs per token (6N + attention) and are compared with a measured float32 matmul peak.
+Same shapes (GPT-2 family: learned positions, LayerNorm, GELU MLP, biases, tied embeddings; parameter counts checked
+equal), same synthetic batches, AdamW with global-norm clipping on both sides, the loss read back every step on both
+sides (as the training loop does). PyTorch uses F.scaled_dot_product_attention(is_causal=True) and runs with 1 and
+with all threads (both reported; lm is compared with the faster). lm runs once as configured (`base`) and once per
+lever in --levers, each lever alone on top of `base` (and `all`: every model lever together), so one run gives the
+per-lever table. Every variant lives in its own worker process (thread pools never compete; an XLA flag applies to
+one worker only), and rounds are interleaved (torch, lm, lm+lever, ..., then again) so machine noise hits all alike;
+each variant's median step time is reported.
 
-    python benchmarks/bench_train.py [--rounds=5] [--steps=10]
+The run records the foreign CPU load during the timed rounds (busy CPU time from /proc/stat minus the CPU time of
+this process and its workers, over the wall time) and the float32 matmul peak (median of quiet probes between
+shapes). Above --max_foreign_load cores the figures are marked contended and --output is not written (exit code 3):
+on 2 shared cores a contended run flatters whichever side suffers less. Run it alone, ideally under
+../shared/tools/quiet-run:
+
+    ../shared/tools/quiet-run -- python benchmarks/bench_train.py                 # all shapes and levers
+    python benchmarks/bench_train.py --sizes=small --levers=flat_matmuls --rounds=1 --round_seconds=0 \\
+        --output=/tmp/t.json                                                      # a smoke run (~1 minute)
+
+Steps per round are chosen per shape so that one round of one variant takes about --round_seconds (at least 1).
 """
 import json
 import multiprocessing
 import os
 import pathlib
 import platform
+import resource
 import sys
 import time
 
@@ -30,25 +43,53 @@ from flax import nnx  # noqa: E402
 from lm import config as lm_config  # noqa: E402
 from lm import mesh as lm_mesh  # noqa: E402
 from lm import model as lm_model  # noqa: E402
-from lm.train import loop, metrics, pretrain  # noqa: E402
+from lm.train import loop, losses, metrics  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "train.json"
-SIZES = {
+SIZES = {  # the issue's four shapes: the tiny presets, then nanoGPT-like ones
     "small": dict(n_layers=2, d_model=128, n_heads=4, d_ff=512, vocab_size=2048, seq_len=128, batch_size=8),
     "medium": dict(n_layers=4, d_model=256, n_heads=4, d_ff=1024, vocab_size=4096, seq_len=256, batch_size=8),
+    "nano_4x256": dict(n_layers=4, d_model=256, n_heads=4, d_ff=1024, vocab_size=8192, seq_len=256, batch_size=16),
+    "nano_6x384": dict(n_layers=6, d_model=384, n_heads=6, d_ff=1536, vocab_size=32768, seq_len=512, batch_size=8),
 }
+# lever -> (config overrides on top of the base config, XLA_FLAGS for that worker). Model levers are exact (see
+# tests/test_attention.py); XLA flags change only how XLA compiles and runs the same program.
+LEVERS = {
+    "flat_matmuls": ({"model.flat_matmuls": True}, ""),
+    "fused_qkv": ({"model.fused_qkv": True}, ""),
+    "blockwise": ({"model.attention": "blockwise", "model.attention_block": 128}, ""),
+    "blockwise64": ({"model.attention": "blockwise", "model.attention_block": 64}, ""),
+    "dot_product": ({"model.attention": "dot_product"}, ""),
+    "loss_chunk": ({"train.loss_chunk": 128}, ""),
+    "xnnpack": ({}, "--xla_cpu_use_xnnpack=true"),
+    "onednn": ({}, "--xla_cpu_use_onednn=true"),
+    "concurrency_scheduler": ({}, "--xla_cpu_enable_concurrency_optimized_scheduler=true"),
+    "single_thread_eigen": ({}, "--xla_cpu_multi_thread_eigen=false"),
+    "legacy_runtime": ({}, "--xla_cpu_use_thunk_runtime=false"),
+    "all": ({"model.flat_matmuls": True, "model.fused_qkv": True, "model.attention": "blockwise",
+             "model.attention_block": 128, "train.loss_chunk": 128}, ""),
+}
+DEFAULT_LEVERS = ["flat_matmuls", "fused_qkv", "blockwise", "loss_chunk", "xnnpack", "concurrency_scheduler", "all"]
 
-_ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved rounds (each times `steps` steps of lm, then of torch).")
-_STEPS = flags.DEFINE_integer("steps", 10, "Train steps per round and side.")
-_SIZES = flags.DEFINE_list("sizes", list(SIZES), "Sizes to run.")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "Interleaved rounds (each times every variant once).")
+_ROUND_SECONDS = flags.DEFINE_float("round_seconds", 2.0, "Target seconds of one variant's round (sets the steps).")
+_STEPS = flags.DEFINE_integer("steps", 0, "Steps per round and variant (0: from --round_seconds).")
+_SIZES = flags.DEFINE_list("sizes", list(SIZES), f"Shapes to run: {', '.join(SIZES)}.")
+_LEVERS = flags.DEFINE_list("levers", DEFAULT_LEVERS, f"lm levers, each measured alone: {', '.join(LEVERS)}; "
+                            "'none' for the base config only.")
+_TORCH_THREADS = flags.DEFINE_list("torch_threads", ["1", str(os.cpu_count())], "PyTorch thread counts to run.")
+_MAX_FOREIGN = flags.DEFINE_float("max_foreign_load", 0.1, "Foreign busy cores above which the run is contended.")
+_PROBES = flags.DEFINE_integer("peak_probes", 5, "Matmul peak probes, at least one after each shape (the median "
+                              "is reported).")
+_OUTPUT = flags.DEFINE_string("output", str(RESULTS), "Results JSON (written only when the run is not contended).")
 
 
-def make_config(size: dict):
+def make_config(size: dict, overrides: dict | None = None):
     model = {f"model.{k}": v for k, v in size.items() if k not in ("seq_len", "batch_size")}
     return lm_config.load("configs/tiny.py", {
         **model, "model.n_kv_heads": size["n_heads"], "model.max_len": size["seq_len"], "model.dtype": "float32",
         "train.seq_len": size["seq_len"], "train.batch_size": size["batch_size"], "train.warmup_steps": 0,
-        "train.lr": 1e-3, "train.steps": 10_000, "mesh.data": 1})
+        "train.lr": 1e-3, "train.steps": 10_000, "mesh.data": 1, **(overrides or {})})
 
 
 # --- PyTorch GPT (nanoGPT) -----------------------------------------------------------------------------------------
@@ -114,7 +155,7 @@ def torch_trainer(size, batches):
 
 def lm_trainer(config, batches):
     mesh = lm_mesh.make_mesh(config.mesh)
-    objective = loop.Objective(loss=pretrain.lm_loss, train_batches=None,
+    objective = loop.Objective(loss=losses.make_lm_loss(config.train), train_batches=None,
                                make_model=lambda: lm_model.Transformer(config.model, rngs=nnx.Rngs(0)))
     with jax.set_mesh(mesh):
         data = [loop.global_batch(b, mesh) for b in batches]
@@ -128,81 +169,178 @@ def lm_trainer(config, batches):
     return step, lm_model.param_count(config.model)
 
 
-# --- the comparison ------------------------------------------------------------------------------------------------
+# --- Workers -------------------------------------------------------------------------------------------------------
 
-def synthetic_batches(size, n=8):
+def synthetic_batches(size, n=4):
     rng = np.random.default_rng(0)
     rows = rng.integers(0, size["vocab_size"], (n, size["batch_size"], size["seq_len"] + 1), dtype=np.int32)
     return [{"inputs": r[:, :-1], "targets": r[:, 1:], "loss_mask": np.ones(r[:, 1:].shape, np.float32)}
             for r in rows]
 
 
-def worker(side: str, size: dict, connection):
-    """Builds one side's trainer, reports (params, first loss), then times `n` steps from `first` per request."""
-    if side == "torch":
-        torch.set_num_threads(os.cpu_count())
+def own_cpu_seconds(who=resource.RUSAGE_SELF) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def worker(variant: dict, size: dict, connection):
+    """Builds one variant's trainer; reports (params, first loss, a warm step's seconds, CPU seconds); then, per request
+    (first step, n), times n steps and answers (seconds per step, last loss, this process's CPU seconds so far)."""
+    if variant["side"] == "torch":
+        torch.set_num_threads(variant["threads"])
         step, n_params = torch_trainer(size, synthetic_batches(size))
     else:
-        step, n_params = lm_trainer(make_config(size), synthetic_batches(size))
-    connection.send((n_params, step(0)))  # the first step also warms up
+        if variant["xla_flags"]:  # read when the backend starts, which is after this (nothing ran in jax yet)
+            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + variant["xla_flags"]).strip()
+        step, n_params = lm_trainer(make_config(size, variant["overrides"]), synthetic_batches(size))
+    first_loss = step(0)  # compiles and warms up
+    start = time.perf_counter()
+    step(1)
+    connection.send((n_params, first_loss, time.perf_counter() - start, own_cpu_seconds()))
     while (request := connection.recv()) is not None:
         first, n = request
         start = time.perf_counter()
         for i in range(first, first + n):
-            step(i)
-        connection.send((time.perf_counter() - start) / n)
+            loss = step(i)
+        connection.send(((time.perf_counter() - start) / n, loss, own_cpu_seconds()))
 
 
-def run_size(name, size, peak, rounds, steps):
+def variants(torch_threads, levers) -> dict:
+    out = {f"torch_{t}t": dict(side="torch", threads=int(t)) for t in torch_threads}
+    out["lm"] = dict(side="lm", overrides={}, xla_flags="")
+    for lever in levers:
+        overrides, xla_flags = LEVERS[lever]
+        out[f"lm+{lever}"] = dict(side="lm", overrides=overrides, xla_flags=xla_flags)
+    return out
+
+
+def busy_cpu_seconds() -> float:
+    """The machine's busy CPU seconds so far (all cores), from /proc/stat."""
+    fields = list(map(int, open("/proc/stat").readline().split()[1:9]))
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+# --- The comparison ------------------------------------------------------------------------------------------------
+
+def start_workers(size, all_variants):
     context = multiprocessing.get_context("spawn")
     workers = {}
-    for side in ("lm", "torch"):
+    for name, variant in all_variants.items():
         parent, child = context.Pipe()
-        process = context.Process(target=worker, args=(side, size, child), daemon=True)
+        process = context.Process(target=worker, args=(variant, size, child), daemon=True)
         process.start()
-        workers[side] = (process, parent)
-    started = {side: connection.recv() for side, (_, connection) in workers.items()}
-    lm_params, torch_params = started["lm"][0], started["torch"][0]
-    assert lm_params == torch_params, (lm_params, torch_params)
-    times = {"lm": [], "torch": []}
+        workers[name] = (process, parent)
+    return workers, {name: connection.recv() for name, (_, connection) in workers.items()}
+
+
+def timed_rounds(workers, started, rounds, steps):
+    """Interleaved rounds -> ({variant: [seconds per step]}, {variant: last loss}, foreign busy cores, seconds)."""
+    times = {name: [] for name in workers}
+    last_loss = {}
+    cpu = {name: s[3] for name, s in started.items()}  # each worker's CPU seconds before the timed part
+    cpu_before = sum(cpu.values()) + own_cpu_seconds()
+    busy_before, wall_before = busy_cpu_seconds(), time.perf_counter()
     for r in range(rounds):
-        for side, (_, connection) in workers.items():
-            connection.send((1 + r * steps, steps))
-            times[side].append(connection.recv())
+        for name, (_, connection) in workers.items():
+            connection.send((2 + r * steps, steps))
+            seconds, last_loss[name], cpu[name] = connection.recv()
+            times[name].append(seconds)
+    wall = time.perf_counter() - wall_before
+    own = sum(cpu.values()) + own_cpu_seconds() - cpu_before
+    return times, last_loss, max(0.0, busy_cpu_seconds() - busy_before - own) / wall, wall
+
+
+def run_size(name, size, peak, rounds, levers):
+    all_variants = variants(_TORCH_THREADS.value, levers)
+    workers, started = start_workers(size, all_variants)
+    params = {variant: s[0] for variant, s in started.items()}
+    assert len(set(params.values())) == 1, params
+    warm = max(s[2] for s in started.values())
+    steps = _STEPS.value or max(1, round(_ROUND_SECONDS.value / warm))
+    print(f"{name}: {len(workers)} variants ready, slowest warm step {warm:.2f} s: {rounds} rounds of {steps} steps "
+          f"take about {rounds * steps * sum(s[2] for s in started.values()):.0f} s", flush=True)
+    times, last_loss, foreign, wall = timed_rounds(workers, started, rounds, steps)
     for process, connection in workers.values():
         connection.send(None)
         process.join()
-    config = make_config(size)
     tokens = size["batch_size"] * size["seq_len"]
-    flops_per_token = lm_model.flops_per_token(config.model, size["seq_len"])
-    result = dict(size, params=lm_params, flops_per_token=flops_per_token,
-                  first_loss={side: loss for side, (_, loss) in started.items()})
-    for side, ts in times.items():
-        rate = tokens / float(np.median(ts))
-        result[side] = dict(tokens_per_sec=round(rate, 1), step_ms=round(1e3 * float(np.median(ts)), 2),
-                            step_ms_all=[round(1e3 * t, 2) for t in ts], gflops=round(rate * flops_per_token / 1e9, 2),
-                            fraction_of_peak=round(rate * flops_per_token / peak, 4))
-    result["speedup_lm_over_torch"] = round(result["lm"]["tokens_per_sec"] / result["torch"]["tokens_per_sec"], 3)
-    print(f"{name}: {lm_params:,} params, batch {size['batch_size']} x {size['seq_len']}: "
-          f"lm {result['lm']['tokens_per_sec']:,.0f} tok/s ({result['lm']['fraction_of_peak']:.1%} of peak), "
-          f"torch {result['torch']['tokens_per_sec']:,.0f} tok/s ({result['torch']['fraction_of_peak']:.1%}); "
-          f"lm / torch = {result['speedup_lm_over_torch']:.2f}x", flush=True)
+    flops_per_token = lm_model.flops_per_token(make_config(size).model, size["seq_len"])
+    result = dict(size, params=params["lm"], flops_per_token=flops_per_token, steps_per_round=steps,
+                  foreign_load_cores=round(foreign, 3), timed_seconds=round(wall, 1), variants={})
+    for variant, ts in times.items():
+        step_s = float(np.median(ts))
+        rate = tokens / step_s
+        result["variants"][variant] = dict(
+            step_ms=round(1e3 * step_s, 2), step_ms_all=[round(1e3 * t, 2) for t in ts],
+            tokens_per_sec=round(rate, 1), fraction_of_peak=round(rate * flops_per_token / peak, 4),
+            first_loss=started[variant][1], last_loss=last_loss[variant],
+            **({k: v for k, v in all_variants[variant].items() if k != "side"}))
+    torch_names = [v for v in times if v.startswith("torch")]
+    best_torch = min(torch_names, key=lambda v: result["variants"][v]["step_ms"])
+    result["torch_best"] = best_torch
+    for variant, r in result["variants"].items():
+        r["speedup_over_torch"] = round(result["variants"][best_torch]["step_ms"] / r["step_ms"], 3)
+        if variant.startswith("lm"):
+            r["speedup_over_lm"] = round(result["variants"]["lm"]["step_ms"] / r["step_ms"], 3)
+    print_table(name, result)
     return result
+
+
+def print_table(name, result):
+    print(f"\n{name}: {result['params']:,} params, batch {result['batch_size']} x {result['seq_len']}, "
+          f"{result['steps_per_round']} steps/round, foreign load {result['foreign_load_cores']} cores", flush=True)
+    print(f"  {'variant':28s} {'step ms':>10s} {'vs torch':>9s} {'vs lm':>7s} {'peak':>6s}  last loss")
+    for variant, r in result["variants"].items():
+        vs_lm = f"{r['speedup_over_lm']:.2f}x" if "speedup_over_lm" in r else ""
+        print(f"  {variant:28s} {r['step_ms']:10.1f} {r['speedup_over_torch']:8.2f}x {vs_lm:>7s} "
+              f"{r['fraction_of_peak']:6.1%}  {r['last_loss']:.5f}", flush=True)
+
+
+def peak_probe() -> float:
+    """One fresh float32 matmul peak measurement (lm.train.metrics' probe without its cache)."""
+    return metrics.measured_matmul_flops.__wrapped__(2048, 3)
 
 
 def main(argv):
     del argv
-    peak = metrics.measured_matmul_flops()
-    print(f"measured float32 matmul peak (jax, 2048^3): {peak / 1e9:.1f} GFLOP/s on {os.cpu_count()} cores")
-    results = {name: run_size(name, SIZES[name], peak, _ROUNDS.value, _STEPS.value) for name in _SIZES.value}
-    report = dict(benchmark="training tokens/s, lm (JAX) vs PyTorch nanoGPT-style GPT, fp32 CPU, interleaved",
-                  command="python benchmarks/bench_train.py " + " ".join(sys.argv[1:]),
-                  machine=dict(cpus=os.cpu_count(), processor=platform.processor() or platform.machine()),
-                  versions=dict(jax=jax.__version__, torch=torch.__version__), matmul_peak_gflops=round(peak / 1e9, 1),
-                  sizes=results)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    levers = [] if _LEVERS.value == ["none"] else _LEVERS.value
+    unknown = [lever for lever in levers if lever not in LEVERS]
+    if unknown or any(s not in SIZES for s in _SIZES.value):
+        sys.exit(f"unknown lever(s) {unknown} or size(s) in {_SIZES.value}; levers: {list(LEVERS)}, "
+                 f"sizes: {list(SIZES)}")
+    probes = [peak_probe() for _ in range(max(1, _PROBES.value - len(_SIZES.value)))]  # the rest between shapes
+    results = {}
+    for name in _SIZES.value:
+        peak = float(np.median(probes))
+        results[name] = run_size(name, SIZES[name], peak, _ROUNDS.value, levers)
+        probes.append(peak_probe())
+    peak = float(np.median(probes))
+    # The worst shape decides. /proc/stat counts clock ticks: a timed part under ~2 s cannot say it was quiet.
+    foreign = max(r["foreign_load_cores"] for r in results.values())
+    too_short = sum(r["timed_seconds"] for r in results.values()) < 2
+    contended = too_short or foreign > _MAX_FOREIGN.value
+    report = dict(
+        benchmark="training step, lm (JAX) and its levers vs PyTorch nanoGPT-style GPT, fp32 CPU, interleaved",
+        command="python benchmarks/bench_train.py " + " ".join(sys.argv[1:]),
+        quiet_run=os.environ.get("QUIET_RUN") == "1", foreign_load_cores=foreign,
+        verdict="TOO-SHORT" if too_short else ("CONTENDED" if contended else "OK"),
+        max_foreign_load=_MAX_FOREIGN.value,
+        machine=dict(cpus=os.cpu_count(), processor=platform.processor() or platform.machine()),
+        versions=dict(jax=jax.__version__, torch=torch.__version__),
+        matmul_peak_gflops=round(peak / 1e9, 1), matmul_peak_probes_gflops=[round(p / 1e9, 1) for p in probes],
+        levers={lever: dict(overrides=LEVERS[lever][0], xla_flags=LEVERS[lever][1]) for lever in levers},
+        sizes=results)
+    print(f"\nmatmul peak (median of {len(probes)} probes): {peak / 1e9:.1f} GFLOP/s on {os.cpu_count()} cores; "
+          f"foreign load {foreign} cores: {report['verdict']}")
+    if contended:
+        print(json.dumps(report))
+        print(f"{report['verdict']}: foreign load {foreign} cores (limit {_MAX_FOREIGN.value}): {_OUTPUT.value} "
+              "not written; these figures are not a result", file=sys.stderr)
+        sys.exit(3)
+    output = pathlib.Path(_OUTPUT.value)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {output}")
 
 
 if __name__ == "__main__":

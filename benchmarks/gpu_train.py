@@ -1,4 +1,5 @@
 """GPU training throughput: the gpt2_124m config in bfloat16 on synthetic batches; prints tokens/s and MFU.
+With --decode: decode tokens/s of lm.sample.generate_ids (KV cache, greedy) at each of --batches instead.
 
 Uses lm's real train step (sharded state, AdamW, clipping, donated state, compiled once), reading the loss back
 every step as the training loop does. Imports no TensorFlow (the GPU image has none): the data pipeline is
@@ -8,6 +9,11 @@ peak (lm.train.metrics.PEAK_FLOPS; H200: 989 TFLOP/s).
     python benchmarks/gpu_train.py [--steps=300] [--batch_size=32] [--config.model.remat=dots]
     python benchmarks/gpu_train.py --config=configs/tiny.py --config.model.vocab_size=512 --steps=5 \\
         --batch_size=4 --config.train.seq_len=64     # a CPU smoke run
+    python benchmarks/gpu_train.py --decode [--batches=1,64 --prompt_len=128 --new_tokens=256 --repeats=3]
+
+Decode tokens/s = batch * new_tokens / median seconds of one whole generate_ids call (prefill included, the
+compilation excluded: each batch size runs once untimed first); random prompts, no stop tokens.
+benchmarks/device_check.sh runs both on a GPU.
 """
 import json
 import pathlib
@@ -25,6 +31,7 @@ from flax import nnx  # noqa: E402
 from lm import config as lm_config  # noqa: E402
 from lm import mesh as lm_mesh  # noqa: E402
 from lm import model as lm_model  # noqa: E402
+from lm import sample  # noqa: E402
 from lm.train import loop, metrics, pretrain  # noqa: E402
 
 _CONFIG = lm_config.define_config_flag(str(lm_config.REPO / "configs" / "gpt2_124m.py"))
@@ -35,6 +42,11 @@ _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Compute dtype (parameters sta
 _ATTENTION = flags.DEFINE_string("attention", "dot_product", "xla | dot_product (cuDNN flash attention on GPU).")
 _LOG_EVERY = flags.DEFINE_integer("log_every", 50, "Print a progress line every this many steps.")
 _OUTPUT = flags.DEFINE_string("output", None, "Also write the summary as JSON here.")
+_DECODE = flags.DEFINE_bool("decode", False, "Measure decoding (lm.sample.generate_ids) instead of training.")
+_BATCHES = flags.DEFINE_list("batches", ["1", "64"], "--decode: batch sizes.")
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 128, "--decode: prompt tokens per row.")
+_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 256, "--decode: tokens generated per row.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "--decode: timed calls per batch size (the median is reported).")
 
 
 def benchmark_config():
@@ -61,9 +73,48 @@ def synthetic_batches(config, mesh, n=4):
     return batches
 
 
+def decode_benchmark(config) -> dict:
+    """Greedy decode tokens/s per batch size with random weights and prompts."""
+    model = lm_model.Transformer(config.model, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    greedy = sample.Sampling(temperature=0.0)
+    results = {}
+    for batch in map(int, _BATCHES.value):
+        prompts = rng.integers(0, config.model.vocab_size, (batch, _PROMPT_LEN.value)).tolist()
+        run = lambda: sample.generate_ids(model, prompts, jax.random.key(0), _NEW_TOKENS.value, greedy)  # noqa
+        start = time.perf_counter()
+        run()
+        first = time.perf_counter() - start
+        seconds = []
+        for _ in range(_REPEATS.value):
+            start = time.perf_counter()
+            out = run()
+            seconds.append(time.perf_counter() - start)
+        assert out.tokens.shape[:2] == (batch, _NEW_TOKENS.value), out.tokens.shape
+        median = float(np.median(seconds))
+        results[str(batch)] = dict(tokens_per_sec=round(batch * _NEW_TOKENS.value / median, 1),
+                                   call_seconds=round(median, 4), first_call_seconds=round(first, 2))
+        print(f"decode batch {batch}: {results[str(batch)]['tokens_per_sec']:,.0f} tokens/s "
+              f"({median:.3f} s per call of {_NEW_TOKENS.value} tokens after a {_PROMPT_LEN.value}-token prompt)",
+              flush=True)
+    return dict(device=jax.devices()[0].device_kind, jax=jax.__version__, params=lm_model.param_count(config.model),
+                dtype=config.model.dtype, param_dtype=config.model.param_dtype, prompt_len=_PROMPT_LEN.value,
+                new_tokens=_NEW_TOKENS.value, batches=results, tensorflow_imported="tensorflow" in sys.modules)
+
+
+def write_summary(summary: dict) -> None:
+    logging.info("summary: %s", summary)
+    print(json.dumps(summary))
+    if _OUTPUT.value:
+        pathlib.Path(_OUTPUT.value).write_text(json.dumps(summary, indent=2) + "\n")
+
+
 def main(argv):
     del argv
     config = benchmark_config()
+    if _DECODE.value:
+        write_summary(decode_benchmark(config))
+        return
     peak = metrics.peak_flops()
     mesh = lm_mesh.make_mesh(config.mesh)
     objective = loop.Objective(loss=pretrain.lm_loss, train_batches=None,
@@ -99,10 +150,7 @@ def main(argv):
         peak_tflops=round(peak / 1e12, 3), mfu=round(rate * flops_per_token / peak, 4),
         compile_seconds=round(compile_seconds, 1), first_loss=losses[0], last_loss=losses[-1],
         memory=compiled_info, tensorflow_imported="tensorflow" in sys.modules)
-    logging.info("summary: %s", summary)
-    print(json.dumps(summary))
-    if _OUTPUT.value:
-        pathlib.Path(_OUTPUT.value).write_text(json.dumps(summary, indent=2) + "\n")
+    write_summary(summary)
 
 
 if __name__ == "__main__":

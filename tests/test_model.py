@@ -291,3 +291,19 @@ def test_scalar_head_reads_each_rows_last_real_token():
     paths = {p for p, _ in nnx.to_flat_state(nnx.state(fresh, nnx.Param))}
     plain = {p for p, _ in nnx.to_flat_state(nnx.state(Transformer(config, rngs=nnx.Rngs(0)), nnx.Param))}
     assert paths - plain == {("scalar_head", "weight"), ("scalar_head", "bias")} and plain < paths
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_levers_on_a_2x2x2_mesh_equal_the_unsharded_base(family):
+    """fused_qkv concatenates weights split over `tensor`, flat_matmuls merges the `batch`-sharded rows with the
+    length: both under a data x fsdp x tensor mesh, with blockwise attention, equal the plain unsharded model."""
+    levers = dict(attention="blockwise", attention_block=5, fused_qkv=True, flat_matmuls=True)
+    params = nnx.to_pure_dict(nnx.state(make(family)))
+    model = from_params(tiny(family, **levers), params)
+    graphdef, state = nnx.split(model)
+    mesh = lm_mesh.make_mesh(dict(data=2, fsdp=2, tensor=2))
+    x = tokens((4, T))
+    with jax.set_mesh(mesh):
+        state = jax.device_put(state, shardings(state, mesh))
+        logits = _forward(graphdef, state, x)
+    np.testing.assert_allclose(np.asarray(logits), forward(make(family), x), rtol=1e-5, atol=1e-5)

@@ -72,36 +72,82 @@ def apply_rope(x, rope):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def attention(q, k, v, mask=None, implementation="xla", kv_heads_first=False):
+ATTENTION_IMPLEMENTATIONS = ("xla", "dot_product", "blockwise")
+
+
+def attention(q, k, v, mask=None, implementation="xla", kv_heads_first=False, block=128):
     """Softmax attention, causal when `mask` is None.
 
     q [B, T, H, D]; k, v [B, S, K, D], or [B, K, S, D] when `kv_heads_first` (the KV cache's layout), with H a
     multiple of K (grouped-query); mask bool [B, T, S] (True: may attend).
-    implementation: "xla" (einsums, float32 softmax) or "dot_product" (jax.nn.dot_product_attention; cuDNN on GPU
-    for causal bf16/fp16 attention without a mask).
+    implementation: "xla" (einsums, float32 softmax), "dot_product" (jax.nn.dot_product_attention; cuDNN on GPU
+    for causal bf16/fp16 attention without a mask) or "blockwise" (`blockwise_causal_attention` in blocks of
+    `block` queries; self-attention only, so with a KV cache it is the "xla" path).
+    Rows whose query may attend to nothing (padding queries) hold no meaningful value in any implementation.
     """
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {implementation!r} "
+                         f"({' | '.join(ATTENTION_IMPLEMENTATIONS)})")
     if implementation == "dot_product":
         if kv_heads_first:
             k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
         use_cudnn = mask is None and q.dtype in (jnp.bfloat16, jnp.float16) and jax.default_backend() == "gpu"
         return jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None],
                                             is_causal=mask is None, implementation="cudnn" if use_cudnn else None)
-    if implementation != "xla":
-        raise ValueError(f"unknown attention implementation {implementation!r} (xla | dot_product)")
+    T, S = q.shape[1], k.shape[2 if kv_heads_first else 1]
+    if implementation == "blockwise" and not kv_heads_first and S == T:
+        return blockwise_causal_attention(q, k, v, mask, block)
+    if mask is None:
+        mask = jnp.tril(jnp.ones((T, S), bool), k=S - T)[None]
+    return _masked_attention(q, k, v, mask, kv_heads_first)
+
+
+def blockwise_causal_attention(q, k, v, mask=None, block=128):
+    """Causal self-attention that never computes the fully masked blocks: queries [start, end) attend only to keys
+    [0, end). q [B, T, H, D]; k, v [B, T, K, D]; mask None or bool [B, T, T], applied on top of the causal one.
+
+    Equal to the full masked softmax: a key it skips would get exp(min_float - max) = 0 weight there. Python-unrolled
+    over ceil(T / block) static blocks (shapes stay static; about (n + 1) / 2n of the full score work for n blocks).
+    """
+    T = q.shape[1]
+    outputs = []
+    for start in range(0, T, block):
+        end = min(start + block, T)
+        allowed = jnp.tril(jnp.ones((end - start, end), bool), k=start)[None]
+        if mask is not None:
+            allowed = allowed & mask[:, start:end, :end]
+        outputs.append(_masked_attention(q[:, start:end], k[:, :end], v[:, :end], allowed))
+    return outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=1)
+
+
+def _masked_attention(q, k, v, mask, kv_heads_first=False):
+    """q [B, T, H, D], k, v [B, S, K, D] (or [B, K, S, D]), mask bool [B or 1, T, S] -> [B, T, H, D]; scores and
+    softmax in float32. The cache layout is read as it is (no transposed copy per decode step)."""
     B, T, H, D = q.shape
-    K, S = (k.shape[1], k.shape[2]) if kv_heads_first else (k.shape[2], k.shape[1])
+    K = k.shape[1 if kv_heads_first else 2]
     kv = "bksd" if kv_heads_first else "bskd"
     q = q.reshape(B, T, K, H // K, D)
     scores = jnp.einsum(f"btkgd,{kv}->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(D)
-    if mask is None:
-        mask = jnp.tril(jnp.ones((T, S), bool), k=S - T)[None]
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum(f"bkgts,{kv}->btkgd", probs, v).reshape(B, T, H, D)
 
 
+def dense(x, w, flat=False):
+    """x [..., n] @ w [n, m] -> [..., m]; flat: as one 2-D matmul over all leading positions (x reshaped to
+    [prod(...), n]), which XLA's CPU backend runs (and differentiates) without the transposes of a 3-D dot."""
+    if not flat or x.ndim == 2:
+        return x @ w
+    return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
+
+
 class Attention(nnx.Module):
-    """Multi-head / grouped-query self-attention with optional biases, RoPE and a KV cache."""
+    """Multi-head / grouped-query self-attention with optional biases, RoPE and a KV cache.
+
+    The q, k, v, o weights keep their [embed, heads, head_dim] shapes (and parameter paths) whatever the compute
+    path: `fused_qkv` concatenates the three into one [embed, (H + 2K) * head_dim] matrix inside the step (one
+    matmul instead of three), `flat_matmuls` runs the projections as 2-D matmuls over batch * length.
+    """
 
     def __init__(self, spec, rngs):
         d, h, kv, hd, pd = spec.d_model, spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.param_dtype
@@ -118,6 +164,9 @@ class Attention(nnx.Module):
             self.q_bias = self.k_bias = self.v_bias = self.o_bias = None
         self.dtype = spec.dtype
         self.implementation = spec.attention
+        self.block = spec.attention_block
+        self.fused_qkv = spec.fused_qkv
+        self.flat = spec.flat_matmuls
 
     def __call__(self, x, rope, mask, kv_cache):
         """x [B, T, d] -> ([B, T, d], updated (k, v) cache or None).
@@ -125,27 +174,50 @@ class Attention(nnx.Module):
         kv_cache: None or (k, v, layer, write index), k and v the whole stacked cache [layers, B, K, S, D]: this
         layer's new keys / values are written into it in place (no per-layer copies to re-stack each step).
         """
-        q = self._project(x, self.q, self.q_bias)
-        k = self._project(x, self.k, self.k_bias)
-        v = self._project(x, self.v, self.v_bias)
+        q, k, v = self._qkv(x)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         if kv_cache is None:
-            out = attention(q, k, v, mask, self.implementation)
+            out = attention(q, k, v, mask, self.implementation, block=self.block)
             new_cache = None
         else:
             k_cache, v_cache, layer, index = kv_cache
             k_cache, k = _write_cache(k_cache, k, layer, index)
             v_cache, v = _write_cache(v_cache, v, layer, index)
-            out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.implementation, kv_heads_first=True)
+            out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.implementation, kv_heads_first=True,
+                            block=self.block)
             new_cache = (k_cache, v_cache)
-        y = jnp.einsum("bthd,hde->bte", out, self.o[...].astype(self.dtype))
+        if self.flat:
+            B, T, h, hd = out.shape
+            y = dense(out.reshape(B, T, h * hd), self.o[...].astype(self.dtype).reshape(h * hd, -1), flat=True)
+        else:
+            y = jnp.einsum("bthd,hde->bte", out, self.o[...].astype(self.dtype))
         if self.o_bias is not None:
             y = y + self.o_bias[...].astype(self.dtype)
         return y, new_cache
 
+    def _qkv(self, x):
+        """x [B, T, d] -> q [B, T, H, D], k, v [B, T, K, D]."""
+        weights = (self.q, self.k, self.v)
+        biases = (self.q_bias, self.k_bias, self.v_bias)
+        if not self.fused_qkv:
+            return tuple(self._project(x, w, b) for w, b in zip(weights, biases))
+        d = x.shape[-1]
+        heads = [w.shape[1] for w in weights]
+        hd = self.q.shape[2]
+        w = jnp.concatenate([w[...].astype(self.dtype).reshape(d, -1) for w in weights], axis=1)
+        y = dense(x, w, flat=self.flat)
+        if biases[0] is not None:
+            y = y + jnp.concatenate([b[...].astype(self.dtype).reshape(-1) for b in biases])
+        q, k, v = jnp.split(y, [heads[0] * hd, (heads[0] + heads[1]) * hd], axis=-1)
+        return tuple(t.reshape(*x.shape[:-1], n, hd) for t, n in zip((q, k, v), heads))
+
     def _project(self, x, w, b):
-        y = jnp.einsum("btd,dhk->bthk", x, w[...].astype(self.dtype))
+        if self.flat:
+            d, n, hd = w.shape
+            y = dense(x, w[...].astype(self.dtype).reshape(d, n * hd), flat=True).reshape(*x.shape[:-1], n, hd)
+        else:
+            y = jnp.einsum("btd,dhk->bthk", x, w[...].astype(self.dtype))
         return y if b is None else y + b[...].astype(self.dtype)
 
 
@@ -171,17 +243,19 @@ class MLP(nnx.Module):
         self.up_bias = constant((f,), ("mlp",), pd, 0.0) if spec.biases else None
         self.down_bias = constant((d,), ("embed",), pd, 0.0) if spec.biases else None
         self.dtype = spec.dtype
+        self.flat = spec.flat_matmuls
 
     def __call__(self, x):
-        h = x @ self.up[...].astype(self.dtype)
+        flat = self.flat
+        h = dense(x, self.up[...].astype(self.dtype), flat)
         if self.up_bias is not None:
             h = h + self.up_bias[...].astype(self.dtype)
         if self.gated:
-            h = jax.nn.silu(x @ self.gate[...].astype(self.dtype)) * h
+            h = jax.nn.silu(dense(x, self.gate[...].astype(self.dtype), flat)) * h
         else:
             h = jax.nn.gelu(h, approximate=True)
         h = constrain(h, ("batch", "length", "mlp"))
-        y = h @ self.down[...].astype(self.dtype)
+        y = dense(h, self.down[...].astype(self.dtype), flat)
         return y if self.down_bias is None else y + self.down_bias[...].astype(self.dtype)
 
 

@@ -20,7 +20,8 @@ from flax import nnx
 
 from lm import mesh as lm_mesh
 from lm.config import ConfigError
-from lm.model.layers import MLP, Attention, LayerNorm, RMSNorm, constrain, param, rope_tables
+from lm.model.layers import (ATTENTION_IMPLEMENTATIONS, MLP, Attention, LayerNorm, RMSNorm, constrain, param,
+                             rope_tables)
 
 RESIDUAL = ("batch", "length", "embed")
 REMAT_POLICIES = {
@@ -43,6 +44,9 @@ class ModelSpec:
     dtype: str = "float32"
     param_dtype: str = "float32"
     attention: str = "xla"
+    attention_block: int = 128
+    fused_qkv: bool = False
+    flat_matmuls: bool = False
     remat: str = "none"
     scan_layers: bool = False
     rope_theta: float = 10000.0
@@ -61,6 +65,8 @@ class ModelSpec:
                    n_kv_heads=int(c.get("n_kv_heads") or c.get("n_heads", 0)), d_ff=int(c.get("d_ff", 0)),
                    max_len=int(c.get("max_len", 1024)), dtype=c.get("dtype", "float32"),
                    param_dtype=c.get("param_dtype", "float32"), attention=c.get("attention", "xla"),
+                   attention_block=int(c.get("attention_block", 128)), fused_qkv=bool(c.get("fused_qkv", False)),
+                   flat_matmuls=bool(c.get("flat_matmuls", False)),
                    remat=c.get("remat", "none"), scan_layers=bool(c.get("scan_layers", False)),
                    rope_theta=float(c.get("rope_theta", 10000.0)), norm_eps=float(c.get("norm_eps", 1e-5)),
                    tie_embeddings=bool(c.get("tie_embeddings", family == "gpt2")),
@@ -82,8 +88,10 @@ class ModelSpec:
             bad("n_kv_heads", f"a divisor of n_heads={self.n_heads}")
         if self.family == "llama" and self.head_dim % 2:
             bad("d_model", "such that head_dim = d_model / n_heads is even (RoPE)")
-        if self.attention not in ("xla", "dot_product"):
-            bad("attention", "'xla' or 'dot_product'")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            bad("attention", " | ".join(ATTENTION_IMPLEMENTATIONS))
+        if self.attention_block < 1:
+            bad("attention_block", "a positive number of query positions")
         if self.remat not in ("none", *REMAT_POLICIES):
             bad("remat", "'none', 'full' or 'dots'")
         for key in ("dtype", "param_dtype"):
