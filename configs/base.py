@@ -44,6 +44,7 @@ def _filter_config(preset: str = "bundled") -> ml_collections.ConfigDict:
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
+    c.objective = "pretrain"   # what lm.train runs: pretrain | sft | reward | dpo | ppo | grpo (lm/train/<name>.py)
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.data = ml_collections.ConfigDict(dict(
         inputs=(),               # empty: the bundled corpus (CPython's documentation)
@@ -68,6 +69,7 @@ def get_config() -> ml_collections.ConfigDict:
         batch_size=32,           # global, in sequences
         seq_len=1024,
         grad_accum=1,
+        loss_chunk=0,            # 0: off; N > 0 scores N positions at a time, never building the full float32 logits
         lr=6e-4,
         schedule="cosine",
         warmup_steps=100,

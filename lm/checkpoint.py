@@ -104,10 +104,12 @@ def checkpoint_dir(workdir) -> pathlib.Path:
 
 
 def load_model(workdir, step: int | None = None, mesh=None, directory=None):
-    """(model, config, meta): the Transformer with the parameters of checkpoint `step` (default: latest) in
-    `directory` (default: <workdir>/checkpoints).
+    """(model, config, meta): the model with the parameters of checkpoint `step` (default: latest) in `directory`
+    (default: <workdir>/checkpoints).
 
-    `mesh` defaults to all devices as data parallel (parameters replicated unless the mesh shards them).
+    The model is the kind the checkpoint meta's "model_kind" names (lm.model.MODEL_KINDS: a Transformer, or a
+    TransformerWithScalarHead for reward / value runs; a meta without it is a Transformer). `mesh` defaults to all
+    devices as data parallel (parameters replicated unless the mesh shards them).
     """
     from flax import nnx
 
@@ -119,11 +121,15 @@ def load_model(workdir, step: int | None = None, mesh=None, directory=None):
         step = checkpoints.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {checkpoints.directory}")
+        if step not in checkpoints.all_steps():
+            raise FileNotFoundError(f"no checkpoint for step {step} in {checkpoints.directory} "
+                                    f"(steps: {checkpoints.all_steps()})")
         meta = checkpoints.meta(step)
         config = ml_collections.ConfigDict(meta["config"])
+        kind = meta.get("model_kind", "transformer")
         mesh = mesh if mesh is not None else lm_mesh.make_mesh(dict(data=-1, fsdp=1, tensor=1))
         with jax.set_mesh(mesh):
-            abstract = nnx.eval_shape(lambda: lm_model.Transformer(config.model, rngs=nnx.Rngs(0)))
+            abstract = nnx.eval_shape(lambda: lm_model.build(config.model, kind, rngs=nnx.Rngs(0)))
             graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
             if jax.tree.leaves(rest):
                 raise ValueError(f"load_model restores parameters only, but the model also has {rest}")
@@ -132,7 +138,7 @@ def load_model(workdir, step: int | None = None, mesh=None, directory=None):
             model = nnx.merge(graphdef, restored[PARAMS], rest)
     finally:
         checkpoints.close()
-    logging.info("loaded %s step %d", checkpoints.directory, step)
+    logging.info("loaded %s step %d (%s)", checkpoints.directory, step, kind)
     return model, config, meta
 
 
@@ -160,7 +166,10 @@ def find_tokenizer_dir(run, meta: dict) -> pathlib.Path:
 def load_run(run, step: int | None = None, mesh=None):
     """(model, tokenizer, config, meta) of a run directory (or its checkpoints directory) at `step` (default: latest).
 
-    The tokenizer must be the one the run trained with: a hash that differs from the checkpoint meta's is an error.
+    The model is the kind the run saved (`load_model`): a reward / value run gives a TransformerWithScalarHead
+    (which is also a Transformer: `model(tokens)` gives logits, `model.scores(tokens, lengths)` its scalar).
+    The tokenizer is found by `find_tokenizer_dir` and must be the one the run trained with: a hash that differs
+    from the checkpoint meta's is an error naming both (a meta without a hash is loaded with a warning).
     """
     from lm import tokenizer as lm_tokenizer
 
@@ -169,7 +178,10 @@ def load_run(run, step: int | None = None, mesh=None):
     tokenizer_dir = find_tokenizer_dir(run, meta)
     tokenizer = lm_tokenizer.load(tokenizer_dir)
     want = meta.get("tokenizer_hash")
-    if want and tokenizer.hash != want:
-        raise ValueError(f"{tokenizer_dir}: tokenizer hash {tokenizer.hash} differs from {want}, the one checkpoint "
-                         f"{directory}/{meta.get('step')} was trained with")
+    if not want:
+        logging.warning("%s step %s records no tokenizer hash: cannot check %s", directory, meta.get("step"),
+                        tokenizer_dir)
+    elif tokenizer.hash != want:
+        raise ValueError(f"{tokenizer_dir}: tokenizer hash {tokenizer.hash} differs from {want}, the hash in the meta "
+                         f"of checkpoint {directory}/{meta.get('step')} (the tokenizer it was trained with)")
     return model, tokenizer, config, meta

@@ -20,7 +20,8 @@ from lm.train import state as lm_state
 from tests.conftest import REPO
 
 MODEL = {"model.vocab_size": 96, "model.d_model": 32, "model.n_heads": 4, "model.n_kv_heads": 2,
-         "model.d_ff": 64, "model.n_layers": 1, "model.max_len": 16, "model.dtype": "float32"}
+         "model.d_ff": 64, "model.n_layers": 1, "model.max_len": 16, "model.dtype": "float32",
+         "train.seq_len": 16}
 
 
 def tiny_config(family="llama"):
@@ -112,3 +113,42 @@ def test_load_model_in_a_fresh_process(tmp_path):
     loaded = json.loads(result.stdout.strip().splitlines()[-1])
     assert loaded["step"] == 5 and loaded["family"] == "llama" and loaded["heavy"] == []
     np.testing.assert_allclose(loaded["logits"], expected, rtol=1e-5, atol=1e-6)
+
+
+def small_tokenizer(directory, vocab_size):
+    from lm.tokenizer import train as tokenizer_train
+    text = " ".join(f"the word{i % 40} and the number {i}" for i in range(300))
+    return tokenizer_train.train([text], vocab_size, directory)
+
+
+def test_load_run_rebuilds_scalar_heads_and_checks_the_tokenizer(tmp_path):
+    """A reward-style checkpoint (Transformer + scalar head) loads back as that model with equal scores, from the
+    run directory or its checkpoints directory, with the tokenizer meta names; a tokenizer whose hash differs from
+    the meta's is refused, naming both hashes."""
+    from lm.model import TransformerWithScalarHead
+
+    config = tiny_config("gpt2")
+    tok = small_tokenizer(tmp_path / "tok_a", 300)
+    other = small_tokenizer(tmp_path / "run_b" / "tokenizer", 290)
+    assert tok.hash != other.hash
+    model = TransformerWithScalarHead(config.model, rngs=nnx.Rngs(4), head_init_std=0.3)
+    params = nnx.state(model, nnx.Param)
+    meta = dict(config=config.to_dict(), model_kind="scalar_head", tokenizer_hash=tok.hash)
+    for run, extra in ((tmp_path / "run_a", dict(tokenizer_dir=str(tmp_path / "tok_a"))), (tmp_path / "run_b", {})):
+        checkpoints = lm_checkpoint.Checkpoints(lm_checkpoint.checkpoint_dir(run))
+        checkpoints.save(7, {"params": params}, dict(meta, **extra))
+        checkpoints.close()
+
+    rows, lengths = jnp.asarray([[1, 2, 3, 4, 5, 6]]), jnp.asarray([4])
+    want = np.asarray(model.scores(rows, lengths))
+    for where in (tmp_path / "run_a", tmp_path / "run_a" / "checkpoints"):
+        loaded, tokenizer, loaded_config, loaded_meta = lm_checkpoint.load_run(where)
+        assert type(loaded) is TransformerWithScalarHead and loaded_meta["step"] == 7
+        assert tokenizer.hash == tok.hash and loaded_config.model.family == "gpt2"
+        np.testing.assert_allclose(np.asarray(loaded.scores(rows, lengths)), want, rtol=1e-6)
+    with pytest.raises(ValueError, match=f"tokenizer hash {other.hash} differs from {tok.hash}"):
+        lm_checkpoint.load_run(tmp_path / "run_b")  # finds run_b/tokenizer, not the one it trained with
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint for step 3 .*\(steps: \[7\]\)"):
+        lm_checkpoint.load_run(tmp_path / "run_a", step=3)
+    with pytest.raises(FileNotFoundError, match="no checkpoints here"):
+        lm_checkpoint.load_run(tmp_path / "tok_a")

@@ -78,7 +78,7 @@ def test_every_block_can_be_switched_off_and_reparameterised(tmp_path):
         c[block].enabled = False
     stages = recipe.plan(c, ["x.jsonl"], str(tmp_path))
     assert len(stages) == 1
-    assert [type(s).__name__ for s in stages[0].pipeline] == ["InputReader", "Tally", "JsonlWriter"]
+    assert [type(s).__name__ for s in stages[0].pipeline] == ["InputReader", "Tally", "Progress", "JsonlWriter"]
 
 
 # ---------------------------------------------------------------- readers
@@ -108,8 +108,9 @@ def test_bad_jsonl_lines_are_counted_with_file_and_line(tmp_path):
     items = read_all([path])
     docs = [i for i in items if isinstance(i, Document)]
     bad = [(i.reason, i.line) for i in items if isinstance(i, readers.Bad)]
-    assert [d.id for d in docs] == ["a", "e"] and docs[0].metadata["url"] == "http://a.example/"
-    assert bad == [("malformed_json", 2), ("empty_document", 3), ("not_utf8", 4), ("malformed_record", 5)]
+    assert [d.id for d in docs] == ["a", "d", "e"] and docs[0].metadata["url"] == "http://a.example/"
+    assert docs[1].text == "caf\ufffd"  # one UTF-8 rule everywhere: invalid bytes replaced, the document kept
+    assert bad == [("malformed_json", 2), ("empty_document", 3), ("malformed_record", 5)]
 
 
 def test_truncated_gzip_keeps_what_was_read_and_counts_the_rest(tmp_path):
@@ -261,9 +262,11 @@ def test_cli_preset_overrides_report_only_and_resume(shared_data, tmp_path):
     written = shard.stat().st_mtime_ns
     assert recipe.run(c, [src], out)["documents_kept"] == report["documents_kept"]
     assert shard.stat().st_mtime_ns == written
-    c.language.language_threshold = 0.99  # a changed config starts afresh
-    changed = recipe.run(c, [src], out)
-    assert changed["documents_kept"] < report["documents_kept"]
+    c.language.language_threshold = 0.99  # a changed config starts afresh; keeping nothing stops with a hint
+    with pytest.raises(recipe.KeptNothing, match=r"kept 0 of 12 documents: language dropped 12 \(not_language=12\)"
+                                                 r".*relax config.filter.language.language_threshold"):
+        recipe.run(c, [src], out)
+    assert json.loads((out / "filter_report.json").read_text())["documents_kept"] == 0
     assert not shard.exists() or shard.stat().st_mtime_ns != written
 
 
@@ -275,3 +278,116 @@ def test_slurm_executor_chain_is_built_without_submitting(tmp_path):
     assert [type(e).__name__ for e in chain] == ["SlurmPipelineExecutor"] * 4
     assert [e.tasks for e in chain] == [8, 14, 1, 8]
     assert all(later.depends is earlier for earlier, later in zip(chain, chain[1:]))
+
+
+# ---------------------------------------------------------------- word splitting, the Gopher alpha rule
+
+def test_nltk_words_split_like_nltk_word_tokenize_with_the_english_punkt_model():
+    import pickle
+    words = filter_blocks.NLTKWords()
+    text = "Mr. Smith paid $3.50 for the U.S. edition, didn't he? Yes. Dr. Who came."
+    # NLTK's word_tokenize with the trained English Punkt: "Mr." and "U.S." are abbreviations, not sentence ends
+    assert words.word_tokenize(text) == ["Mr.", "Smith", "paid", "$", "3.50", "for", "the", "U.S.", "edition", ",",
+                                         "did", "n't", "he", "?", "Yes", ".", "Dr.", "Who", "came", "."]
+    assert words.sent_tokenize(text) == ["Mr. Smith paid $3.50 for the U.S. edition, didn't he?", "Yes.",
+                                         "Dr. Who came."]
+    assert len(pickle.dumps(words)) < 500  # workers rebuild the Punkt tables instead of unpickling them
+    assert pickle.loads(pickle.dumps(words)).word_tokenize("A b. C") == ["A", "b", ".", "C"]
+
+
+def test_gopher_alpha_rule_counts_whitespace_words():
+    # 60 words, each followed by a comma or in parentheses: 100% of whitespace words hold a letter, but the
+    # tokenizer's commas and brackets make more than 20% of its tokens letter-free
+    text = " ".join(f"the ({w})," if i % 2 else f"and {w}," for i, w in enumerate(["alpha", "beta", "gamma"] * 20))
+    doc = Document(text, "1")
+    words = filter_blocks.NLTKWords()
+    assert filter_blocks.GopherQuality(language=words).filter(doc) is True
+    assert filter_blocks.GopherQuality(language=words, alpha_words="tokens").filter(doc) == \
+        (False, "gopher_below_alpha_threshold")
+    numbers = Document(" ".join(["1234 5678 9012 3456 that with have"] * 20), "2")  # 4 of 7 whitespace words without a letter
+    assert filter_blocks.GopherQuality(language=words).filter(numbers) == (False, "gopher_below_alpha_threshold")
+
+
+# ---------------------------------------------------------------- HTML extraction that cannot run
+
+def abort_at_start(text):
+    os.abort()  # a real crash of the sandboxed worker, during its warm-up
+
+
+def missing_dependency(text):
+    import lm_no_such_extractor_dependency  # noqa: F401
+
+
+def abort_on_marked_page(text):
+    if "CRASH" in text:
+        os.abort()
+    return text.replace("<p>", "").replace("</p>", "")
+
+
+def html_docs(n, marked=()):
+    return [Document(f"<p>{'CRASH ' if i in marked else ''}page {i}</p>", str(i),
+                     metadata={"content_type": readers.HTML}) for i in range(n)]
+
+
+@pytest.mark.parametrize("worker, reason", [(abort_at_start, "exited with code -6 before it was ready"),
+                                            (missing_dependency, "ModuleNotFoundError")])
+def test_dead_extractor_is_an_extract_error_at_once(tmp_path, worker, reason):
+    import time
+    block = filter_blocks.Extract(exclusion_writer=filter_blocks.DroppedWriter(str(tmp_path), "extract"),
+                                  timeout=20.0)
+    block.extractor.extract = worker
+    start = time.monotonic()
+    assert list(block.run(iter(html_docs(4)))) == []
+    assert time.monotonic() - start < 10  # not 4 x the 20 s timeout
+    assert block.stats["dropped_extract_error"].total == 4 and "dropped_extract_timeout" not in block.stats.stats
+    from tests.conftest import records
+    dropped = records(tmp_path)
+    assert len(dropped) == 4 and all(reason in r["metadata"]["filter_detail"] for r in dropped)
+
+
+def test_extractor_dying_on_one_page_drops_only_that_page(tmp_path):
+    block = filter_blocks.Extract(exclusion_writer=filter_blocks.DroppedWriter(str(tmp_path), "extract"),
+                                  timeout=20.0)
+    block.extractor.extract = abort_on_marked_page
+    kept = list(block.run(iter(html_docs(4, marked=(1,)))))
+    assert [d.text for d in kept] == ["page 0", "page 2", "page 3"]  # restarted after the crash
+    from tests.conftest import records
+    [dropped] = records(tmp_path)
+    assert dropped["id"] == "1" and dropped["metadata"]["filter_reason"] == "extract_error"
+    assert "died on this page" in dropped["metadata"]["filter_detail"]
+
+
+# ---------------------------------------------------------------- the filter process, its output
+
+def test_progress_line_and_document_count(shared_data, tmp_path):
+    assert recipe.progress_line(600, 2400, 30.0) == \
+        "filter: 600/2,400 documents read (25%), 20/s, ETA 0:01:30"
+    assert recipe.progress_line(600, None, 30.0) == "filter: 600 documents read, 20/s"
+    src = shared_data("web/text/fineweb_sample10BT_2400docs.jsonl.gz")
+    assert recipe.count_documents([str(src)]) == 2400
+    assert recipe.count_documents([str(shared_data("web/warc/whirlwind.warc.gz"))]) is None
+
+
+def test_run_from_a_jax_process_forks_nothing_there_and_prints_a_short_table(shared_data, tmp_path):
+    import subprocess
+    import sys
+    src, out = fineweb_docs(shared_data, tmp_path, n=12), tmp_path / "out"
+    script = f"""
+import jax, jax.numpy as jnp
+jnp.ones(4).sum().block_until_ready()  # JAX's threads are running
+from lm.data import filter as recipe
+c = recipe.default_config("text")
+c.minhash.enabled = False
+c.workers = 2
+r = recipe.run(c, [{str(src)!r}], {str(out)!r})
+assert r["documents_in"] == 12
+"""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True, text=True,
+                            env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "os.fork()" not in result.stderr and "multithreaded" not in result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) < 15 and any(line.startswith("in 12 = kept") for line in lines)
+    log = (out / "filter" / "logs" / "filter.log").read_text()
+    assert "Processing done for rank" in log and "Stats" in log  # datatrove's details are in the log file

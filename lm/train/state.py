@@ -11,6 +11,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
+from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -73,3 +74,44 @@ def init_state(make_model: Callable[[], nnx.Module], tx: optax.GradientTransform
         _, params, _ = split_params(make_model())
         return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
     return jax.jit(init, out_shardings=spec.shardings)()
+
+
+def _path_name(path) -> str:
+    return "/".join(map(str, path))
+
+
+def params_from_source(params, source_params, param_shardings, fresh: tuple[str, ...] = (), source: str = ""):
+    """`params` (an nnx.State of fresh parameters) with every parameter `source_params` also has replaced by the
+    source's value (cast to the target dtype, placed with `param_shardings`).
+
+    A shape mismatch is an error naming the parameter and both shapes. Target parameters the source lacks must lie
+    under one of the `fresh` path prefixes (e.g. "scalar_head": a new head starts fresh), else an error lists them.
+    Source parameters the target lacks (e.g. a scalar head when initialising a plain policy) are dropped, with a
+    warning naming them.
+    """
+    target = dict(nnx.traversals.flatten_mapping(nnx.to_pure_dict(params)))
+    given = dict(nnx.traversals.flatten_mapping(nnx.to_pure_dict(source_params)))
+    placement = dict(nnx.traversals.flatten_mapping(nnx.to_pure_dict(param_shardings)))
+    prefixes = [tuple(p.strip("/").split("/")) for p in fresh]
+
+    def starts_fresh(path):
+        names = tuple(map(str, path))
+        return any(names[:len(p)] == p for p in prefixes)
+
+    missing = sorted(_path_name(p) for p in target if p not in given and not starts_fresh(p))
+    if missing:
+        raise ValueError(f"init_from {source}: the model has parameters the checkpoint lacks: {missing}. Name the "
+                         f"path prefixes that may start fresh in Objective.init_fresh (now {tuple(fresh)})")
+    for path, value in target.items():
+        if path in given and tuple(given[path].shape) != tuple(value.shape):
+            raise ValueError(f"init_from {source}: parameter {_path_name(path)} has shape {tuple(given[path].shape)} "
+                             f"in the checkpoint but {tuple(value.shape)} in the model")
+    unused = sorted(_path_name(p) for p in given if p not in target)
+    if unused:
+        logging.warning("init_from %s: checkpoint parameters the model does not have are not used: %s", source, unused)
+    loaded = {path: jax.device_put(given[path].astype(value.dtype), placement[path])
+              for path, value in target.items() if path in given}
+    fresh_paths = [_path_name(p) for p in target if p not in given]
+    logging.info("init_from %s: %d parameters loaded, fresh: %s", source, len(loaded), fresh_paths or "none")
+    nnx.replace_by_pure_dict(params, nnx.traversals.unflatten_mapping({**target, **loaded}))
+    return params
