@@ -314,15 +314,10 @@ def _stop_table(stop_ids, stop_sequences):
 
 
 def _last_logits(model, tokens, positions, cache):
-    """(logits [B, V] at the last position of every row, cache): the prefill's LM head runs on one position only.
-
-    Left padding puts every row's last prompt token at the last position.
-    """
-    if hasattr(model, "hidden"):  # the hidden / logits split of lm.model: the head is the prefill's largest matmul
-        hidden, cache = model.hidden(tokens, positions=positions, cache=cache)
-        return model.logits(hidden[:, -1]), cache
-    logits, cache = model(tokens, positions=positions, cache=cache)
-    return logits[:, -1], cache
+    """(logits [B, V] at the last position of every row, cache): the prefill runs the LM head, its largest matmul
+    for long prompts, on one position only. Left padding puts every row's last prompt token there."""
+    hidden, cache = model.hidden(tokens, positions=positions, cache=cache)
+    return model.logits(hidden[:, -1]), cache
 
 
 def _choose_next(step, logits, done, window, row_keys, stops, temperature, greedy_rows, *, sampling, vocab_size,
