@@ -5,9 +5,18 @@
     outs[0].text, outs[0].tokens, outs[0].logprobs, outs[0].finish_reason
 
 One jitted program does a whole batch: the prompts are left-padded to a common length (padding takes position -1,
-which the model's attention ignores), prefilled in one pass, then a `jax.lax.while_loop` feeds one token per step
-until every row has stopped or `max_new_tokens` is reached. It is compiled per model, batch size, padded prompt
-length (a power of two), max_new_tokens and filters; the temperature is an input, so changing it does not recompile.
+which the model's attention ignores), prefilled in one pass (the LM head only at the last position), then a
+`jax.lax.while_loop` feeds one token per step until every row has stopped or `max_new_tokens` is reached. It is
+compiled per model, batch size, padded prompt length (a power of two), max_new_tokens and filters; the temperature
+is an input (one per row if wanted), so changing it does not recompile.
+
+Streaming (chat, serve): `stream(...)` takes generate_ids' arguments and yields one `Step` per generated position,
+every row's token and log-prob, as soon as it is computed: the prefill is one jitted call, each further token one
+jitted step for the whole batch, driven from Python. Its pieces are generate_ids' own, so the tokens are the same:
+
+    for step in stream(model, [ids], key, 64, Sampling(temperature=0.7), stop_ids=[end_id]):
+        print(decoder.feed(int(step.tokens[0])), end="", flush=True)
+
 Row b samples with its own key (`fold_in(key, b)`, or the b-th of a batch of keys) folded with the step, so a row's
 text does not depend on the other rows of the batch. Log-probabilities are the model's own (temperature 1,
 unfiltered), from `lm.model.token_logprobs`, the function the trainers differentiate: what RL's ratios need.
@@ -18,9 +27,11 @@ CLI (text on stdout, logs on stderr):
         --num_samples=2 --seed=0 --max_new_tokens=48 --stop=... --show_probs]
 Greedy decoding (--temperature=0) gives one sample per prompt: every sample would be the same.
 """
+import contextlib
 import dataclasses
 import functools
 import sys
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -100,15 +111,24 @@ def sampling_logits(logits, sampling: Sampling):
     return top_p_filter(top_k_filter(logits, sampling.top_k), sampling.top_p)
 
 
-def choose(logits, keys, sampling: Sampling):
-    """Next tokens int32 [B] from logits [B, V]; keys [B] (one per row)."""
+def choose(logits, keys, sampling: Sampling, greedy_rows=None):
+    """Next tokens int32 [B] from logits [B, V]; keys [B] (one per row).
+
+    greedy_rows bool [B]: rows that take the argmax although `sampling` samples (temperature 0 in a mixed batch).
+    """
+    best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if sampling.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    filtered = sampling_logits(logits, sampling)
-    return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+        return best
+    drawn = jax.vmap(jax.random.categorical)(keys, sampling_logits(logits, sampling)).astype(jnp.int32)
+    return drawn if greedy_rows is None else jnp.where(greedy_rows, best, drawn)
 
 
 # ------------------------------------------------------------------------------------------------ the decode program
+#
+# One decode is: `_start` (prefill the prompts into a fresh KV cache, choose token 0) and then `_advance` once per
+# further token (feed the last token, choose the next). `generate_ids` runs both inside one jitted while_loop;
+# `stream` jits them apart and drives the steps from Python. The choosing (`_choose_next`: filters, key folding,
+# stop matching, log-probs) exists once, so both give the same tokens for the same key.
 
 
 @dataclasses.dataclass
@@ -122,17 +142,39 @@ class TokenOutput:
     top_probs: np.ndarray | None = None  # float32 [B, max_new_tokens, n]
 
 
-def generate_ids(model, prompts, key, max_new_tokens: int, sampling: Sampling = Sampling(), stop_ids=(),
-                 stop_sequences=(), vocab_size: int | None = None, top_candidates: int = 0,
-                 mesh=None) -> TokenOutput:
-    """Generates up to `max_new_tokens` after each prompt (lists of token ids, any lengths).
+@dataclasses.dataclass
+class Step:
+    """What every row generated at step `index` of a `stream` (numpy)."""
+    index: int
+    tokens: np.ndarray          # int32 [B]: the token chosen; NO_TOKEN for a row that had already stopped
+    logprobs: np.ndarray        # float32 [B]: log p(token | prefix) under the model; 0 where no token
+    stopped: np.ndarray         # bool [B]: this token ended the row (a stop token, or the end of a stop sequence)
+    top_ids: np.ndarray | None = None    # int32 [B, n]
+    top_probs: np.ndarray | None = None  # float32 [B, n]
 
-    key: one PRNG key (row b uses fold_in(key, b)) or a batch of keys, one per prompt.
-    stop_ids: tokens that end a row (e.g. end-of-text); stop_sequences: token-id sequences that end a row.
-    vocab_size: ids >= this are never chosen (a model vocabulary padded beyond the tokenizer's).
-    top_candidates: also return the n most probable next tokens of each step (for display).
-    mesh: the mesh to run on, rows split over its batch axes (default: the one the parameters live on, if any).
-    """
+    @property
+    def live(self) -> np.ndarray:
+        """bool [B]: the row generated a token at this step."""
+        return self.tokens != NO_TOKEN
+
+
+@dataclasses.dataclass(frozen=True)
+class _Request:
+    """A checked decode request: the device inputs and the static (compiled-in) settings."""
+    tokens: np.ndarray          # int32 [B, P] left-padded prompts
+    positions: np.ndarray       # int32 [B, P]
+    row_keys: jax.Array         # [B] PRNG keys
+    stops: np.ndarray           # int32 [S, W] stop table
+    temperature: jax.Array      # float32 [B]: divides the logits (1 for greedy rows)
+    greedy_rows: jax.Array      # bool [B]: rows that take the argmax
+    max_new_tokens: int
+    static: dict                # graphdef, sampling (temperature 0 or 1: greedy or not), vocab_size, top_candidates
+    mesh: object
+
+
+def _request(model, prompts, key, max_new_tokens, sampling, stop_ids, stop_sequences, vocab_size, top_candidates,
+             mesh, temperatures) -> tuple[_Request, object]:
+    """(request, parameter state): the arguments of generate_ids / stream checked and turned into arrays."""
     prompts = [list(map(int, p)) for p in prompts]
     if not prompts or min(map(len, prompts)) == 0:
         raise ValueError("every prompt needs at least one token")
@@ -144,24 +186,85 @@ def generate_ids(model, prompts, key, max_new_tokens: int, sampling: Sampling = 
         raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} > "
                          f"config.model.max_len={spec.max_len}")
     tokens, positions = left_pad(prompts, bucket(longest))
-    row_keys = _row_keys(key, len(prompts))
-    stops = _stop_table(stop_ids, stop_sequences)
+    temperatures = np.full(len(prompts), sampling.temperature, np.float32) if temperatures is None \
+        else np.asarray(temperatures, np.float32).reshape(-1)
+    if temperatures.shape != (len(prompts),) or (temperatures < 0).any():
+        raise ValueError(f"temperatures {temperatures.tolist()}: need one temperature >= 0 per prompt")
+    greedy_rows = temperatures == 0
     graphdef, state = nnx.split(model)
-    # The temperature is traced (changing it does not recompile); the filters and greedy-or-not are compiled in.
-    temperature = jnp.float32(sampling.temperature or 1.0)
-    static = dict(graphdef=graphdef, max_new_tokens=max_new_tokens, vocab_size=vocab_size or spec.vocab_size,
-                  sampling=dataclasses.replace(sampling, temperature=0.0 if sampling.greedy else 1.0),
-                  top_candidates=top_candidates)
-    mesh = mesh or _mesh_of(state)
-    if mesh is None:
-        out = _decode(state, tokens, positions, row_keys, stops, temperature, mesh=None, **static)
-    else:
-        with jax.set_mesh(mesh):
-            rows = lm_mesh.named_sharding(mesh, ("batch", None), tokens.shape)
-            tokens, positions = jax.device_put((tokens, positions), rows)
-            out = _decode(state, tokens, positions, row_keys, stops, temperature, mesh=mesh, **static)
-    out = jax.device_get(out)
+    # The temperatures are traced (changing them does not recompile); the filters and all-greedy-or-not are static.
+    static = dict(graphdef=graphdef, vocab_size=vocab_size or spec.vocab_size, top_candidates=top_candidates,
+                  sampling=dataclasses.replace(sampling, temperature=0.0 if greedy_rows.all() else 1.0))
+    request = _Request(tokens, positions, _row_keys(key, len(prompts)), _stop_table(stop_ids, stop_sequences),
+                       jnp.asarray(np.where(greedy_rows, 1.0, temperatures)), jnp.asarray(greedy_rows),
+                       max_new_tokens, static, mesh or _mesh_of(state))
+    return request, state
+
+
+def generate_ids(model, prompts, key, max_new_tokens: int, sampling: Sampling = Sampling(), stop_ids=(),
+                 stop_sequences=(), vocab_size: int | None = None, top_candidates: int = 0,
+                 mesh=None, temperatures=None) -> TokenOutput:
+    """Generates up to `max_new_tokens` after each prompt (lists of token ids, any lengths).
+
+    key: one PRNG key (row b uses fold_in(key, b)) or a batch of keys, one per prompt.
+    stop_ids: tokens that end a row (e.g. end-of-text); stop_sequences: token-id sequences that end a row.
+    vocab_size: ids >= this are never chosen (a model vocabulary padded beyond the tokenizer's).
+    top_candidates: also return the n most probable next tokens of each step (for display).
+    mesh: the mesh to run on, rows split over its batch axes (default: the one the parameters live on, if any).
+    temperatures: one per prompt instead of sampling.temperature (0: that row is greedy); the filters are shared.
+    """
+    request, state = _request(model, prompts, key, max_new_tokens, sampling, stop_ids, stop_sequences, vocab_size,
+                              top_candidates, mesh, temperatures)
+    with _on_mesh(request.mesh):
+        tokens, positions = _place_rows(request)
+        out = _decode(state, tokens, positions, request.row_keys, request.stops, request.temperature,
+                      request.greedy_rows, max_new_tokens=max_new_tokens, mesh=request.mesh, **request.static)
+        out = jax.device_get(out)
     return TokenOutput(**{name: np.asarray(value) for name, value in out.items()})
+
+
+def stream(model, prompts, key, max_new_tokens: int, sampling: Sampling = Sampling(), stop_ids=(),
+           stop_sequences=(), vocab_size: int | None = None, top_candidates: int = 0, mesh=None,
+           temperatures=None) -> Iterator[Step]:
+    """`generate_ids` one step at a time: yields a `Step` (every row's token of that step) as soon as it exists.
+
+    The arguments, and the tokens and log-probs, are generate_ids' (the same program pieces with the same keys).
+    The prefill is one jitted call and each further token one jitted step for the whole batch (the weights are
+    read once per step for all rows; the KV cache is donated, so it is updated in place). The next step is
+    dispatched before the current one is fetched, so the device works while the caller handles a token. The
+    iteration ends when every row has stopped or after max_new_tokens steps; a caller may stop it earlier.
+    """
+    request, state = _request(model, prompts, key, max_new_tokens, sampling, stop_ids, stop_sequences, vocab_size,
+                              top_candidates, mesh, temperatures)
+    args = (request.row_keys, request.stops, request.temperature, request.greedy_rows)
+    static = dict(mesh=request.mesh, **request.static)
+    finished = np.zeros(len(request.tokens), bool)
+    with _on_mesh(request.mesh):
+        tokens, positions = _place_rows(request)
+        carry, emitted = _stream_start(state, tokens, positions, *args,
+                                       cache_len=tokens.shape[1] + max_new_tokens, **static)
+        for index in range(max_new_tokens):
+            following = None
+            if index + 1 < max_new_tokens:  # queue the next step before waiting for this one
+                carry, following = _stream_step(state, carry, *args, **static)
+            step = Step(index, **{name: np.asarray(value) for name, value in jax.device_get(emitted).items()})
+            finished |= step.stopped | ~step.live
+            yield step
+            if finished.all():
+                return
+            emitted = following
+
+
+def _on_mesh(mesh):
+    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
+
+
+def _place_rows(request: _Request):
+    """The prompt arrays, rows split over the mesh's batch axes when there is a mesh (call under `_on_mesh`)."""
+    if request.mesh is None:
+        return request.tokens, request.positions
+    rows = lm_mesh.named_sharding(request.mesh, ("batch", None), request.tokens.shape)
+    return jax.device_put((request.tokens, request.positions), rows)
 
 
 def _mesh_of(state):
@@ -210,57 +313,98 @@ def _stop_table(stop_ids, stop_sequences):
     return table
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "vocab_size",
-                                             "top_candidates", "mesh"))
-def _decode(state, tokens, positions, row_keys, stops, temperature, *, graphdef, max_new_tokens, sampling,
-            vocab_size, top_candidates, mesh):
-    """Prefill, then a while_loop of one-token steps; returns the TokenOutput fields as arrays."""
-    model = nnx.merge(graphdef, state)
-    B, P = tokens.shape
-    cache = _place_cache(model.init_cache(B, P + max_new_tokens), mesh)
-    logits, cache = model(tokens, positions=positions, cache=cache)
-    next_position = positions[:, -1] + 1
-    window = jnp.full((B, stops.shape[1]), NOT_YET, jnp.int32)  # the last generated tokens, for stop matching
+def _last_logits(model, tokens, positions, cache):
+    """(logits [B, V] at the last position of every row, cache): the prefill runs the LM head, its largest matmul
+    for long prompts, on one position only. Left padding puts every row's last prompt token there."""
+    hidden, cache = model.hidden(tokens, positions=positions, cache=cache)
+    return model.logits(hidden[:, -1]), cache
 
-    def pick(step, logits, done, window, out):
-        logits = logits.at[:, vocab_size:].set(-jnp.inf) if vocab_size < logits.shape[-1] else logits
-        keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
-        token = choose(logits / temperature, keys, sampling)
-        logprob = lm_model.token_logprobs(logits, token)
-        window = jnp.concatenate([window[:, 1:], token[:, None]], axis=1)
-        hit = ((window[:, None, :] == stops[None]) | (stops[None] == ANY)).all(-1).any(-1)
-        out = dict(out)
-        out["tokens"] = out["tokens"].at[:, step].set(jnp.where(done, NO_TOKEN, token))
-        out["logprobs"] = out["logprobs"].at[:, step].set(jnp.where(done, 0.0, logprob))
-        out["lengths"] = out["lengths"] + (~done).astype(jnp.int32)
-        out["stopped"] = out["stopped"] | (hit & ~done)
-        if top_candidates:
-            top_ids = jax.lax.top_k(logits, top_candidates)[1]
-            every = jnp.broadcast_to(logits[:, None], (B, top_candidates, logits.shape[-1]))
-            out["top_ids"] = out["top_ids"].at[:, step].set(top_ids)
-            out["top_probs"] = out["top_probs"].at[:, step].set(jnp.exp(lm_model.token_logprobs(every, top_ids)))
-        return token, done | hit, window, out
 
-    out = dict(tokens=jnp.full((B, max_new_tokens), NO_TOKEN, jnp.int32),
-               logprobs=jnp.zeros((B, max_new_tokens), jnp.float32),
-               lengths=jnp.zeros((B,), jnp.int32), stopped=jnp.zeros((B,), bool))
+def _choose_next(step, logits, done, window, row_keys, stops, temperature, greedy_rows, *, sampling, vocab_size,
+                 top_candidates):
+    """Every row's token of `step` from logits [B, V]: (token fed back, what the step emits, done, window).
+
+    Rows that are already `done` emit NO_TOKEN / 0 (their token is still fed back: the model needs a valid id).
+    """
+    logits = logits.at[:, vocab_size:].set(-jnp.inf) if vocab_size < logits.shape[-1] else logits
+    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
+    token = choose(logits / temperature[:, None], keys, sampling, greedy_rows)
+    window = jnp.concatenate([window[:, 1:], token[:, None]], axis=1)
+    hit = ((window[:, None, :] == stops[None]) | (stops[None] == ANY)).all(-1).any(-1)
+    emitted = dict(tokens=jnp.where(done, NO_TOKEN, token),
+                   logprobs=jnp.where(done, 0.0, lm_model.token_logprobs(logits, token)), stopped=hit & ~done)
     if top_candidates:
-        out["top_ids"] = jnp.zeros((B, max_new_tokens, top_candidates), jnp.int32)
-        out["top_probs"] = jnp.zeros((B, max_new_tokens, top_candidates), jnp.float32)
-    token, done, window, out = pick(0, logits[:, -1], jnp.zeros((B,), bool), window, out)
+        top_ids = jax.lax.top_k(logits, top_candidates)[1]
+        every = jnp.broadcast_to(logits[:, None], (*top_ids.shape, logits.shape[-1]))
+        emitted.update(top_ids=top_ids, top_probs=jnp.exp(lm_model.token_logprobs(every, top_ids)))
+    return token, emitted, done | hit, window
 
-    def cond(carry):
-        step, _, _, done, _, _ = carry
-        return (step < max_new_tokens) & ~done.all()
 
-    def body(carry):
-        step, token, cache, done, window, out = carry
-        logits, cache = model(token[:, None], positions=(next_position + step - 1)[:, None], cache=cache)
-        token, done, window, out = pick(step, logits[:, 0], done, window, out)
-        return step + 1, token, cache, done, window, out
+def _start(model, tokens, positions, row_keys, stops, temperature, greedy_rows, *, cache_len, mesh, **choice):
+    """Prefill and choose token 0: (carry for `_advance`, what step 0 emits)."""
+    B = tokens.shape[0]
+    cache = _place_cache(model.init_cache(B, cache_len), mesh)
+    logits, cache = _last_logits(model, tokens, positions, cache)
+    window = jnp.full((B, stops.shape[1]), NOT_YET, jnp.int32)  # the last generated tokens, for stop matching
+    token, emitted, done, window = _choose_next(0, logits, jnp.zeros((B,), bool), window, row_keys, stops,
+                                                temperature, greedy_rows, **choice)
+    carry = dict(step=jnp.int32(1), token=token, position=positions[:, -1] + 1, cache=cache, done=done,
+                 window=window)
+    return carry, emitted
 
-    carry = (jnp.int32(1), token, cache, done, window, out)
-    return jax.lax.while_loop(cond, body, carry)[-1]
+
+def _advance(model, carry, row_keys, stops, temperature, greedy_rows, *, mesh, **choice):
+    """Feed the last token, choose the next: (carry, what step carry["step"] emits)."""
+    logits, cache = model(carry["token"][:, None], positions=carry["position"][:, None], cache=carry["cache"])
+    token, emitted, done, window = _choose_next(carry["step"], logits[:, 0], carry["done"], carry["window"],
+                                                row_keys, stops, temperature, greedy_rows, **choice)
+    carry = dict(step=carry["step"] + 1, token=token, position=carry["position"] + 1,
+                 cache=_place_cache(cache, mesh), done=done, window=window)
+    return carry, emitted
+
+
+_CHOICE = ("graphdef", "sampling", "vocab_size", "top_candidates", "mesh")
+
+
+@functools.partial(jax.jit, static_argnames=_CHOICE + ("max_new_tokens",))
+def _decode(state, tokens, positions, row_keys, stops, temperature, greedy_rows, *, graphdef, max_new_tokens,
+            mesh, **choice):
+    """The whole decode in one program: `_start`, then a while_loop of `_advance`; the TokenOutput fields."""
+    model = nnx.merge(graphdef, state)
+    rows = (row_keys, stops, temperature, greedy_rows)
+    carry, emitted = _start(model, tokens, positions, *rows, cache_len=tokens.shape[1] + max_new_tokens, mesh=mesh,
+                            **choice)
+    out = {name: jnp.zeros((tokens.shape[0], max_new_tokens, *value.shape[1:]), value.dtype)
+           for name, value in emitted.items()}
+    out["tokens"] = jnp.full_like(out["tokens"], NO_TOKEN)
+
+    def record(out, step, emitted):
+        return {name: out[name].at[:, step].set(value) for name, value in emitted.items()}
+
+    def cond(loop):
+        carry, _ = loop
+        return (carry["step"] < max_new_tokens) & ~carry["done"].all()
+
+    def body(loop):
+        carry, out = loop
+        step = carry["step"]
+        carry, emitted = _advance(model, carry, *rows, mesh=mesh, **choice)
+        return carry, record(out, step, emitted)
+
+    _, out = jax.lax.while_loop(cond, body, (carry, record(out, 0, emitted)))
+    out["lengths"] = (out["tokens"] != NO_TOKEN).sum(axis=1).astype(jnp.int32)
+    out["stopped"] = out["stopped"].any(axis=1)
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=_CHOICE + ("cache_len",))
+def _stream_start(state, tokens, positions, row_keys, stops, temperature, greedy_rows, *, graphdef, **static):
+    return _start(nnx.merge(graphdef, state), tokens, positions, row_keys, stops, temperature, greedy_rows, **static)
+
+
+@functools.partial(jax.jit, static_argnames=_CHOICE, donate_argnames="carry")
+def _stream_step(state, carry, row_keys, stops, temperature, greedy_rows, *, graphdef, **static):
+    return _advance(nnx.merge(graphdef, state), carry, row_keys, stops, temperature, greedy_rows, **static)
 
 
 def _place_cache(cache, mesh):

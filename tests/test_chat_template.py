@@ -3,7 +3,7 @@ import functools
 
 import pytest
 
-from lm.tokenizer import CHAT_SPECIAL_TOKENS, ENDOFTEXT, chat, huggingface, train
+from lm.tokenizer import CHAT_SPECIAL_TOKENS, ENDOFTEXT, chat, train
 from lm.tokenizer.base import Tokenizer
 
 
@@ -170,9 +170,7 @@ CONVERSATIONS = [
 def hf_tokenizer(tmp_path_factory):
     transformers = pytest.importorskip("transformers")
     directory = tmp_path_factory.mktemp("hf")
-    huggingface.to_hf(bpe_tokenizer()).save(str(directory / "tokenizer.json"))
-    # what TiktokenTokenizer.save would write to embed the template (transformers reads chat_template.jinja)
-    (directory / "chat_template.jinja").write_text(chat.HF_CHAT_TEMPLATE)
+    bpe_tokenizer().save(directory)  # tokenizer.json + chat_template.jinja, which transformers reads
     return transformers.PreTrainedTokenizerFast.from_pretrained(str(directory))
 
 
@@ -191,6 +189,21 @@ def test_hf_generation_prompt_equals_render_for_completion(hf_tokenizer, message
     ours = chat.render_for_completion(bpe_tokenizer(), prompt)
     theirs = hf_tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=True)
     assert theirs["input_ids"] == ours
+
+
+def test_saved_tokenizer_directory_carries_the_template_for_auto_tokenizer(tmp_path):
+    """TiktokenTokenizer.save writes chat_template.jinja beside tokenizer.json; AutoTokenizer finds both."""
+    transformers = pytest.importorskip("transformers")
+    tok = bpe_tokenizer()
+    tok.save(tmp_path)
+    assert (tmp_path / "chat_template.jinja").read_text() == chat.HF_CHAT_TEMPLATE
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    for messages in CONVERSATIONS:
+        ids, mask = chat.render_conversation(tok, messages)
+        out = hf.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        assert out["input_ids"] == ids and out["assistant_masks"] == mask
+        prompt = hf.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True, return_dict=True)
+        assert prompt["input_ids"] == chat.render_for_completion(tok, messages[:-1])
 
 
 def test_hf_template_rejects_what_we_reject(hf_tokenizer):

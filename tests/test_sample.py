@@ -235,6 +235,92 @@ def test_sharded_model_on_a_mesh(models, prompts, greedy):
     out = sample.generate_ids(sharded, prompts, jax.random.key(0), NEW, sample.Sampling(temperature=0))
     np.testing.assert_array_equal(out.tokens, greedy["gpt2"].tokens)
     np.testing.assert_allclose(out.logprobs, greedy["gpt2"].logprobs, atol=2e-5)
+    streamed, _ = collect(sample.stream(sharded, prompts, jax.random.key(0), NEW, sample.Sampling(temperature=0)),
+                          len(prompts), NEW)
+    assert_same_output(streamed, greedy["gpt2"])
+
+
+# ------------------------------------------------------------------------------------------------ streaming
+
+
+def collect(steps, batch, max_new_tokens):
+    """The Steps of a stream laid out as generate_ids' TokenOutput (rows padded with NO_TOKEN / 0)."""
+    steps = list(steps)
+    assert [s.index for s in steps] == list(range(len(steps)))
+    tokens = np.full((batch, max_new_tokens), sample.NO_TOKEN, np.int32)
+    logprobs = np.zeros((batch, max_new_tokens), np.float32)
+    for s in steps:
+        tokens[:, s.index], logprobs[:, s.index] = s.tokens, s.logprobs
+    stopped = np.any([s.stopped for s in steps], axis=0)
+    top = {}
+    if steps[0].top_ids is not None:
+        top = dict(top_ids=np.zeros((batch, max_new_tokens, steps[0].top_ids.shape[1]), np.int32),
+                   top_probs=np.zeros((batch, max_new_tokens, steps[0].top_ids.shape[1]), np.float32))
+        for s in steps:
+            top["top_ids"][:, s.index], top["top_probs"][:, s.index] = s.top_ids, s.top_probs
+    return sample.TokenOutput(tokens, logprobs, (tokens != sample.NO_TOKEN).sum(1), stopped, **top), len(steps)
+
+
+def assert_same_output(streamed, whole, atol=2e-5):
+    np.testing.assert_array_equal(streamed.tokens, whole.tokens)
+    np.testing.assert_allclose(streamed.logprobs, whole.logprobs, atol=atol)
+    np.testing.assert_array_equal(streamed.lengths, whole.lengths)
+    np.testing.assert_array_equal(streamed.stopped, whole.stopped)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_greedy_stream_equals_generate_ids_with_stops(models, prompts, greedy, family):
+    row0, row1 = greedy[family].tokens[0].tolist(), greedy[family].tokens[1].tolist()
+    kwargs = dict(sampling=sample.Sampling(temperature=0), stop_ids=[row0[5]], stop_sequences=[row1[6:8]],
+                  top_candidates=3)
+    whole = sample.generate_ids(models[family], prompts, jax.random.key(0), NEW, **kwargs)
+    streamed, n_steps = collect(sample.stream(models[family], prompts, jax.random.key(0), NEW, **kwargs),
+                                len(prompts), NEW)
+    assert_same_output(streamed, whole)
+    np.testing.assert_array_equal(streamed.top_ids, whole.top_ids)
+    np.testing.assert_allclose(streamed.top_probs, whole.top_probs, atol=1e-6)
+    assert whole.stopped[0] and n_steps == whole.lengths.max()  # the stream ends when the last row stops
+    # and the tokens are the slow, cache-free greedy ones up to each row's stop
+    for row, prompt in enumerate(prompts):
+        n = whole.lengths[row]
+        assert streamed.tokens[row, :n].tolist() == recompute_greedy(models[family], prompt, NEW)[:n]
+
+
+@pytest.mark.parametrize("sampling", [sample.Sampling(temperature=1.0), sample.Sampling(0.8, top_k=20, top_p=0.9)])
+def test_sampled_stream_equals_generate_ids_for_the_same_key(models, prompts, tok, sampling):
+    model = models["llama"]
+    whole = sample.generate_ids(model, prompts, jax.random.key(5), NEW, sampling, stop_ids=[tok.eot_id])
+    streamed, _ = collect(sample.stream(model, prompts, jax.random.key(5), NEW, sampling, stop_ids=[tok.eot_id]),
+                          len(prompts), NEW)
+    assert_same_output(streamed, whole)
+    other = sample.generate_ids(model, prompts, jax.random.key(6), NEW, sampling, stop_ids=[tok.eot_id])
+    assert (other.tokens != whole.tokens).any()  # the key matters: the equality above is not vacuous
+
+
+def test_stream_gives_the_first_token_before_the_rest(models, prompts):
+    """The first Step is the prefill's token (the cache-free argmax); the caller may stop there."""
+    steps = sample.stream(models["gpt2"], prompts, jax.random.key(0), NEW, sample.Sampling(temperature=0))
+    first = next(steps)
+    assert first.index == 0 and first.live.all() and not first.stopped.any()
+    assert first.tokens.tolist() == [int(jnp.argmax(forward(models["gpt2"], p)[-1])) for p in prompts]
+    steps.close()
+
+
+def test_per_row_temperatures_mix_greedy_and_sampled_rows(models, prompts, greedy):
+    model, keys = models["gpt2"], jax.random.split(jax.random.key(9), len(prompts))
+    temperatures = [0.0, 1.0, 0.0, 0.7]
+    mixed = sample.generate_ids(model, prompts, keys, NEW, sample.Sampling(), temperatures=temperatures)
+    streamed, _ = collect(sample.stream(model, prompts, keys, NEW, sample.Sampling(), temperatures=temperatures),
+                          len(prompts), NEW)
+    assert_same_output(streamed, mixed)
+    for row, t in enumerate(temperatures):
+        if t == 0:
+            np.testing.assert_array_equal(mixed.tokens[row], greedy["gpt2"].tokens[row])
+        else:
+            alone = sample.generate_ids(model, [prompts[row]], keys[row:row + 1], NEW, sample.Sampling(temperature=t))
+            np.testing.assert_array_equal(mixed.tokens[row], alone.tokens[0])
+    with pytest.raises(ValueError, match="one temperature >= 0 per prompt"):
+        sample.generate_ids(model, prompts, keys, NEW, temperatures=[1.0])
 
 
 def test_score_tokens_equal_a_forward_pass(models, prompts):

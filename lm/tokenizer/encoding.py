@@ -35,6 +35,7 @@ O200K_PATTERN = "|".join([
 RANKS_FILE = "tokenizer.tiktoken"   # "<base64 token> <rank>" per line, tiktoken's own format
 META_FILE = "tokenizer.meta.json"   # name, backend, pattern, special tokens, n_vocab, hash
 HF_FILE = "tokenizer.json"          # the same vocabulary for HF `tokenizers`
+HF_CHAT_TEMPLATE_FILE = "chat_template.jinja"  # lm.tokenizer.chat's template, which HF apply_chat_template reads
 
 _BLOB = "https://openaipublic.blob.core.windows.net"
 
@@ -130,8 +131,9 @@ class TiktokenTokenizer(Tokenizer):
         return digest.hexdigest()
 
     def save(self, directory, hf: bool = True, meta: dict | None = None) -> None:
-        """Write tokenizer.tiktoken + tokenizer.meta.json (+ tokenizer.json for HF) into directory; `meta` adds
-        entries (such as how it was trained) to tokenizer.meta.json."""
+        """Write tokenizer.tiktoken + tokenizer.meta.json (+ tokenizer.json and chat_template.jinja for HF:
+        `transformers.AutoTokenizer.from_pretrained(directory).apply_chat_template` then gives our chat ids) into
+        directory; `meta` adds entries (such as how it was trained) to tokenizer.meta.json."""
         directory = pathlib.Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / RANKS_FILE).write_bytes(ranks_file_bytes(self.mergeable_ranks))
@@ -139,8 +141,9 @@ class TiktokenTokenizer(Tokenizer):
                     n_vocab=self.n_vocab, hash=self.hash, **(meta or {}))
         (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if hf:
-            from lm.tokenizer import huggingface
+            from lm.tokenizer import chat, huggingface
             huggingface.to_hf(self).save(str(directory / HF_FILE))
+            (directory / HF_CHAT_TEMPLATE_FILE).write_text(chat.HF_CHAT_TEMPLATE)
 
 
 # -- the .tiktoken rank file ------------------------------------------------------------------------------------------
