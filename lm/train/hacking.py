@@ -295,8 +295,8 @@ def run(config, workdir) -> dict:
         for name, setting in settings.items():
             proxy_dir = out_dir / f"proxy_{setting['pairs']}_s{seed}"
             curve = ppo_run(config, base, tokenizer, pool, proxy_dir, setting["kl_coef"], seed, name, out_dir)
-            runs.append(dict(setting=name, seed=seed, **setting, curve=curve, peak=peak_of(curve, int(hacking.smooth)),
-                             proxy_held_out_accuracy=proxies[(setting["pairs"], seed)]["held_out"].get("accuracy")))
+            runs.append(dict(setting=name, seed=seed, **setting, curve=curve,
+                             peak=peak_of(curve, int(hacking.smooth)), proxy_held_out_accuracy=proxies[(setting["pairs"], seed)]["held_out"].get("accuracy")))
             logging.info("hacking %s seed %d: %s", name, seed, runs[-1]["peak"])
     rollouts = int(hacking.rollouts)
     lines = {name: describe(name, [r["peak"] for r in runs if r["setting"] == name], rollouts) for name in settings}

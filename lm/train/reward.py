@@ -15,8 +15,8 @@ rejected go through the model as one batch of 2B rows. Loss: rl_math.bradley_ter
 pairs at every eval.
 
 Normalisation for RL: after training, the mean and std of the final model's scores over both sides of the training
-pairs are written to <workdir>/reward/reward_report.json ("normalization"). `load_reward_model` returns them with the model; RL divides by them so a
-reward of 1 is one std of the reward model's own scale. (The checkpoint meta cannot hold them yet: the loop saves
+pairs are written to <workdir>/reward/reward_report.json ("normalization"). `load_reward_model` returns them with
+the model; RL divides by them so a reward of 1 is one std of the reward model's own scale. (The checkpoint meta cannot hold them yet: the loop saves
 the final checkpoint before anything can score the final parameters; the meta gets them once it can.)
 
 The helpers `source_run`, `setup_from_source`, `preference_data` and `pair_batch` are shared by DPO and PPO.
@@ -75,7 +75,8 @@ def setup_from_source(config, workdir, run):
         checkpoints.close()
     tokenizer = lm_tokenizer.load(lm_checkpoint.find_tokenizer_dir(run, meta))
     if meta.get("tokenizer_hash") and tokenizer.hash != meta["tokenizer_hash"]:
-        raise ValueError(f"{run}: tokenizer hash {tokenizer.hash} differs from the checkpoint's {meta['tokenizer_hash']}")
+        raise ValueError(f"{run}: tokenizer hash {tokenizer.hash} differs from the checkpoint's "
+                         f"{meta['tokenizer_hash']}")
     config.model = ml_collections.ConfigDict(meta["config"]["model"])
     if config.train.seq_len > config.model.max_len:
         raise ValueError(f"config.train.seq_len={config.train.seq_len} > the source model's max_len="
@@ -262,7 +263,8 @@ def train_reward_model(config, run_dir, source, tokenizer, train_rows, held_rows
     model, _, _ = lm_checkpoint.load_model(run_dir)
     stats = score_stats(model, train_rows, batch)
     # Before training every score is 0 (the head starts at zero): held-out accuracy 0.5, margin 0, by construction.
-    report = dict(summary, held_out_before=dict(accuracy=0.5, margin=0.0), held_out=pair_metrics(model, held_rows, batch),
+    report = dict(summary, held_out_before=dict(accuracy=0.5, margin=0.0),
+                  held_out=pair_metrics(model, held_rows, batch),
                   train=pair_metrics(model, train_rows, batch), normalization=stats, **(extra_report or {}))
     (run_dir / REPORT).write_text(json.dumps(report, indent=2, default=str))
     logging.info("reward model %s: held-out accuracy %s", run_dir, report["held_out"].get("accuracy"))
