@@ -145,7 +145,8 @@ def ppo_run(config, base, tokenizer, pool, proxy_dir, kl_coef, seed, name, out_d
     c.seed = seed
     c.ppo.kl_coef = float(kl_coef)
     updates = int(c.ppo.epochs) * int(c.ppo.minibatches)
-    c.train.update(steps=int(config.hacking.rollouts) * updates, checkpoint_every=int(config.hacking.rollouts) * updates)
+    steps = int(config.hacking.rollouts) * updates
+    c.train.update(steps=steps, checkpoint_every=steps)
     run_dir = out_dir / f"ppo_{name}_s{seed}"
     meta = dict(reward.tokenizer_meta(tokenizer, base, {}), hacking=dict(setting=name, seed=seed))
     ppo.train_ppo(c, run_dir, base, proxy_dir, tokenizer, meta, pool, extra_metrics=gold_metrics)
@@ -296,7 +297,8 @@ def run(config, workdir) -> dict:
             proxy_dir = out_dir / f"proxy_{setting['pairs']}_s{seed}"
             curve = ppo_run(config, base, tokenizer, pool, proxy_dir, setting["kl_coef"], seed, name, out_dir)
             runs.append(dict(setting=name, seed=seed, **setting, curve=curve,
-                             peak=peak_of(curve, int(hacking.smooth)), proxy_held_out_accuracy=proxies[(setting["pairs"], seed)]["held_out"].get("accuracy")))
+                             peak=peak_of(curve, int(hacking.smooth)),
+                             proxy_held_out_accuracy=proxies[(setting["pairs"], seed)]["held_out"].get("accuracy")))
             logging.info("hacking %s seed %d: %s", name, seed, runs[-1]["peak"])
     rollouts = int(hacking.rollouts)
     lines = {name: describe(name, [r["peak"] for r in runs if r["setting"] == name], rollouts) for name in settings}

@@ -16,8 +16,9 @@ pairs at every eval.
 
 Normalisation for RL: after training, the mean and std of the final model's scores over both sides of the training
 pairs are written to <workdir>/reward/reward_report.json ("normalization"). `load_reward_model` returns them with
-the model; RL divides by them so a reward of 1 is one std of the reward model's own scale. (The checkpoint meta cannot hold them yet: the loop saves
-the final checkpoint before anything can score the final parameters; the meta gets them once it can.)
+the model; RL divides by them so a reward of 1 is one std of the reward model's own scale. (The checkpoint meta
+cannot hold them yet: the loop saves the final checkpoint before anything can score the final parameters;
+`load_reward_model` reads meta["reward_normalization"] first, for when it can.)
 
 The helpers `source_run`, `setup_from_source`, `preference_data` and `pair_batch` are shared by DPO and PPO.
 """
