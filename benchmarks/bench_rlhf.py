@@ -257,21 +257,24 @@ def trl_ppo_worker(spec: dict, steps: int, threads: int) -> dict:
         return wrapper
 
     trl_ppo.batch_generation = timed("rollout", trl_ppo.batch_generation)
-    trl_ppo.get_reward = timed("scoring", trl_ppo.get_reward)
+    trl_ppo.get_reward = timed("scoring", trl_ppo.get_reward)  # the value and reward passes of a rollout
+    reference = causal()
+    plain_forward, scoring_forward = trl_ppo.forward, timed("scoring", trl_ppo.forward)
+    # trl's `forward` also runs the policy in the PPO epochs (training); only the reference's pass is scoring.
+    trl_ppo.forward = lambda model, *a, **k: (scoring_forward if model is reference else plain_forward)(model, *a, **k)
     p = spec["ppo"]
     n = p["rollout_batch"]
-    args = PPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=n // p["minibatches"],
-                     gradient_accumulation_steps=1, num_mini_batches=1, local_rollout_forward_batch_size=n,
+    # TRL 1.12: one update's rollout = per_device_train_batch_size * gradient_accumulation_steps, split into
+    # num_mini_batches minibatches.
+    args = PPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=n,
+                     gradient_accumulation_steps=1, num_mini_batches=p["minibatches"],
+                     local_rollout_forward_batch_size=n, lr_scheduler_type="constant",
                      num_ppo_epochs=p["epochs"], response_length=p["max_new_tokens"], total_episodes=n * (steps + 1),
                      stop_token="eos", temperature=1.0, kl_coef=0.05, learning_rate=3e-5, bf16=False, fp16=False,
                      use_cpu=True, gradient_checkpointing=False, report_to=[], logging_steps=10 ** 6,
                      save_strategy="no", num_sample_generations=0, missing_eos_penalty=1.0)
-    # One update = one rollout of n answers; per_device_train_batch_size * num_mini_batches... see the TRL docs:
-    # local_batch_size = per_device_train_batch_size * gradient_accumulation_steps * num_mini_batches.
-    args.per_device_train_batch_size = n
-    args.num_mini_batches = p["minibatches"]
     prompts = Dataset.from_list([{"input_ids": ids} for ids in spec["prompts"]])
-    trainer = PPOTrainer(args=args, processing_class=tokenizer, model=causal(), ref_model=causal(),
+    trainer = PPOTrainer(args=args, processing_class=tokenizer, model=causal(), ref_model=reference,
                          reward_model=scalar(), value_model=scalar(), train_dataset=prompts)
     tick = time.perf_counter()
     trainer.train()
