@@ -1,0 +1,74 @@
+"""PPO-RLHF on the tiny pipeline (CPU, minutes): W/sft/ + W/reward/ -> W/ppo/.
+
+    python -m lm.train --config=configs/ppo_tiny.py --workdir=W
+    python -m lm.train.hacking --workdir=W [--config=configs/ppo_tiny.py:hacking]   # the reward-hacking experiment
+
+One rollout of `rollout_batch` answers feeds epochs x minibatches updates; train.steps counts updates and
+train.batch_size is the minibatch (rollout_batch / minibatches). The model shape comes from the policy checkpoint.
+"""
+import ml_collections
+
+from configs import tiny
+
+
+def ppo_section(**overrides) -> ml_collections.ConfigDict:
+    section = dict(
+        policy="sft",               # policy and frozen reference: a run dir relative to the workdir, or absolute
+        reward="reward",            # the reward model run
+        run_dir="ppo",
+        prompts="synthetic",        # "synthetic" (arithmetic prompts) or preference files (their prompts)
+        n_prompts=256,
+        max_prompt_tokens=48,
+        rollout_batch=32,
+        max_new_tokens=24,
+        temperature=1.0,            # 1: on-policy (the sampler's log-probs are at temperature 1)
+        epochs=2,
+        minibatches=2,
+        gamma=1.0,
+        lam=0.95,
+        clip_eps=0.2,
+        value_clip=0.2,
+        vf_coef=0.1,
+        entropy_coef=0.0,
+        kl_coef=0.05,               # beta of -beta * KL per token
+        kl_target=0.0,              # > 0: adaptive beta (Ziegler et al.) towards this KL per answer
+        kl_horizon=10000.0,
+        no_eos_penalty=1.0,         # subtracted from the score of an answer without <|assistant_end|>
+        whiten_advantages=True,
+        samples_kept=4,
+    )
+    section.update(overrides)
+    return ml_collections.ConfigDict(section)
+
+
+def hacking_section() -> ml_collections.ConfigDict:
+    """The reward-hacking experiment's sizes (lm.train.hacking): a proxy reward model from N gold-labelled pairs of
+    the policy's own answers, PPO against it, gold measured throughout, for each setting and seed."""
+    return ml_collections.ConfigDict(dict(
+        run_dir="hacking",
+        policy="sft",               # the base policy; "none": a freshly initialised tiny model (tests)
+        seeds=(0, 1, 2),
+        pairs=(64, 256),            # reward-model pairs: the first is the base setting, the others delay hacking
+        kl_coefs=(0.02, 0.2),       # the first is the base setting
+        label_temperature=0.25,     # Bradley-Terry labels: P(a preferred) = sigmoid((gold_a - gold_b) / this)
+        bon_n=(1, 2, 4, 8, 16, 32),
+        bon_prompts=32,
+        proxy_steps=120,
+        proxy_batch=16,
+        proxy_lr=1e-3,
+        rollouts=24,
+        smooth=3,                   # rollouts in the moving average that finds the gold peak
+    ))
+
+
+def get_config(arg: str = ""):
+    c = tiny.get_config()
+    c.objective = "ppo"
+    c.ppo = ppo_section()
+    c.train.update(steps=4 * 40, batch_size=16, seq_len=72, lr=3e-5, warmup_steps=0, schedule="constant",
+                   log_every=4, eval_every=0, checkpoint_every=40, weight_decay=0.0, grad_clip=1.0)
+    if arg == "hacking":
+        c.hacking = hacking_section()
+    elif arg:
+        raise ValueError(f"configs/ppo_tiny.py:{arg}: unknown variant (use '' or 'hacking')")
+    return c

@@ -1,0 +1,49 @@
+"""The reward-hacking experiment end to end at a tiny size (one seed, three settings, a random base policy): the
+report, the plot and the samples at the gold peak and the end are written; the gold reward's parts by hand."""
+import json
+import math
+
+import pytest
+
+from lm.train import hacking
+from tests.test_reward import make_pipeline_workdir, tiny_config
+
+
+def test_gold_reward_by_hand():
+    assert hacking.repetition("7 7 7 7") == pytest.approx(0.75)
+    assert hacking.repetition("The answer is 68.") == 0.0
+    assert hacking.gold_reward("The answer is 68.", "68") == pytest.approx(1 + 1 - math.exp(-2 / 3))
+    assert hacking.gold_reward("6868686868", "68") == pytest.approx(1 - math.exp(-10 / 3))  # one piece: no repeat
+    assert hacking.gold_reward("68 68 68 68", "12") == pytest.approx(1 - math.exp(-8 / 3) - 0.75)
+    assert hacking.gold_reward("", "1") == 0.0
+
+
+def test_peak_and_description():
+    curve = [dict(index=i, kl=i / 4, score=float(i), gold=g) for i, g in enumerate([0, 1, 2, 3, 2, 1, 0])]
+    peak = hacking.peak_of(curve, 1)
+    assert peak["rollout"] == 3 and peak["gold_change_after"] == -3 and peak["proxy_change_after"] == 3
+    assert peak["sqrt_kl"] == pytest.approx(math.sqrt(0.75)) and not peak["at_end"]
+    line = hacking.describe("base", [peak], 7)
+    assert line.startswith("base: gold peaked at rollout 3.0 of 7") and "-3.000" in line
+
+
+def test_experiment_end_to_end(tmp_path):
+    workdir = make_pipeline_workdir(tmp_path)
+    config = tiny_config("configs/ppo_tiny.py:hacking", hacking__policy="none", hacking__seeds=(0,),
+                         hacking__pairs=(16, 32), hacking__kl_coefs=(0.05, 0.5), hacking__rollouts=3,
+                         hacking__proxy_steps=4, hacking__proxy_batch=8, hacking__bon_n=(1, 2, 4),
+                         hacking__bon_prompts=8, ppo__rollout_batch=16, ppo__minibatches=2, ppo__epochs=1,
+                         ppo__max_new_tokens=8, ppo__max_prompt_tokens=32, ppo__n_prompts=64,
+                         train__batch_size=8, train__seq_len=40, model__init_std=0.2)
+    report = hacking.run(config, workdir)
+    out = workdir / "hacking"
+    assert (out / "hacking.png").read_bytes()[:4] == b"\x89PNG"
+    saved = json.loads((out / "hacking_report.json").read_text())
+    assert set(saved["summary"]) == {"base", "kl_0.5", "pairs_32"} == set(saved["samples"])
+    assert all(line.startswith(f"{name}: gold peaked at rollout") for name, line in saved["summary"].items())
+    for run in report["runs"]:
+        assert [r["index"] for r in run["curve"]] == [0, 1, 2]
+        assert all(math.isfinite(r["gold"]) and math.isfinite(r["score"]) for r in run["curve"])
+    assert [p["n"] for p in saved["best_of_n"]["0"]] == [1, 2, 4]
+    assert saved["best_of_n"]["0"][0]["kl"] == 0.0
+    assert saved["samples"]["base"]["at_end"] and "gold" in saved["samples"]["base"]["at_peak"][0]
