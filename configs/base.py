@@ -100,4 +100,17 @@ def get_config() -> ml_collections.ConfigDict:
         icl_shots=(0, 1, 4),                          # few-shot sizes of the in-context-learning eval
         icl_queries=32,
     ))
+    c.posttrain = ml_collections.ConfigDict(dict(
+        # lm.main's post-training stages: the preset each runs (with this config's model, mesh and seed) ...
+        sft="configs/sft_tiny.py",
+        reward="configs/reward_tiny.py",
+        dpo="configs/dpo_tiny.py",
+        ppo="configs/ppo_tiny.py",
+        hacking="configs/ppo_tiny.py:hacking",
+        grpo="configs/grpo_tiny.py",
+        # ... its overrides ("key=value" strings, as after --config.) ...
+        overrides=ml_collections.ConfigDict({name: () for name in ("sft", "reward", "dpo", "ppo", "hacking",
+                                                                   "grpo")}),
+        skip=(),                 # ... and stages lm.main leaves out (e.g. ("hacking",))
+    ))
     return c

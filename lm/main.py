@@ -1,14 +1,18 @@
-"""The whole pipeline from one config into one workdir: corpus → filter → tokenizer → tokens → pretrain → sample.
+"""The whole seed from one config into one workdir: corpus → filter → tokenizer → tokens → pretrain → sample →
+SFT → reward model → DPO → PPO → reward-hacking probe → GRPO → report.md.
 
     python -m lm.main --config=configs/tiny.py --workdir=runs/tiny [--data=<paths or globs>] [--force]
 
 A stage that already ran on the same inputs and config sections is skipped; a change re-runs it and the stages
 after it (`--force` redoes every stage; `--stages` picks some).
-Each stage is also a module of its own (`python -m lm.data.filter`, `python -m lm.train`, ...).
+Each stage is also a module of its own (`python -m lm.data.filter`, `python -m lm.train`, ...). A post-training
+stage runs the preset named in config.posttrain.<stage> (e.g. configs/sft_tiny.py, the same file `python -m lm.train
+--config=...` takes) with the pipeline's model, mesh and seed, plus config.posttrain.overrides.<stage>.
 """
 import dataclasses
 import glob
 import hashlib
+import importlib
 import json
 import pathlib
 import shutil
@@ -30,6 +34,7 @@ class Stage:
     outputs: tuple          # paths (globs) relative to the workdir that --force removes first
     run: Callable           # run(config, workdir, inputs) -> dict of results for the report
     keys: tuple = ()        # config sections whose change makes the stage (and those after it) run again
+    needs: tuple = ()       # paths (relative to the workdir) that earlier stages write and this one reads
 
 
 def run_corpus(config, workdir, inputs):
@@ -82,13 +87,36 @@ def run_sample(config, workdir, inputs):
     return report.run(config, workdir)
 
 
+def stage_config(config, name: str):
+    """The config a post-training stage runs with: its preset (config.posttrain.<name>) and overrides, with the
+    pipeline's model, mesh and seed (so shapes match the pretrained checkpoint)."""
+    overrides = list((config.posttrain.get("overrides") or {}).get(name) or ())
+    stage = lm_config.load(config.posttrain[name], overrides)
+    for key in ("model", "mesh", "seed"):
+        stage[key] = config[key]
+    return lm_config.validate(stage)
+
+
+def posttrain_stage(name: str, module: str, needs: tuple, outputs: tuple) -> Stage:
+    """A Stage that runs lm.train.<module>.run(stage_config, workdir), fingerprinted by its whole stage config."""
+    def run(config, workdir, inputs):
+        return importlib.import_module(f"lm.train.{module}").run(stage_config(config, name), workdir)
+    return Stage(name, outputs, run, keys=(lambda config: stage_config(config, name),), needs=needs)
+
+
 STAGES = (
     Stage("corpus", ("corpus",), run_corpus, ("data",)),
     Stage("filter", ("text", "dropped", "filter*"), run_filter, ("filter",)),
     Stage("tokenizer", ("tokenizer",), run_tokenizer, ("tokenizer",)),
     Stage("tokenize", ("tokens",), run_tokenize, ("dataset",)),
     Stage("pretrain", ("checkpoints", "metrics.jsonl", "tb", "*.png"), run_pretrain, ("seed", "model", "train", "mesh")),
-    Stage("sample", (), run_sample, ("sample",)),
+    Stage("sample", (), run_sample, ("sample",), needs=("checkpoints",)),
+    posttrain_stage("sft", "sft", ("checkpoints", "tokenizer"), ("sft",)),
+    posttrain_stage("reward", "reward", ("sft/checkpoints",), ("reward",)),
+    posttrain_stage("dpo", "dpo", ("sft/checkpoints",), ("dpo",)),
+    posttrain_stage("ppo", "ppo", ("sft/checkpoints", "reward/checkpoints"), ("ppo",)),
+    posttrain_stage("hacking", "hacking", ("sft/checkpoints",), ("hacking",)),
+    posttrain_stage("grpo", "grpo", ("sft/checkpoints",), ("grpo",)),
 )
 
 
@@ -102,11 +130,13 @@ def run_pipeline(config, workdir, data=(), force=False, only=()) -> dict:
     unknown = set(only) - {s.name for s in STAGES}
     if unknown:
         raise ValueError(f"unknown stages {sorted(unknown)}; known: {[s.name for s in STAGES]}")
-    results = {}
+    results, started = {}, time.time()
+    skip = set(config.posttrain.get("skip") or ()) if "posttrain" in config else set()
     fingerprint = _fingerprint(inputs)
     for i, stage in enumerate(STAGES, 1):
-        fingerprint = _fingerprint([fingerprint] + [config.get(key) for key in stage.keys])
-        if (only and stage.name not in only) or (stage.name == "corpus" and data):
+        fingerprint = _fingerprint([fingerprint] + [key(config) if callable(key) else config.get(key)
+                                                    for key in stage.keys])
+        if (only and stage.name not in only) or (stage.name == "corpus" and data) or stage.name in skip:
             continue
         done_marker = workdir / "stages" / f"{stage.name}.json"
         done = json.loads(done_marker.read_text()) if done_marker.exists() else {}
@@ -120,7 +150,9 @@ def run_pipeline(config, workdir, data=(), force=False, only=()) -> dict:
         if force:
             for output in stage.outputs:
                 _remove(workdir / output)
-        logging.info("[%d/%d] %s ...", i, len(STAGES), stage.name)
+        _check_needs(stage, workdir)
+        logging.info("[%d/%d] %s ... (%s since the pipeline started)", i, len(STAGES), stage.name,
+                     _clock(time.time() - started))
         start = time.time()
         result = stage.run(config, workdir, inputs) or {}
         result = {**result, "seconds": round(time.time() - start, 1), "fingerprint": fingerprint}
@@ -130,6 +162,20 @@ def run_pipeline(config, workdir, data=(), force=False, only=()) -> dict:
         logging.info("[%d/%d] %s finished in %.1fs", i, len(STAGES), stage.name, result["seconds"])
     write_report(workdir, results)
     return results
+
+
+def _check_needs(stage: Stage, workdir: pathlib.Path) -> None:
+    """A stage whose inputs are missing says which stage writes them."""
+    for need in stage.needs:
+        if not (workdir / need).exists():
+            writer = next((s.name for s in STAGES if any(need == o or need.startswith(o.rstrip("*") + "/")
+                                                          or need.startswith(o) for o in s.outputs)), "an earlier stage")
+            raise FileNotFoundError(f"stage {stage.name} needs {workdir / need}, which stage {writer!r} writes: run "
+                                    f"`python -m lm.main --workdir={workdir} --stages={writer}` first (or without --stages)")
+
+
+def _clock(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
 def _fingerprint(values) -> str:

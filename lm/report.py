@@ -2,6 +2,7 @@
 
 It sits with lm.main (the top of the imports): it renders every stage's results, so it may import any of them.
 """
+import json
 import pathlib
 
 
@@ -52,4 +53,80 @@ def _sample(workdir, result) -> list:
     return eval_report.markdown(result)
 
 
-_RENDERERS = {"filter": _filter, "pretrain": _pretrain, "sample": _sample}
+def _stage_report(workdir, run_dir: str, name: str) -> dict:
+    """A post-training stage's own report file (<workdir>/<run_dir>/<name>), {} when it is not there."""
+    path = pathlib.Path(workdir) / run_dir / name
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _table(rows: list[tuple], header: tuple) -> list:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(_fmt(v) if v is not None else "" for v in row) + " |" for row in rows]
+
+
+def _before_after(before: dict, after: dict, keys) -> list:
+    return _table([(key, (before or {}).get(key), (after or {}).get(key)) for key in keys
+                   if key in (before or {}) or key in (after or {})], ("metric", "before", "after"))
+
+
+def _reward(workdir, result) -> list:
+    report = _stage_report(workdir, "reward", "reward_report.json") or result
+    lines = [f"Bradley-Terry reward model (scalar head on the SFT trunk), {report.get('steps')} steps."]
+    return lines + [""] + _before_after(report.get("held_out_before"), report.get("held_out"), ("accuracy", "margin"))
+
+
+def _dpo(workdir, result) -> list:
+    report = _stage_report(workdir, "dpo", "dpo_report.json") or result
+    lines = [f"DPO from the SFT model (frozen reference), beta {report.get('beta')}, {report.get('steps')} steps; "
+             "held-out preference pairs:"]
+    return lines + [""] + _before_after(report.get("held_out_before"), report.get("held_out"),
+                                        ("reward_accuracy", "reward_margin"))
+
+
+def _ppo(workdir, result) -> list:
+    report = _stage_report(workdir, "ppo", "ppo_report.json") or result
+    first, last = report.get("first") or {}, report.get("last") or {}
+    keys = ("score", "kl", "kl_k3", "response_length", "end_rate", "value_explained_variance", "logprob_diff")
+    lines = ["PPO against the reward model with a KL penalty to the SFT reference: first and last rollout."]
+    lines += [""] + _table([(k, first.get(k), last.get(k)) for k in keys if k in first or k in last],
+                           ("metric", "first rollout", "last rollout"))
+    for name, when in (("samples_first", "first"), ("samples_last", "last")):
+        samples = report.get(name)
+        if isinstance(samples, list) and samples:
+            sample = samples[0]
+            lines += ["", f"A {when}-rollout answer: `{str(sample.get('answer', sample))[:300]}`"]
+    return lines
+
+
+def _hacking(workdir, result) -> list:
+    report = _stage_report(workdir, "hacking", "hacking_report.json") or result
+    lines = ["Reward hacking, measured: PPO against proxy reward models trained on gold-labelled pairs; proxy and "
+             "gold reward against sqrt(KL), best-of-n against the same proxy as the comparison curve."]
+    lines += [""] + [f"- {line}" for line in (report.get("summary") or {}).values()]
+    if (pathlib.Path(workdir) / "hacking" / "hacking.png").exists():
+        lines += ["", "![proxy and gold reward vs sqrt(KL)](hacking/hacking.png)"]
+    return lines
+
+
+def _grpo(workdir, result) -> list:
+    report = _stage_report(workdir, "grpo", "grpo_report.json") or result
+    lines = [f"GRPO on `{report.get('task')}` ({report.get('task_kwargs')}), {report.get('steps')} steps; held-out "
+             "problems, greedy pass@1 and sampled pass@k:"]
+    lines += [""] + _before_after(report.get("before"), report.get("after"),
+                                  ("greedy_pass@1", "pass@1", "pass@8", "reward", "format", "ended"))
+    curve = report.get("curve") or []
+    if len(curve) > 1:
+        keys = [k for k in ("greedy_pass@1", "pass@1", "pass@8") if k in curve[0]]
+        lines += ["", "Over training:", ""] + _table([(c["step"], *(c.get(k) for k in keys)) for c in curve],
+                                                   ("step", *keys))
+    shown = report.get("after_shown") or []
+    if shown:
+        one = shown[0]
+        lines += ["", "One completion after GRPO:", "", "```", f"prompt:   {one.get('prompt')}",
+                  f"thinking: {one.get('thinking')}", f"answer:   {one.get('answer')}   (reward {one.get('reward')}, "
+                  f"reference {one.get('reference')})", "```"]
+    return lines
+
+
+_RENDERERS = {"filter": _filter, "pretrain": _pretrain, "sample": _sample, "reward": _reward, "dpo": _dpo,
+              "ppo": _ppo, "hacking": _hacking, "grpo": _grpo}
