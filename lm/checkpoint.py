@@ -178,10 +178,13 @@ class Checkpoints:
             raise CorruptCheckpoint(path, "no arrays in its metadata")
         entries = {name.split("/")[0] for name in wanted}  # a params-only target ignores the rest
         saved = {name: shape for name, shape in saved.items() if name.split("/")[0] in entries}
-        problems = [f"{name}: not in the checkpoint" for name in sorted(set(wanted) - set(saved))]
-        problems += [f"{name}: shape {saved[name]} saved, {shape} wanted" for name, shape in sorted(wanted.items())
-                     if name in saved and saved[name] != shape]
-        problems += [f"{name}: saved, not in this state" for name in sorted(set(saved) - set(wanted))]
+        def order(name):  # parameters first: they say most about the model
+            return not name.startswith(PARAMS + "/"), name
+
+        problems = [f"{name}: shape {saved[name]} saved, {wanted[name]} wanted"
+                    for name in sorted(set(wanted) & set(saved), key=order) if saved[name] != wanted[name]]
+        problems += [f"{name}: not in the checkpoint" for name in sorted(set(wanted) - set(saved), key=order)]
+        problems += [f"{name}: saved, not in this state" for name in sorted(set(saved) - set(wanted), key=order)]
         if not problems:
             return
         raise IncompatibleCheckpoint(_incompatible_message(path, problems, self._saved_config(step), config))
