@@ -296,7 +296,7 @@ def test_schedule_change_is_stated_and_schedule_steps_keeps_it(runs, tmp_path, c
 
 # --- Kill -9 and run again -----------------------------------------------------------------------------------------
 
-KILL_STEPS = 40
+KILL_STEPS = 24
 
 
 def cli(workdir, compilation_cache, stdout=subprocess.PIPE, stderr=subprocess.PIPE):
@@ -342,7 +342,7 @@ def killed(tmp_path_factory, tokens_dir, compilation_cache):
     _, err = run_cli(straight, compilation_cache)
     assert f"train {KILL_STEPS}/{KILL_STEPS} steps (100%)" in err and "elapsed" in err  # the progress line
     victim = new_workdir(root, tokens_dir, "killed")
-    kill_step = random.Random(14).randint(9, 30)
+    kill_step = random.Random(14).randint(6, 18)
     reached = kill_at(victim, kill_step, compilation_cache)
     assert kill_step <= reached < KILL_STEPS
     return straight, victim
