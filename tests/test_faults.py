@@ -319,12 +319,16 @@ def complete_lines(path):
 
 
 def kill_at(workdir, step, compilation_cache):
-    """Starts the CLI and SIGKILLs it as soon as metrics.jsonl has `step` complete lines (its output goes to a
-    file: a full pipe would stall it)."""
+    """Starts the CLI and SIGKILLs it as soon as metrics.jsonl has `step` complete lines and two checkpoints
+    are complete (its output goes to a file: a full pipe would stall it)."""
     log = (workdir.parent / f"{workdir.name}.log").open("w")
     process = cli(workdir, compilation_cache, stdout=log, stderr=log)
     deadline = time.monotonic() + 300
-    while complete_lines(workdir / "metrics.jsonl") < step and process.poll() is None:
+    def due():  # the step reached, and two checkpoints finished (async saves may lag a few steps behind)
+        return complete_lines(workdir / "metrics.jsonl") >= step and (workdir / "checkpoints").is_dir() and \
+            len(steps_on_disk(workdir)) >= 2
+
+    while not due() and process.poll() is None:
         assert time.monotonic() < deadline, "the run never reached the kill step"
         time.sleep(0.005)
     process.send_signal(signal.SIGKILL)
