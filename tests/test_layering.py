@@ -3,7 +3,7 @@
 Levels, lowest first (a module may import its own level and lower ones, never a higher one, not even inside a
 function):
 
-    config      lm.config, lm.mesh (and the empty package lm itself)
+    config      lm.config, lm.mesh, lm.progress (and the empty package lm itself)
     tokenizer   lm.tokenizer
     data        lm.data
     model       lm.model (lm.model.hf converts HF weights: it needs only the model)
@@ -28,7 +28,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 ROOTS = ("lm", "configs")
 
 LEVELS = (
-    ("config", ("lm", "lm.config", "lm.mesh")),
+    ("config", ("lm", "lm.config", "lm.mesh", "lm.progress")),
     ("tokenizer", ("lm.tokenizer",)),
     ("data", ("lm.data",)),
     ("model", ("lm.model",)),
@@ -187,6 +187,7 @@ def test_the_checks_find_what_they_should(tmp_path):
 
 @pytest.mark.parametrize("module, level", [("lm.model.hf", "model"), ("lm.hf", "checkpoint"),
                                            ("lm.eval.icl", "eval"), ("lm.train.loop", "train"),
-                                           ("configs.tiny", "configs"), ("lm.mesh", "config")])
+                                           ("configs.tiny", "configs"), ("lm.mesh", "config"),
+                                           ("lm.progress", "config")])
 def test_levels(module, level):
     assert level_of(module)[1] == level

@@ -34,13 +34,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from absl import app, flags, logging
 
+from lm import progress as lm_progress
 from lm.data import readers
 
 INDEX_FILE = "index.json"
 FORMAT = "lm.tokens/1"
 SPLITS = ("train", "val")
 CHUNK_CHARS = 1 << 18           # text per worker task: small enough to balance, large enough to amortise
-PROGRESS_SECONDS = 10.0
 DEFAULTS = dict(val_fraction=0.05, shard_tokens=1 << 24, workers=0, text_key="text",
                 txt_separator=readers.BLANK_LINE, txt_max_chars=readers.TXT_MAX_CHARS)
 SPLIT_RULE = ("blake2b(utf-8 text, 8 bytes) / 2**64 < val_fraction; with val_fraction > 0, a split left empty takes "
@@ -210,7 +210,7 @@ def run(tokenizer, inputs, tokens_dir, dataset_config=None) -> dict:
                 splits.add("val" if val else "train", tokens, f"{doc.file}:{doc.line}")
                 per_source[doc.file] += 1
             progress.update(len(chunk), n_bytes, sum(len(tokens) for _, tokens in encoded))
-    progress.log(final=True)
+    progress.finish()
     if not per_source:
         names = ", ".join(map(str, [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs))
         raise ValueError(f"no documents to tokenize in {names}: {stats.summary()}")
@@ -262,29 +262,32 @@ def _write_json(path: pathlib.Path, value) -> None:
 
 
 class _Progress:
+    """Documents, bytes and tokens so far, shown by an lm.progress line (documents counted; the total is unknown
+    before the end, so there is a rate but no ETA)."""
+
     def __init__(self):
-        self.start = self.last = time.monotonic()
+        self.line = lm_progress.Progress("tokenize", unit="documents")
         self.docs = self.bytes = self.tokens = 0
 
     def update(self, docs, n_bytes, tokens):
         self.docs += docs
         self.bytes += n_bytes
         self.tokens += tokens
-        if time.monotonic() - self.last > PROGRESS_SECONDS:
-            self.log()
+        self.line.update(self.docs, note=f"{self.bytes / 1e6:,.1f} MB ({self.mb_per_s:.2f} MB/s), "
+                                         f"{self.tokens:,} tokens")
 
     @property
     def seconds(self):
-        return time.monotonic() - self.start
+        return time.monotonic() - self.line.started
 
     @property
     def mb_per_s(self):
         return self.bytes / 1e6 / max(self.seconds, 1e-9)
 
-    def log(self, final=False):
-        self.last = time.monotonic()
-        logging.info("%s %d documents, %.1f MB, %d tokens, %.1f s (%.2f MB/s)", "tokenized" if final else "...",
-                     self.docs, self.bytes / 1e6, self.tokens, self.seconds, self.mb_per_s)
+    def finish(self):
+        self.line.close()
+        logging.info("tokenized %d documents, %.1f MB, %d tokens, %.1f s (%.2f MB/s)", self.docs, self.bytes / 1e6,
+                     self.tokens, self.seconds, self.mb_per_s)
 
 
 def main(argv):

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from absl import logging
@@ -34,6 +35,7 @@ from lm import checkpoint as lm_checkpoint
 from lm import config as lm_config
 from lm import mesh as lm_mesh
 from lm import model as lm_model
+from lm import progress as lm_progress
 from lm.train import metrics as lm_metrics
 from lm.train import optim
 from lm.train import state as lm_state
@@ -249,12 +251,18 @@ class Trainer:
         self.checkpoints = lm_checkpoint.Checkpoints(lm_checkpoint.checkpoint_dir(self.workdir),
                                                      keep=train.get("keep_checkpoints", 3))
         self._stack.callback(self.checkpoints.close)
-        self.start_step = self.checkpoints.latest_step() or 0
-        if self.start_step:
-            self.state, restored_meta = self.checkpoints.restore(self.start_step, self.spec.abstract)
+        try:  # the newest checkpoint that restores; corrupt newer ones are moved aside (lm.checkpoint)
+            restored = self.checkpoints.restore_newest(self.spec.abstract, config=self.config.to_dict())
+        except lm_checkpoint.IncompatibleCheckpoint as error:
+            raise lm_config.ConfigError(str(error)) from None
+        self.start_step = restored[0] if restored else 0
+        if restored:
+            _, self.state, restored_meta = restored
             if "init_from" in restored_meta:  # where this run's parameters first came from
                 self.meta["init_from"] = restored_meta["init_from"]
             logging.info("resumed from %s at step %d", self.checkpoints.directory, self.start_step)
+            _report_config_changes(restored_meta.get("config"), self.config, self.start_step,
+                                   f"{self.checkpoints.directory}/{self.start_step}")
             if self.objective.init_from:
                 logging.info("init_from %s not used: the run resumes from its own checkpoints",
                              self.objective.init_from)
@@ -266,6 +274,9 @@ class Trainer:
         self._saved_step = self.start_step or None
         self.writer = lm_metrics.MetricsWriter(self.workdir, resume_step=self.start_step)
         self._stack.callback(self.writer.close)
+        self.progress = lm_progress.Progress("train", total=self.total_steps, unit="steps", start=self.start_step,
+                                             enabled=jax.process_index() == 0)
+        self._stack.callback(self.progress.close)
 
     def _init_params_from(self, run, step):
         """The parameters of another run's checkpoint (checked against this model), the rest of the state fresh."""
@@ -318,14 +329,18 @@ class Trainer:
                 raise FloatingPointError(f"loss is {record['loss']} at step {step}: stopping ({self.workdir})")
             record.update(self._throughput(local_batch, record, seconds))
             record.update(self._batch_metrics(local_batch, record))
-            if _due(step, self.checkpoint_every, self.total_steps):
+            checkpointed = _due(step, self.checkpoint_every, self.total_steps)
+            if checkpointed:
                 self.save()  # before the evals: a failing eval loses nothing
             try:
                 if self.eval_every > 0 and _due(step, self.eval_every, self.total_steps):
                     record.update(self.evaluate())
             finally:
                 self.writer.write(step, record)
+                if checkpointed:  # TensorBoard holds every step up to the checkpoint a resume starts from
+                    self.writer.flush()
                 self.records.append(dict(record, step=step))
+        self.progress.update(step, note=f"loss {record['loss']:.4g}")
         if step % self.log_every == 0 or step in (self.start_step + 1, self.total_steps):
             logging.info("step %d/%d: %s", step, self.total_steps,
                          ", ".join(f"{k}={v:.4g}" for k, v in record.items()))
@@ -439,6 +454,27 @@ def _check_batch_splits(train_config, mesh) -> None:
         raise lm_config.ConfigError(
             f"config.train.batch_size={train_config.batch_size} / config.train.grad_accum={accum} = {rows} rows per "
             f"micro batch, which do not split over the {shards} data x fsdp devices of mesh {dict(mesh.shape)}")
+
+
+def _report_config_changes(saved: dict | None, config, step: int, where: str) -> None:
+    """Logs how this config differs from the checkpoint's, and, when the learning-rate schedule changed (e.g. a
+    larger train.steps moves the decay horizon), the lr the next step gets under each."""
+    if not saved:
+        return
+    changed = lm_checkpoint.config_differences(saved, config.to_dict())
+    if changed:
+        logging.warning("resuming %s with a config that differs from the checkpoint's: %s", where, ", ".join(changed))
+    try:
+        old = float(optim.learning_rate(ml_collections.ConfigDict(saved["train"]))(step))
+    except (KeyError, TypeError, ValueError, AttributeError):  # a saved config too old or odd to rebuild from
+        return
+    new = float(optim.learning_rate(config.train)(step))
+    if not np.isclose(old, new, rtol=1e-6, atol=0):
+        horizon = optim.schedule_horizon(ml_collections.ConfigDict(saved["train"]))
+        logging.warning(
+            "the learning-rate schedule changed: step %d gets lr %.6g under this config, %.6g under the checkpoint's "
+            "(%s). To keep the checkpoint's schedule, set --config.train.schedule_steps=%d (the decay horizon; "
+            "past it the lr stays at its floor)", step + 1, new, old, where, horizon)
 
 
 def _due(step: int, every: int, last: int) -> bool:

@@ -2,6 +2,7 @@
 import functools
 import json
 import math
+import os
 import pathlib
 import sys
 import time
@@ -52,8 +53,11 @@ def peak_flops() -> float:
 class MetricsWriter:
     """Appends one JSON object per step to metrics.jsonl and mirrors scalars to TensorBoard (process 0 only).
 
-    On resume from step s, lines for steps after s (written before a kill) are dropped so that the file holds
-    exactly one curve.
+    On resume from step s the files hold exactly one curve: lines for steps after s (written before a kill) are
+    dropped from metrics.jsonl, as is a partial last line (what a kill mid-write leaves), with a warning naming the
+    file; and tb/ is rewritten from metrics.jsonl (keeping each event's original wall time where tb/ still has it)
+    into one event file holding each step once. `flush()` (the Trainer calls it at every checkpoint) puts the
+    TensorBoard events on disk.
     """
 
     def __init__(self, workdir, resume_step: int | None = None, tensorboard: bool = True):
@@ -63,10 +67,10 @@ class MetricsWriter:
         if not self.active:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        _truncate_after(self.path, resume_step or 0)
+        kept = _truncate_after(self.path, resume_step or 0)
         self._file = self.path.open("a")
         if tensorboard:
-            self._tb = _tensorboard_writer(pathlib.Path(workdir) / "tb")
+            self._tb = _rebuilt_tensorboard(pathlib.Path(workdir) / "tb", kept)
 
     def write(self, step: int, values: dict) -> None:
         if not self.active:
@@ -75,9 +79,11 @@ class MetricsWriter:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self._tb.add_scalar(key, value, step)
+            _add_scalars(self._tb, record)
+
+    def flush(self) -> None:
+        if self.active and self._tb is not None:
+            self._tb.flush()
 
     def close(self) -> None:
         if self.active:
@@ -90,6 +96,13 @@ def _plain(value):
     if hasattr(value, "item"):
         value = value.item()
     return value
+
+
+def _add_scalars(writer, record: dict, walltimes: dict | None = None) -> None:
+    step = record["step"]
+    for key, value in record.items():
+        if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            writer.add_scalar(key, value, step, walltime=(walltimes or {}).get((key, step)))
 
 
 def _tensorboard_writer(logdir):
@@ -108,18 +121,92 @@ def _tensorboard_writer(logdir):
     return SummaryWriter(str(logdir), flush_secs=10)
 
 
-def _truncate_after(path: pathlib.Path, step: int) -> None:
-    if not path.exists():
-        return
+def _rebuilt_tensorboard(logdir: pathlib.Path, records: list[dict]):
+    """A SummaryWriter on `logdir` whose one event file holds `records` (each step once); older event files are
+    read for their wall times, then removed (metrics.jsonl is the record they were written from)."""
+    old = sorted(logdir.glob("events.out.tfevents.*")) if logdir.is_dir() else []
+    walltimes = {}
+    for path in old:
+        walltimes.update(read_scalar_events(path, walltimes=True))
+    for path in old:
+        path.unlink()
+    writer = _tensorboard_writer(logdir)
+    if writer is not None and records:
+        for record in records:
+            _add_scalars(writer, record, walltimes)
+        writer.flush()
+        logging.info("%s: rewrote %d steps from metrics.jsonl (%d old event files replaced)", logdir, len(records),
+                     len(old))
+    return writer
+
+
+def read_scalar_events(path, walltimes: bool = False) -> dict:
+    """{(tag, step): value} (or wall time) of the scalar events of a TensorBoard event file, read without
+    TensorFlow. A truncated last record (a kill mid-write) ends the reading; events of a step written twice keep
+    the last."""
+    from tensorboardX.proto import event_pb2
+
+    out = {}
+    data = pathlib.Path(path).read_bytes()
+    at = 0
+    while at + 12 <= len(data):  # TFRecord: u64 length, u32 crc, payload, u32 crc
+        length = int.from_bytes(data[at:at + 8], "little")
+        if at + 12 + length + 4 > len(data):
+            break
+        event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
+        at += 12 + length + 4
+        for value in event.summary.value:
+            if value.HasField("simple_value"):
+                out[(value.tag, int(event.step))] = event.wall_time if walltimes else value.simple_value
+    return out
+
+
+def _parse_lines(path: pathlib.Path) -> list[dict]:
+    """The records of metrics.jsonl. A bad last line (cut short by a kill mid-write) is dropped with a warning
+    naming the file; a bad line elsewhere is an error naming the file and line."""
     lines = path.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-    if len(kept) != len(lines):
-        path.write_text("".join(line + "\n" for line in kept))
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("not a record with an integer step")
+        except ValueError as error:
+            if number == len(lines):
+                logging.warning("%s:%d: dropping a partial last line (a run killed while writing it?): %r",
+                                path, number, line[:80])
+                break
+            raise ValueError(f"{path}:{number}: not a metrics record ({error}): {line[:80]!r}") from None
+        records.append(record)
+    return records
+
+
+def _truncate_after(path: pathlib.Path, step: int) -> list[dict]:
+    """Keeps the records of steps <= `step` (each step once: a later line of a step replaces an earlier one);
+    rewrites the file (atomically) if anything changes. Returns the kept records."""
+    if not path.exists():
+        return []
+    records = _parse_lines(path)
+    by_step = {}
+    for record in records:
+        if record["step"] <= step:
+            by_step[record["step"]] = record
+    kept = [by_step[s] for s in sorted(by_step)]
+    text = "".join(json.dumps(r) + "\n" for r in kept)
+    if text != path.read_text():
+        if len(kept) < len(records):
+            logging.info("%s: dropped %d lines after step %d (or repeated)", path, len(records) - len(kept), step)
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return kept
 
 
 def read_metrics(path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of a metrics.jsonl (a partial last line, as a live or killed run leaves, is skipped)."""
+    return _parse_lines(pathlib.Path(path))
 
 
 def plot_losses(metrics_path, png_path) -> pathlib.Path:

@@ -5,13 +5,26 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lm import config as lm_config
+
+
+def schedule_horizon(train) -> int:
+    """The step at which the decay reaches its floor: `train.schedule_steps`, or `train.steps` when that is 0 or
+    absent. Fixing it keeps the schedule of a run that is later continued to more steps (after the horizon the lr
+    stays at the floor); leaving it at 0 stretches the decay over the new total."""
+    horizon = int(train.get("schedule_steps", 0) or 0)
+    if horizon < 0:
+        raise lm_config.ConfigError(f"config.train.schedule_steps={horizon}: must be >= 0 (0: train.steps)")
+    return horizon or int(train.steps)
+
 
 def learning_rate(train):
-    """Linear warmup to `train.lr`, then cosine / linear decay to `lr * min_lr_ratio` at `train.steps` (or constant)."""
+    """Linear warmup to `train.lr`, then cosine / linear decay to `lr * min_lr_ratio` at `schedule_horizon(train)`
+    (train.schedule_steps, default train.steps), or constant."""
     peak = float(train.lr)
     floor = peak * float(train.get("min_lr_ratio", 0.1))
     warmup = int(train.warmup_steps)
-    decay_steps = max(int(train.steps) - warmup, 1)
+    decay_steps = max(schedule_horizon(train) - warmup, 1)
     kind = train.get("schedule", "cosine")
 
     def schedule(step):
