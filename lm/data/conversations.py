@@ -25,7 +25,6 @@ seeded Feistel permutation, so resuming needs no iterator state.
 """
 import collections
 import dataclasses
-import gzip
 import json
 import pathlib
 from typing import Iterable, Iterator
@@ -33,6 +32,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from lm.data import pipeline
+from lm.data import readers
 from lm.data.readers import expand_inputs
 from lm.tokenizer import chat
 from lm.tokenizer.base import Tokenizer
@@ -65,6 +65,7 @@ class ReadStats:
     records: int = 0
     kept: int = 0                   # conversations (or pairs) yielded
     rejected: int = 0
+    utf8_replaced: int = 0          # records kept with U+FFFD in place of invalid UTF-8 (lm.data.readers)
     by_reason: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     by_format: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     examples: list = dataclasses.field(default_factory=list)   # (source, line, reason)
@@ -78,6 +79,7 @@ class ReadStats:
 
     def to_dict(self) -> dict:
         return dict(files=self.files, records=self.records, kept=self.kept, rejected=self.rejected,
+                    utf8_replaced=self.utf8_replaced,
                     by_reason=dict(self.by_reason), by_format=dict(self.by_format),
                     examples=[dict(source=s, line=n, reason=r) for s, n, r in self.examples])
 
@@ -89,39 +91,25 @@ class ReadStats:
 
 
 # -- reading JSON records --------------------------------------------------------------------------------------------
-def read_json_records(path, stats: ReadStats) -> Iterator[tuple[int, object]]:
-    """(line, value) of every record of a .jsonl(.gz) file or .json(.gz) list; malformed JSON is rejected in stats.
+BAD_JSON_REASONS = {"malformed_json": "malformed JSON", "truncated_or_unreadable": "unreadable file"}
 
-    (Small on purpose: lm.data.documents reads JSON the same way but yields only text fields.)
-    """
-    path = pathlib.Path(path)
+
+def read_json_records(path, stats: ReadStats) -> Iterator[tuple[int, object]]:
+    """(line, value) of every record of a .jsonl(.gz) file or .json(.gz) list, read by lm.data.readers.json_records
+    (the one reader of JSON records); what it cannot read is rejected in stats with file and line."""
     stats.files += 1
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    try:
-        with opener(path, "rb") as f:
-            data = f.read()
-    except (OSError, EOFError) as error:
-        stats.reject(path, 0, f"unreadable file: {type(error).__name__}: {error}")
-        return
-    name = path.name.lower().removesuffix(".gz")
-    if name.endswith(".json") and data.lstrip()[:1] == b"[":
-        try:
-            items = json.loads(data)
-        except ValueError as error:
-            stats.reject(path, 0, f"malformed JSON list: {error}")
-            return
-        for item, value in enumerate(items, 1):
-            stats.records += 1
-            yield item, value
-        return
-    for line, raw in enumerate(data.splitlines(), 1):
-        if not raw.strip():
+    for item in readers.json_records(path):
+        if isinstance(item, readers.Bad):
+            reason = BAD_JSON_REASONS.get(item.reason, item.reason)
+            if item.reason == "malformed_json" and item.line == 0:
+                reason += " list"
+            elif item.reason == "malformed_json":
+                stats.records += 1
+            stats.reject(path, item.line, f"{reason}: {item.detail}")
             continue
         stats.records += 1
-        try:
-            yield line, json.loads(raw)
-        except ValueError as error:   # UnicodeDecodeError included
-            stats.reject(path, line, f"malformed JSON: {error}")
+        stats.utf8_replaced += item.utf8_replaced
+        yield item.line, item.value
 
 
 def json_files(paths_or_globs) -> list[pathlib.Path]:
