@@ -21,7 +21,16 @@ conversation and is padded with <|pad|>, loss 0 on padding, so a conversation ne
 has no segment ids; packing several per row would need them). A conversation longer than the row is cut at
 seq_len + 1 tokens and counted; one with no supervised token left after the cut is dropped and counted.
 `sft_batch` gives the rows of step s as a pure function of (seed, s, process), through the pretraining pipeline's
-seeded Feistel permutation, so resuming needs no iterator state.
+seeded Feistel permutation, so resuming needs no iterator state; `eval_batches` gives held-out rows in order.
+
+Why rows in memory (and in one .npz file, `save_rows` / `load_rows`) rather than token + loss-mask shards read back
+through lm.data.pipeline: SFT data is conversation-sized (10^3-10^6 conversations of a few hundred tokens: megabytes
+to a few GB as int32 rows, no corpus-sized stream), and a row here already IS what `document` packing makes of a
+shard (one conversation from its first token, padded), so shards would add an index, a mask stream and tf.data
+for the same batches. What matters for exact resume is that a resumed run reads the very rows the first one
+trained on, even if the generators, the tokenizer code or the input files changed since: lm.train.sft writes the
+rows once into its run directory and reads that file back on resume. The batch order is the pipeline's Feistel
+permutation, so the rule "data order is a pure function of (seed, step, process)" is the same as in pretraining.
 """
 import collections
 import dataclasses
@@ -254,6 +263,30 @@ class SFTRows:
     def seq_len(self) -> int:
         return self.loss_mask.shape[1]
 
+    def select(self, indices) -> "SFTRows":
+        """The rows at `indices`, in that order (stats are those of the whole set)."""
+        indices = np.asarray(indices, np.int64)
+        return SFTRows(self.ids[indices], self.loss_mask[indices], self.lengths[indices],
+                       [self.where[i] for i in indices], self.stats)
+
+
+def save_rows(rows: SFTRows, path) -> None:
+    """Writes rows to one .npz file (atomically: a half-written file never replaces a complete one)."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, ids=rows.ids, loss_mask=rows.loss_mask, lengths=rows.lengths,
+                 where=np.asarray(json.dumps(rows.where)), stats=np.asarray(json.dumps(rows.stats)))
+    tmp.replace(path)
+
+
+def load_rows(path) -> SFTRows:
+    """The rows `save_rows` wrote (no pickle)."""
+    with np.load(path, allow_pickle=False) as data:
+        return SFTRows(data["ids"], data["loss_mask"], data["lengths"], json.loads(str(data["where"])),
+                       json.loads(str(data["stats"])))
+
 
 def tokenize_conversations(tokenizer: Tokenizer, conversations: Iterable, seq_len: int) -> SFTRows:
     """Render each conversation (a Conversation or a message list) into its own row of seq_len + 1 ids."""
@@ -304,3 +337,16 @@ def sft_batch(rows: SFTRows, step: int, global_batch: int, seed: int, process_in
     ids = rows.ids[picked]
     return {"inputs": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": rows.loss_mask[picked]}
 
+
+
+def eval_batches(rows: SFTRows, batch_size: int, process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
+    """This process's rows of every held-out batch, in row order, each row once; the last batch is filled with
+    padding rows (loss_mask 0), so every batch has the same shape and every process runs the same number."""
+    local = pipeline.local_rows(batch_size, process_index, process_count)
+    pad = rows.stats.get("pad_id", 0)
+    for start in range(0, len(rows), batch_size):
+        picked = start + local
+        valid = picked < len(rows)
+        ids = np.where(valid[:, None], rows.ids[np.where(valid, picked, 0)], pad).astype(np.int32)
+        mask = np.where(valid[:, None], rows.loss_mask[np.where(valid, picked, 0)], 0).astype(np.float32)
+        yield {"inputs": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": mask}
