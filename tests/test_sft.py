@@ -19,6 +19,8 @@ from lm.eval import tasks
 from lm.tokenizer import chat
 from lm.train import loop, metrics, pretrain, sft
 from tests.conftest import shared_path
+from tests.test_chat_template import bpe_tokenizer
+from tests.test_train import compilation_cache  # noqa: F401 (autouse: one XLA cache for the module's runs)
 
 MODEL = {"model.n_layers": 2, "model.d_model": 64, "model.n_heads": 4, "model.n_kv_heads": 4, "model.d_ff": 256,
          "model.max_len": 160, "mesh.data": 8}
@@ -28,7 +30,7 @@ EASY = dict(identity=dict(n=400), arithmetic=dict(n=400, n_operands=2, digits=1,
 def sft_config(tasks_=EASY, inputs=(), **overrides):
     values = {**MODEL, "train.steps": 120, "train.batch_size": 16, "train.lr": 1e-2, "train.warmup_steps": 5,
               "train.eval_every": 60, "train.checkpoint_every": 60, "train.log_every": 20, "sft.eval_examples": 16,
-              "sft.train_eval_examples": 8, "sft.eval_max_new_tokens": 40, "sft.pass_k_samples": 4,
+              "sft.train_eval_examples": 16, "sft.eval_max_new_tokens": 40, "sft.pass_k_samples": 4,
               **{k.replace("__", "."): v for k, v in overrides.items()}}
     config = lm_config.load("configs/sft_tiny.py", values)
     config.sft.tasks = ml_collections.ConfigDict(tasks_)
@@ -43,13 +45,13 @@ def pretrained(tmp_path_factory):
 
 
 def make_pipeline(workdir):
-    """A pipeline workdir: tokenizer/, tokens/ and checkpoints/ of 10 pretraining steps on CPython's docs."""
+    """A pipeline workdir: tokenizer/ (test_chat_template's 1024-token BPE on CPython's docs), tokens/ and
+    checkpoints/ of 10 pretraining steps on those docs."""
     from pydoc_data.topics import topics
-
-    from lm.tokenizer import train as tokenizer_train
-    texts = [text for _, text in sorted(topics.items())]
+    texts = [text for _, text in sorted(topics.items())[:150]]
     (workdir / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    tokenizer = tokenizer_train.train(texts, 512, workdir / "tokenizer")
+    tokenizer = bpe_tokenizer()
+    tokenizer.save(workdir / "tokenizer", hf=False)
     tokenize.run(tokenizer, [str(workdir / "docs.jsonl")], workdir / "tokens", dict(val_fraction=0.1))
     config = lm_config.load("configs/tiny.py", {**MODEL, "train.steps": 10, "train.seq_len": 64,
                                                 "train.batch_size": 16, "train.eval_every": 0,
@@ -152,7 +154,7 @@ def test_init_from_loads_the_pretrained_weights(trained, tmp_path):
     workdir, _, report = trained
     pretrained_model, _, _ = lm_checkpoint.load_model(workdir)
     want = nnx.to_pure_dict(nnx.state(pretrained_model, nnx.Param))
-    config = pretrain.resolve_vocab(sft_config(), 512)
+    config = pretrain.resolve_vocab(sft_config(), 1024)
     tok = lm_tokenizer.load(workdir / "tokenizer")
     rows, _ = sft.prepare_data(config, tok, sft.make_tasks(config.sft), workdir / "sft")
     objective = sft.objective(config, rows, tok, workdir / "tokenizer", sft.make_tasks(config.sft), workdir)
@@ -166,8 +168,7 @@ def test_init_from_loads_the_pretrained_weights(trained, tmp_path):
     assert meta["init_from"]["objective"] == "pretrain" and report["before"]["objective"] == "pretrain"
 
 
-SHORT = dict(train__steps=6, train__eval_every=3, train__checkpoint_every=2, sft__eval_examples=4,
-             sft__train_eval_examples=4, sft__eval_max_new_tokens=8, sft__pass_k_samples=2)
+SHORT = dict(train__steps=6, train__eval_every=3, train__checkpoint_every=2)   # evals as above: compiled once
 SMALL = dict(identity=dict(n=40), arithmetic=dict(n=40, n_operands=2, digits=1, ops="+"))
 
 
