@@ -108,9 +108,14 @@ def build_data(config, tokenizer, task_set: dict) -> tuple[dict, dict]:
     return rows, stats
 
 
+DATA_KEYS = ("tasks", "inputs", "held_out_fraction", "eval_examples", "eval_seed")   # of config.sft
+
+
 def data_fingerprint(config, tokenizer) -> str:
-    """What the rows depend on: the sft section, seq_len, the seed and the tokenizer."""
-    facts = dict(sft=config.sft.to_dict(), seq_len=config.train.seq_len, seed=config.seed, tokenizer=tokenizer.hash)
+    """What the rows depend on: config.sft's DATA_KEYS, seq_len, the seed and the tokenizer (not the eval settings,
+    which a resumed run may change)."""
+    sft = config.sft.to_dict()
+    facts = dict(sft={key: sft[key] for key in DATA_KEYS}, seq_len=config.train.seq_len, seed=config.seed, tokenizer=tokenizer.hash)
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
