@@ -4,8 +4,12 @@ a few hundred steps, under ~3 minutes on 2 CPU cores.
     python -m lm.train --config=configs/sft_tiny.py --workdir=W        # -> W/sft/ (see lm/train/sft.py)
 
 The model section is configs/tiny.py's, so shapes match W's checkpoint (vocab_size 0: W's tokenizer decides).
-The arithmetic dial (n_operands, digits, ops) sets how hard the task the RL stage trains on is: tuned so the SFT
-model's greedy pass@1 on held-out problems lands in 20-60% with pass@8 (temperature 1) well above it.
+The arithmetic dial (n_operands, digits, ops) sets how hard the task the RL stage trains on is. Measured on the
+tiny pipeline model (seed 0, eval_seed 0, 64 held-out problems, 2 shared CPU cores): 2-digit + and - stays at 0%
+exact match after 300 steps (the model does not yet copy two-digit operands); 1-digit + and - reaches 1-11% greedy,
+pass@8 ~45%; 1-digit + with the mix weighted to arithmetic (8000 of 12300 rows), lr 6e-3, 400 steps: pass@1 21%
+and pass@8 73% at temperature 1 (lm.eval.tasks.evaluate samples=8), greedy exact match 11%. Turn digits / ops up
+for a bigger model.
 """
 import ml_collections
 
@@ -20,7 +24,7 @@ def get_config(arg: str = "gpt2"):
         init_step=0,               # its checkpoint; 0: the latest
         # the mix: task -> {"n": training conversations, the task's constructor arguments (lm/eval/tasks.py)}
         tasks=ml_collections.ConfigDict(dict(
-            arithmetic=dict(n=4000, n_operands=2, digits=2, ops="+-"),
+            arithmetic=dict(n=8000, n_operands=2, digits=1, ops="+"),
             count_letters=dict(n=1500, min_len=3, max_len=6),
             identity=dict(n=300),
             compare_decimals=dict(n=1500, max_whole=20, max_places=2),
@@ -35,6 +39,8 @@ def get_config(arg: str = "gpt2"):
         pass_k_samples=8,          # pass@1 and pass@8 at temperature 1
         shown=3,                   # rendered conversations per task in the report
     ))
-    c.train.update(steps=300, batch_size=16, seq_len=96, lr=2e-3, warmup_steps=20, schedule="cosine",
-                   min_lr_ratio=0.1, eval_every=150, eval_batches=0, checkpoint_every=100, log_every=25)
+    # seq_len 96 holds the longest task conversation (compare_decimals, ~90 tokens); eval_batches is unused (SFT
+    # evaluates every held-out row)
+    c.train.update(steps=400, batch_size=16, seq_len=96, lr=6e-3, warmup_steps=20, schedule="cosine",
+                   min_lr_ratio=0.1, eval_every=200, eval_batches=0, checkpoint_every=200, log_every=25)
     return c
