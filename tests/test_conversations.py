@@ -169,3 +169,28 @@ def test_batches_are_a_pure_function_of_seed_and_step_and_split_over_processes()
     assert sorted(map(tuple, epoch.tolist())) == sorted(map(tuple, rows.ids[:, :-1].tolist()))
     other = np.concatenate([conversations.sft_batch(rows, s, 5, 8)["inputs"] for s in (0, 1)])
     assert not np.array_equal(epoch, other)
+
+
+def test_json_records_is_the_one_reader_invalid_utf8_kept_and_damage_reported(tmp_path):
+    """conversations (and preferences, tasks) read JSON through lm.data.readers.json_records: invalid UTF-8 and lone
+    surrogate escapes become U+FFFD and are counted, a .jsonl of bare lists is JSON lines, not a list file, and a
+    truncated gzip ends with an 'unreadable file' rejection at the last line read."""
+    from lm.data import readers
+    lines = [json.dumps([{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}])
+             for i in range(3)]
+    raw = (lines[0] + "\n").encode() + b'[{"role": "user", "content": "caf\xe9"}, ' \
+        b'{"role": "assistant", "content": "ok"}]\n' + (lines[1] + "\n").encode() + \
+        b'[{"role": "user", "content": "\\ud800 lone"}, {"role": "assistant", "content": "ok"}]\n'
+    (tmp_path / "lists.jsonl").write_bytes(raw)
+    found, stats = conversations.load_conversations(tmp_path / "lists.jsonl")
+    assert [c.line for c in found] == [1, 2, 3, 4] and stats.rejected == 0 and stats.utf8_replaced == 2
+    assert found[1].messages[0]["content"] == "caf\ufffd" and found[3].messages[0]["content"] == "\ufffd lone"
+    items = list(readers.json_records(str(tmp_path / "lists.jsonl")))
+    assert [(i.line, i.utf8_replaced) for i in items] == [(1, False), (2, True), (3, False), (4, True)]
+
+    data = gzip.compress("".join(json.dumps({"messages": HI}) + "\n" for _ in range(2000)).encode())
+    (tmp_path / "cut.jsonl.gz").write_bytes(data[: len(data) // 2])
+    found, stats = conversations.load_conversations(tmp_path / "cut.jsonl.gz")
+    assert 0 < len(found) < 2000 and stats.rejected == 1
+    source, line, reason = stats.examples[0]
+    assert source == str(tmp_path / "cut.jsonl.gz") and line == len(found) and reason.startswith("unreadable file")

@@ -21,11 +21,19 @@ conversation and is padded with <|pad|>, loss 0 on padding, so a conversation ne
 has no segment ids; packing several per row would need them). A conversation longer than the row is cut at
 seq_len + 1 tokens and counted; one with no supervised token left after the cut is dropped and counted.
 `sft_batch` gives the rows of step s as a pure function of (seed, s, process), through the pretraining pipeline's
-seeded Feistel permutation, so resuming needs no iterator state.
+seeded Feistel permutation, so resuming needs no iterator state; `eval_batches` gives held-out rows in order.
+
+Why rows in memory (and in one .npz file, `save_rows` / `load_rows`) rather than token + loss-mask shards read back
+through lm.data.pipeline: SFT data is conversation-sized (10^3-10^6 conversations of a few hundred tokens: megabytes
+to a few GB as int32 rows, no corpus-sized stream), and a row here already IS what `document` packing makes of a
+shard (one conversation from its first token, padded), so shards would add an index, a mask stream and tf.data
+for the same batches. What matters for exact resume is that a resumed run reads the very rows the first one
+trained on, even if the generators, the tokenizer code or the input files changed since: lm.train.sft writes the
+rows once into its run directory and reads that file back on resume. The batch order is the pipeline's Feistel
+permutation, so the rule "data order is a pure function of (seed, step, process)" is the same as in pretraining.
 """
 import collections
 import dataclasses
-import gzip
 import json
 import pathlib
 from typing import Iterable, Iterator
@@ -33,6 +41,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from lm.data import pipeline
+from lm.data import readers
 from lm.data.readers import expand_inputs
 from lm.tokenizer import chat
 from lm.tokenizer.base import Tokenizer
@@ -65,6 +74,7 @@ class ReadStats:
     records: int = 0
     kept: int = 0                   # conversations (or pairs) yielded
     rejected: int = 0
+    utf8_replaced: int = 0          # records kept with U+FFFD in place of invalid UTF-8 (lm.data.readers)
     by_reason: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     by_format: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     examples: list = dataclasses.field(default_factory=list)   # (source, line, reason)
@@ -78,6 +88,7 @@ class ReadStats:
 
     def to_dict(self) -> dict:
         return dict(files=self.files, records=self.records, kept=self.kept, rejected=self.rejected,
+                    utf8_replaced=self.utf8_replaced,
                     by_reason=dict(self.by_reason), by_format=dict(self.by_format),
                     examples=[dict(source=s, line=n, reason=r) for s, n, r in self.examples])
 
@@ -89,39 +100,25 @@ class ReadStats:
 
 
 # -- reading JSON records --------------------------------------------------------------------------------------------
-def read_json_records(path, stats: ReadStats) -> Iterator[tuple[int, object]]:
-    """(line, value) of every record of a .jsonl(.gz) file or .json(.gz) list; malformed JSON is rejected in stats.
+BAD_JSON_REASONS = {"malformed_json": "malformed JSON", "truncated_or_unreadable": "unreadable file"}
 
-    (Small on purpose: lm.data.documents reads JSON the same way but yields only text fields.)
-    """
-    path = pathlib.Path(path)
+
+def read_json_records(path, stats: ReadStats) -> Iterator[tuple[int, object]]:
+    """(line, value) of every record of a .jsonl(.gz) file or .json(.gz) list, read by lm.data.readers.json_records
+    (the one reader of JSON records); what it cannot read is rejected in stats with file and line."""
     stats.files += 1
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    try:
-        with opener(path, "rb") as f:
-            data = f.read()
-    except (OSError, EOFError) as error:
-        stats.reject(path, 0, f"unreadable file: {type(error).__name__}: {error}")
-        return
-    name = path.name.lower().removesuffix(".gz")
-    if name.endswith(".json") and data.lstrip()[:1] == b"[":
-        try:
-            items = json.loads(data)
-        except ValueError as error:
-            stats.reject(path, 0, f"malformed JSON list: {error}")
-            return
-        for item, value in enumerate(items, 1):
-            stats.records += 1
-            yield item, value
-        return
-    for line, raw in enumerate(data.splitlines(), 1):
-        if not raw.strip():
+    for item in readers.json_records(path):
+        if isinstance(item, readers.Bad):
+            reason = BAD_JSON_REASONS.get(item.reason, item.reason)
+            if item.reason == "malformed_json" and item.line == 0:
+                reason += " list"
+            elif item.reason == "malformed_json":
+                stats.records += 1
+            stats.reject(path, item.line, f"{reason}: {item.detail}")
             continue
         stats.records += 1
-        try:
-            yield line, json.loads(raw)
-        except ValueError as error:   # UnicodeDecodeError included
-            stats.reject(path, line, f"malformed JSON: {error}")
+        stats.utf8_replaced += item.utf8_replaced
+        yield item.line, item.value
 
 
 def json_files(paths_or_globs) -> list[pathlib.Path]:
@@ -266,6 +263,30 @@ class SFTRows:
     def seq_len(self) -> int:
         return self.loss_mask.shape[1]
 
+    def select(self, indices) -> "SFTRows":
+        """The rows at `indices`, in that order (stats are those of the whole set)."""
+        indices = np.asarray(indices, np.int64)
+        return SFTRows(self.ids[indices], self.loss_mask[indices], self.lengths[indices],
+                       [self.where[i] for i in indices], self.stats)
+
+
+def save_rows(rows: SFTRows, path) -> None:
+    """Writes rows to one .npz file (atomically: a half-written file never replaces a complete one)."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, ids=rows.ids, loss_mask=rows.loss_mask, lengths=rows.lengths,
+                 where=np.asarray(json.dumps(rows.where)), stats=np.asarray(json.dumps(rows.stats)))
+    tmp.replace(path)
+
+
+def load_rows(path) -> SFTRows:
+    """The rows `save_rows` wrote (no pickle)."""
+    with np.load(path, allow_pickle=False) as data:
+        return SFTRows(data["ids"], data["loss_mask"], data["lengths"], json.loads(str(data["where"])),
+                       json.loads(str(data["stats"])))
+
 
 def tokenize_conversations(tokenizer: Tokenizer, conversations: Iterable, seq_len: int) -> SFTRows:
     """Render each conversation (a Conversation or a message list) into its own row of seq_len + 1 ids."""
@@ -316,3 +337,16 @@ def sft_batch(rows: SFTRows, step: int, global_batch: int, seed: int, process_in
     ids = rows.ids[picked]
     return {"inputs": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": rows.loss_mask[picked]}
 
+
+
+def eval_batches(rows: SFTRows, batch_size: int, process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
+    """This process's rows of every held-out batch, in row order, each row once; the last batch is filled with
+    padding rows (loss_mask 0), so every batch has the same shape and every process runs the same number."""
+    local = pipeline.local_rows(batch_size, process_index, process_count)
+    pad = rows.stats.get("pad_id", 0)
+    for start in range(0, len(rows), batch_size):
+        picked = start + local
+        valid = picked < len(rows)
+        ids = np.where(valid[:, None], rows.ids[np.where(valid, picked, 0)], pad).astype(np.int32)
+        mask = np.where(valid[:, None], rows.loss_mask[np.where(valid, picked, 0)], 0).astype(np.float32)
+        yield {"inputs": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": mask}

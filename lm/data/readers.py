@@ -43,6 +43,7 @@ BLANK_LINE = r"\n\s*\n"     # a line break, then only whitespace up to the next 
 TXT_MAX_CHARS = 10_000       # paragraphs of a text file are merged into documents of at most this many characters
 PROGRESS_SECONDS = 30
 WARNINGS_PER_FILE = 10       # bad inputs logged per file and reason; all are counted
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")   # a JSON escape of a surrogate (lone ones need fixing)
 MAX_EXAMPLES = 1000          # dropped / replaced inputs kept in full (file, line, ...) in ReadStats
 
 
@@ -193,35 +194,86 @@ def _parse_json(raw: bytes):
         return json.loads(text), replaced
 
 
-def _read_jsonl(path: str, options: ReadOptions):
-    with fsspec.open(path, "rb", compression="infer") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                data, replaced = _parse_json(line)
-            except ValueError as e:
-                yield Bad("malformed_json", line_number, str(e), line.decode("utf-8", "replace")[:10000])
-                continue
-            yield _record(data, path, line_number, options, replaced)
+@dataclasses.dataclass(frozen=True)
+class JsonRecord:
+    """One JSON value of a file, and where: the 1-based line (JSON lines) or item (a JSON list)."""
+    value: object
+    line: int
+    utf8_replaced: bool = False  # invalid UTF-8 / lone surrogates became U+FFFD somewhere in the value
 
 
-def _read_json(path: str, options: ReadOptions):
-    """JSON lines, or one JSON list of objects when the file starts with "[" (items numbered from 1)."""
-    with fsspec.open(path, "rb", compression="infer") as f:
-        content = f.read()
-    if not content.lstrip().startswith(b"["):
-        yield from _read_jsonl(path, options)
-        return
+def json_records(path: str) -> Iterator[JsonRecord | Bad]:
+    """Every JSON value of a .jsonl / .ndjson / .json file (optionally compressed), in file order: the one reader of
+    JSON records (documents here; conversations and preference pairs in lm.data.conversations / preferences).
+
+    A .json file holding one list (it starts with "[") gives its items, numbered from 1; any other file is JSON
+    lines (blank lines skipped). Invalid UTF-8 becomes U+FFFD (`utf8_replaced`). A malformed line is
+    Bad("malformed_json", line), a malformed list Bad("malformed_json", 0), and a truncated or unreadable file ends
+    with Bad("truncated_or_unreadable", the last line read); nothing is skipped silently.
+    """
+    path = os.fspath(path)
+    line = 0
     try:
-        records, replaced = _parse_json(content)
+        with fsspec.open(path, "rb", compression="infer") as f:
+            if file_format(path) == "json":
+                content = f.read()
+                if content.lstrip().startswith(b"["):
+                    yield from _json_list(content)
+                    return
+                lines = iter(content.splitlines())
+            else:
+                lines = f   # streamed
+            for line, raw in enumerate(lines, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    value, replaced = _parse_json(raw)
+                except ValueError as e:
+                    yield Bad("malformed_json", line, str(e), raw.decode("utf-8", "replace")[:10000])
+                    continue
+                surrogates = False
+                if SURROGATE_ESCAPE.search(raw):
+                    value, surrogates = _value_without_surrogates(value)
+                yield JsonRecord(value, line, replaced or surrogates)
+    except damaged_file_errors() as e:
+        yield Bad("truncated_or_unreadable", line, f"{type(e).__name__}: {e}")
+
+
+def _json_list(content: bytes) -> Iterator[JsonRecord | Bad]:
+    try:
+        values, replaced = _parse_json(content)
     except ValueError as e:
         yield Bad("malformed_json", 0, str(e))
         return
-    for i, data in enumerate(records, start=1):
-        # replacement happened somewhere in the file: flag the records it reached
-        text = data.get(options.text_key) if isinstance(data, dict) else None
-        yield _record(data, path, i, options, replaced and isinstance(text, str) and "\ufffd" in text)
+    escapes = SURROGATE_ESCAPE.search(content) is not None
+    for item, value in enumerate(values, start=1):
+        value, surrogates = _value_without_surrogates(value) if escapes else (value, False)
+        # replacement happened somewhere in the file: flag the items it reached
+        flagged = surrogates or (replaced and "\ufffd" in json.dumps(value, ensure_ascii=False))
+        yield JsonRecord(value, item, flagged)
+
+
+def _value_without_surrogates(value) -> tuple[object, bool]:
+    """`value` with lone surrogates in its strings (keys included) replaced by U+FFFD; whether there were any."""
+    if isinstance(value, str):
+        return _without_surrogates(value)
+    if isinstance(value, list):
+        pairs = [_value_without_surrogates(v) for v in value]
+        return [v for v, _ in pairs], any(r for _, r in pairs)
+    if isinstance(value, dict):
+        out, any_replaced = {}, False
+        for key, item in value.items():
+            (key, r1), (item, r2) = _without_surrogates(key), _value_without_surrogates(item)
+            out[key] = item
+            any_replaced = any_replaced or r1 or r2
+        return out, any_replaced
+    return value, False
+
+
+def _read_json(path: str, options: ReadOptions):
+    """JSON lines, or one JSON list of objects (see `json_records`)."""
+    for item in json_records(path):
+        yield item if isinstance(item, Bad) else _record(item.value, path, item.line, options, item.utf8_replaced)
 
 
 def _read_parquet(path: str, options: ReadOptions):
@@ -356,7 +408,7 @@ def decode(content: bytes) -> tuple[str, str]:
     return content.decode("utf-8", "replace"), f"not UTF-8 and no charset fits ({error})"
 
 
-_READERS = {"jsonl": _read_jsonl, "json": _read_json, "parquet": _read_parquet, "text": _read_text,
+_READERS = {"jsonl": _read_json, "json": _read_json, "parquet": _read_parquet, "text": _read_text,
             "html": _read_html, "warc": _read_warc}
 
 
