@@ -10,6 +10,7 @@ stage runs the preset named in config.posttrain.<stage> (e.g. configs/sft_tiny.p
 --config=...` takes) with the pipeline's model, mesh and seed, plus config.posttrain.overrides.<stage>.
 """
 import dataclasses
+import fnmatch
 import glob
 import hashlib
 import importlib
@@ -168,10 +169,10 @@ def _check_needs(stage: Stage, workdir: pathlib.Path) -> None:
     """A stage whose inputs are missing says which stage writes them."""
     for need in stage.needs:
         if not (workdir / need).exists():
-            writer = next((s.name for s in STAGES if any(need == o or need.startswith(o.rstrip("*") + "/")
-                                                          or need.startswith(o) for o in s.outputs)), "an earlier stage")
+            top = need.split("/")[0]
+            writer = next((s.name for s in STAGES if any(fnmatch.fnmatch(top, o) for o in s.outputs)), "an earlier one")
             raise FileNotFoundError(f"stage {stage.name} needs {workdir / need}, which stage {writer!r} writes: run "
-                                    f"`python -m lm.main --workdir={workdir} --stages={writer}` first (or without --stages)")
+                                    f"`python -m lm.main --workdir={workdir} --stages={writer}` first (or all stages)")
 
 
 def _clock(seconds: float) -> str:
