@@ -8,12 +8,41 @@ import pathlib
 
 def render(workdir: pathlib.Path, results: dict) -> str:
     lines = [f"# lm report: `{workdir}`", ""]
-    lines += ["| stage | seconds |", "|---|---|"]
-    lines += [f"| {name} | {r.get('seconds', '')} |" for name, r in results.items()]
+    lines += ["| stage | seconds | headline |", "|---|---|---|"]
+    lines += [f"| {name} | {r.get('seconds', '')} | {_headline(workdir, name, r)} |" for name, r in results.items()]
     for name, result in results.items():
         lines += ["", f"## {name}", ""]
         lines += _RENDERERS.get(name, _scalars)(workdir, result)
     return "\n".join(lines) + "\n"
+
+
+def _headline(workdir, name: str, result: dict) -> str:
+    """One number per stage for the summary table (from the files the stages wrote)."""
+    def pair(before, after, fmt="{:.3g}"):
+        return f"{fmt.format(before)} → {fmt.format(after)}" if before is not None and after is not None else ""
+    try:
+        if name == "filter":
+            return f"{result['documents_kept']} of {result['documents_in']} documents kept"
+        if name == "tokenizer":
+            return f"{result['n_vocab']} tokens"
+        if name == "pretrain":
+            return f"val loss {result['val_loss']:.3f} (unigram {result['unigram_val_loss']:.3f})"
+        if name == "sft":
+            loss = _stage_report(workdir, "sft", "sft_report.json")["headline"]["assistant_loss"]
+            return f"held-out assistant loss {pair(*loss)}"
+        if name in ("reward", "dpo"):
+            report = _stage_report(workdir, name, f"{name}_report.json")
+            key = "accuracy" if name == "reward" else "reward_accuracy"
+            return f"held-out pair accuracy {pair(report['held_out_before'][key], report['held_out'][key])}"
+        if name == "ppo":
+            report = _stage_report(workdir, "ppo", "ppo_report.json")
+            return f"reward-model score {pair(report['first']['score'], report['last']['score'])}"
+        if name == "grpo":
+            report = _stage_report(workdir, "grpo", "grpo_report.json")
+            return f"greedy pass@1 {pair(report['before']['greedy_pass@1'], report['after']['greedy_pass@1'])}"
+    except (KeyError, TypeError):
+        return ""
+    return ""
 
 
 def _scalars(workdir, result) -> list:
@@ -67,6 +96,21 @@ def _table(rows: list[tuple], header: tuple) -> list:
 def _before_after(before: dict, after: dict, keys) -> list:
     return _table([(key, (before or {}).get(key), (after or {}).get(key)) for key in keys
                    if key in (before or {}) or key in (after or {})], ("metric", "before", "after"))
+
+
+def _sft(workdir, result) -> list:
+    report = _stage_report(workdir, "sft", "sft_report.json")
+    lines = [f"Supervised fine-tuning from the pretrained model, {report.get('train', {}).get('steps')} steps; "
+             "held-out conversations (exact match is greedy; `ended`: the answer ends with <|assistant_end|>):"]
+    rows = [(name, before, after) for name, (before, after) in (report.get("headline") or {}).items()]
+    lines += [""] + _table(rows, ("metric", "before", "after"))
+    tasks = (report.get("after") or {}).get("tasks") or {}
+    for task, scores in list(tasks.items())[:1]:
+        for one in (scores.get("shown") or [])[:1]:
+            lines += ["", f"A held-out {task} conversation after SFT:", "", "```", f"user:      {one.get('prompt')}",
+                      f"thinking:  {one.get('thinking')}", f"assistant: {one.get('answer')}   (reference "
+                      f"{one.get('reference')}, reward {one.get('reward')})", "```"]
+    return lines
 
 
 def _reward(workdir, result) -> list:
@@ -128,5 +172,5 @@ def _grpo(workdir, result) -> list:
     return lines
 
 
-_RENDERERS = {"filter": _filter, "pretrain": _pretrain, "sample": _sample, "reward": _reward, "dpo": _dpo,
+_RENDERERS = {"filter": _filter, "pretrain": _pretrain, "sample": _sample, "sft": _sft, "reward": _reward, "dpo": _dpo,
               "ppo": _ppo, "hacking": _hacking, "grpo": _grpo}
