@@ -235,6 +235,23 @@ def test_concurrent_streams_are_batched_and_equal_each_alone(client, server):
     assert health["batches"] - before < 8 and health["largest_batch"] > 1    # they shared decodes
 
 
+def test_drop_oldest_turns_fits_a_long_conversation(server, tok):
+    turn = [{"role": "user", "content": "a question " * 4}, {"role": "assistant", "content": "an answer " * 4}]
+    messages = [{"role": "system", "content": "be brief"}] + turn * 6 + HI
+    body = dict(model="sft", messages=messages, temperature=0, max_tokens=NEW)
+    refused = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120)
+    assert refused.json()["error"]["code"] == "context_length_exceeded"
+    response = httpx.post(server.url + "/v1/chat/completions", json=dict(body, drop_oldest_turns=True), timeout=120)
+    dropped = int(response.headers["X-Dropped-Turns"])
+    kept = messages[:1] + messages[1 + 2 * dropped:]
+    prompt = template.render_for_completion(tok, kept)
+    assert 0 < dropped < 6 and len(prompt) + NEW <= MAX_LEN               # it fits ...
+    assert len(template.render_for_completion(tok, messages[:1] + messages[2 * dropped - 1:])) + NEW > MAX_LEN
+    assert response.json()["usage"]["prompt_tokens"] == len(prompt)       # ... and one turn more would not
+    alone = httpx.post(server.url + "/v1/chat/completions", json=dict(body, messages=kept), timeout=120).json()
+    assert response.json()["choices"] == alone["choices"]
+
+
 # ------------------------------------------------------------------------------------------------ bad requests
 
 
@@ -276,7 +293,7 @@ def test_bad_requests_get_an_openai_error_and_the_server_goes_on(server, path, b
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert (error["param"], error["code"], error["type"]) == (param, code, "invalid_request_error")
     assert server.alive()
-    ok = httpx.post(server.url + "/v1/chat/completions", json={"model": "sft", "messages": HI, "max_tokens": 2},
+    ok = httpx.post(server.url + "/v1/chat/completions", json={"model": "sft", "messages": HI, "max_tokens": 2, "temperature": 0},
                     timeout=120)
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
 
@@ -295,4 +312,5 @@ def test_a_client_that_leaves_mid_stream_does_not_stop_the_server(server, client
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=120) as response:
         next(response.iter_lines())   # the first chunk, then hang up
     assert server.alive()
-    assert client.chat.completions.create(model="sft", messages=HI, max_tokens=3).usage.completion_tokens == 3
+    assert client.chat.completions.create(model="sft", messages=HI, max_tokens=3,
+                                          temperature=0).usage.completion_tokens == 3

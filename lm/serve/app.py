@@ -14,6 +14,10 @@ streamed deltas. `stop` strings cut the content (stop tokens are never shown). u
 prompt and every generated token, a stop token included. A bad request gets a 4xx with
 `{"error": {"message", "type", "param", "code"}}`; unsupported options that would change the output (logprobs,
 penalties, tools, ...) are refused rather than ignored.
+
+One extension: `"drop_oldest_turns": true` in a chat request drops the oldest user/assistant turns while the
+conversation does not fit the context with max_tokens (as lm.chat does); the `X-Dropped-Turns` response header
+says how many were dropped. The chat page sends it.
 """
 import asyncio
 import dataclasses
@@ -35,6 +39,7 @@ from lm.tokenizer import chat as template
 
 STATIC = pathlib.Path(__file__).parent / "static"
 MAX_STOPS = 4                        # as OpenAI's API
+DROPPED_HEADER = "X-Dropped-Turns"   # how many of the oldest turns drop_oldest_turns left out
 UNSUPPORTED = {                      # options that would change the output; refused unless left at their default
     "logprobs": (None, False), "top_logprobs": (None, 0), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
     "logit_bias": (None, {}), "tools": (None, []), "functions": (None, []), "echo": (None, False),
@@ -193,6 +198,25 @@ def completion_prompts(body: dict, tokenizer) -> list[list[int]]:
     return prompts
 
 
+def chat_prompt(tokenizer, messages: list[dict], drop_oldest_turns: bool, budget: int) -> tuple[list[int], int]:
+    """(prompt ids, turns dropped): the rendered conversation; with drop_oldest_turns (this server's extension, what
+    the chat page sends), the oldest user/assistant turns are left out while the prompt is over `budget` tokens
+    and more than the last message is left (the system message stays)."""
+    system = messages[:1] if messages[0]["role"] == "system" else []
+    turns = messages[len(system):]
+    dropped = 0
+    while True:
+        prompt = template.render_for_completion(tokenizer, system + turns, where="messages")
+        if not drop_oldest_turns or len(prompt) <= budget or len(turns) == 1:
+            return prompt, dropped
+        turns, dropped = turns[2:], dropped + 1
+
+
+def answer_room(max_len: int, settings: Settings) -> int:
+    """What drop_oldest_turns keeps free for an answer when a request sets no max_tokens (lm.chat's default)."""
+    return min(settings.default_max_tokens, max_len // 2)
+
+
 def token_budget(prompt_len: int, max_tokens: int | None, max_len: int, settings: Settings, param: str) -> int:
     """The tokens a row may generate; context_length_exceeded when the prompt (and max_tokens) do not fit."""
     room = max_len - prompt_len
@@ -324,7 +348,8 @@ def create_app(models: lm_engine.Models, engine: lm_engine.Engine, settings: Set
         body = await read_body(request)
         opts, loaded = await prepare(body)
         tok = loaded.tokenizer
-        prompt = template.render_for_completion(tok, chat_messages(body), where="messages")
+        prompt, dropped = chat_prompt(tok, chat_messages(body), body.get("drop_oldest_turns") is True,
+                                      loaded.max_len - (opts.max_tokens or answer_room(loaded.max_len, settings)))
         max_tokens = token_budget(len(prompt), opts.max_tokens, loaded.max_len, settings, "messages")
         stop_ids = loaded.chat_stop_ids
         texts = [ChoiceText(tok, stop_ids, opts.stop) for _ in range(opts.n)]
@@ -333,7 +358,7 @@ def create_app(models: lm_engine.Models, engine: lm_engine.Engine, settings: Set
         head = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=opts.model)
         if opts.stream:
             return StreamingResponse(chat_stream(head, job, queue, texts, len(prompt), opts.include_usage),
-                                     media_type="text/event-stream")
+                                     media_type="text/event-stream", headers={DROPPED_HEADER: str(dropped)})
         finishes = await collect(job, queue, texts)
         choices = []
         for row, text in enumerate(texts):
@@ -342,7 +367,8 @@ def create_app(models: lm_engine.Models, engine: lm_engine.Engine, settings: Set
             if parsed.thinking is not None:
                 message["reasoning_content"] = parsed.thinking
             choices.append({"index": row, "message": message, "logprobs": None, "finish_reason": finishes[row]})
-        return {**head, "object": "chat.completion", "choices": choices, "usage": usage(len(prompt), texts)}
+        return JSONResponse({**head, "object": "chat.completion", "choices": choices,
+                             "usage": usage(len(prompt), texts)}, headers={DROPPED_HEADER: str(dropped)})
 
     async def chat_stream(head, job, queue, texts, prompt_tokens, include_usage):
         chunk = dict(head, object="chat.completion.chunk")

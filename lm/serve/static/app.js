@@ -92,26 +92,36 @@ function busy(on) {
   $("stop").hidden = !on;
 }
 
+// POST the conversation. drop_oldest_turns (this server's extension) lets the server drop the oldest turns when the
+// conversation outgrows the model's context, as lm.chat does; the X-Dropped-Turns header says how many it dropped.
+async function request(messages, signal) {
+  const response = await fetch("/v1/chat/completions", {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ ...settings(), messages, stream: true, drop_oldest_turns: true }),
+    signal,
+  });
+  if (!response.ok) {
+    const body = await response.json().catch(() => ({}));
+    throw new Error(body.error ? body.error.message : `HTTP ${response.status}`);
+  }
+  const dropped = parseInt(response.headers.get("X-Dropped-Turns") || "0", 10);
+  if (dropped) setStatus(`context full: dropped the oldest ${dropped} turn(s)`);
+  return { response, messages: messages.slice(2 * dropped) };
+}
+
 async function send(text) {
   setStatus("");
   addUserMessage(text);
   const view = addAssistantMessage();
   scrollDown();
-  const messages = history.concat([{ role: "user", content: text }]);
+  let messages = history.concat([{ role: "user", content: text }]);
   let answer = "", finish = null;
   controller = new AbortController();
   busy(true);
   try {
-    const response = await fetch("/v1/chat/completions", {
-      method: "POST",
-      headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ ...settings(), messages, stream: true }),
-      signal: controller.signal,
-    });
-    if (!response.ok) {
-      const body = await response.json().catch(() => ({}));
-      throw new Error(body.error ? body.error.message : `HTTP ${response.status}`);
-    }
+    let response;
+    ({ response, messages } = await request(messages, controller.signal));
     for await (const chunk of events(response)) {
       if (chunk.error) throw new Error(chunk.error.message);
       const choice = chunk.choices[0];
