@@ -2,7 +2,7 @@
 
     python -m lm.serve --workdir=runs/x                      # http://127.0.0.1:8000: chat page; /v1: the API
     python -m lm.serve --workdir=runs/x --port=0             # a free port; the URL is printed on stdout when ready
-        [--host=127.0.0.1 --step=N --max_batch=16 --batch_window_ms=10 --max_n=8 --max_tokens=512 --preload]
+        [--host=127.0.0.1 --step=N --max_batch=16 --batch_window_ms=10 --max_n=8 --max_tokens=512 --warmup_tokens=0 --preload]
 
 Models: every stage run of W with checkpoints (base = W itself, W/sft, W/ppo, W/grpo), named by stage; a request's
 `model` picks one (default: the most trained, as lm.chat picks). The default is loaded at start, the others on their
@@ -32,6 +32,8 @@ def define_flags():
     flags.DEFINE_integer("max_n", 8, "Choices per request at most (n).")
     flags.DEFINE_integer("max_tokens", 512, "Tokens per answer when a request sets no max_tokens (at most what "
                          "the context leaves).")
+    flags.DEFINE_integer("warmup_tokens", 0, "If > 0: at start, compile the default model's decode for every batch "
+                         "size with this many tokens (else the first batches of each size wait for a compile).")
     flags.DEFINE_bool("preload", False, "Load every model at start (default: the default one; others on first use).")
 
 
@@ -50,6 +52,10 @@ def main(argv):
         models.get(name)
     logging.info("models %s (default %s)", models.paths, models.default)
     engine = serve_engine.Engine(models, max_batch=FLAGS.max_batch, window_s=FLAGS.batch_window_ms / 1000)
+    if FLAGS.warmup_tokens > 0:
+        started = time.monotonic()
+        engine.warm_up(models.default, FLAGS.warmup_tokens)
+        logging.info("warmed up %s in %.1fs", models.default, time.monotonic() - started)
     settings = serve_app.Settings(max_n=FLAGS.max_n, default_max_tokens=FLAGS.max_tokens)
     application = serve_app.create_app(models, engine, settings)
 

@@ -224,7 +224,7 @@ def token_budget(prompt_len: int, max_tokens: int | None, max_len: int, settings
         raise APIError(400, f"this model's context is {max_len} tokens; the prompt has {prompt_len}, leaving no "
                        f"room for an answer", param=param, code="context_length_exceeded")
     if max_tokens is None:
-        return min(room, settings.default_max_tokens)
+        return min(lm_engine.default_room(prompt_len, max_len), settings.default_max_tokens)
     if max_tokens > room:
         raise APIError(400, f"this model's context is {max_len} tokens; the prompt has {prompt_len} and "
                        f"max_tokens={max_tokens} asks for {max_tokens} more", param="max_tokens",

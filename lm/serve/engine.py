@@ -166,6 +166,19 @@ def next_power_of_two(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def decode_length(max_tokens: int, longest: int, max_len: int) -> int:
+    """Steps a batch decodes: max_tokens rounded up to a power of two where the context allows (each distinct
+    length is a compile), else exactly what the context leaves."""
+    rounded = min(next_power_of_two(max_tokens), max_len - sample.bucket(longest))
+    return rounded if rounded >= max_tokens else max_len - longest
+
+
+def default_room(prompt_len: int, max_len: int) -> int:
+    """Tokens a request that sets no max_tokens may get: what the context leaves after the padded prompt (so its
+    decode length is one of few), or after the prompt itself when that is all there is."""
+    return max(max_len - sample.bucket(prompt_len), 0) or max_len - prompt_len
+
+
 # ------------------------------------------------------------------------------------------------ the engine
 
 
@@ -215,6 +228,20 @@ class Engine:
             if batch:
                 self._run_safely(batch)
 
+    def warm_up(self, name: str, max_tokens: int) -> None:
+        """Compile the decode of model `name` for every batch size the engine uses (short prompts, `max_tokens`
+        each), so the first requests do not wait for compiles (call before serving)."""
+        loaded = self.models.get(name)
+        prompt = [loaded.tokenizer.eot_id]
+        steps = decode_length(min(max_tokens, loaded.max_len - 1), 1, loaded.max_len)
+        for rows in sorted({min(next_power_of_two(n), self.max_batch) for n in range(1, self.max_batch + 1)}):
+            for temperatures in ([0.0] * rows, [0.0] * (rows - 1) + [1.0]):  # all greedy / not: two programs
+                decode = sample.stream(loaded.model, [prompt] * rows, jax.random.key(0), steps,
+                                       sample.Sampling(temperature=1.0), stop_ids=loaded.chat_stop_ids,
+                                       vocab_size=loaded.tokenizer.n_vocab, temperatures=temperatures)
+                next(decode)    # the prefill and the next step (dispatched before step 0 is handed over) compile
+                decode.close()
+
     def _take_batch(self) -> list[Job]:
         """The oldest live job and every later waiting job compatible with it; the others stay queued in order."""
         with self._condition:
@@ -258,7 +285,7 @@ class Engine:
         prompts, keys, temperatures = prompts + prompts[:1] * padding, keys + keys[:1] * padding, \
             temperatures + [0.0] * padding
         longest = max(map(len, prompts))
-        steps = min(next_power_of_two(max(job.max_tokens for job in batch)), loaded.max_len - longest)
+        steps = decode_length(max(job.max_tokens for job in batch), longest, loaded.max_len)
         top_p = next((job.top_p for job in batch if job.sampled), 1.0)
         self.batches += 1
         self.batch_rows.append(len(rows))
