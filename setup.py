@@ -40,6 +40,8 @@ INSTALL_REQUIRES = [
     "matplotlib==3.11.2",
     "safetensors==0.8.0",
     "tensorboardX==2.6.5",
+    "fastapi==0.163.2",         # lm.serve: the web chat and the OpenAI-compatible API
+    "uvicorn==0.54.0",
 ]
 
 TEST_REQUIRES = [
@@ -47,6 +49,8 @@ TEST_REQUIRES = [
     "hypothesis",
     "torch==2.13.0",       # HF parity tests and the PyTorch benchmark peer (CPU build)
     "transformers==5.24.0",
+    "openai==3.51.0",      # tests/test_serve.py drives lm.serve with the official client
+    "selenium==4.50.0",    # tests/test_serve_browser.py (4.52 needs a certifi newer than the index has)
 ]
 
 setup(

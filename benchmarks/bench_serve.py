@@ -1,0 +1,170 @@
+"""lm.serve under concurrent clients: generated tokens/s and time to first token (TTFT) at 1, 4 and 16 clients, against
+a plain loop that serves the same requests one at a time with lm.sample.generate_ids, same model shape (random
+weights), same prompts, greedy.
+
+    python benchmarks/bench_serve.py [--config=configs/tiny.py --clients=1,4,16 --new_tokens=64 --rounds=3]
+
+The server is a real `python -m lm.serve` subprocess on a free loopback port; each client is a thread streaming
+/v1/chat/completions over HTTP (stream_options.include_usage, so the tokens counted are the server's usage). A round
+sends one request per client at once; tokens/s = completion tokens of the round / its wall time; TTFT = from the
+round's start to a request's first streamed token (the loop: to the end of its generate_ids call, since it returns
+every token at once and the requests wait their turn). Compilation is excluded: the server warms up every batch size
+(--warmup_tokens) and three untimed rounds run first. Medians over rounds. Writes benchmarks/results/serve.json. Run it on a quiet machine
+(../shared/tools/quiet-run); the 1-minute load average is recorded.
+"""
+import concurrent.futures
+import json
+import os
+import pathlib
+import platform
+import select
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+from absl import app, flags
+from flax import nnx
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from lm import checkpoint, sample  # noqa: E402
+from lm import config as lm_config  # noqa: E402
+from lm.model import Transformer, param_count  # noqa: E402
+from lm.tokenizer import chat as template  # noqa: E402
+from lm.tokenizer import train as tokenizer_train  # noqa: E402
+
+RESULTS = pathlib.Path(__file__).parent / "results" / "serve.json"
+
+_CONFIG = flags.DEFINE_string("config", "configs/tiny.py", "Model shape served.")
+_VOCAB = flags.DEFINE_integer("vocab_size", 1024, "Vocabulary of the BPE trained for it (CPython docs).")
+_CLIENTS = flags.DEFINE_list("clients", ["1", "4", "16"], "Concurrent clients per measurement.")
+_NEW = flags.DEFINE_integer("new_tokens", 64, "max_tokens of every request.")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "Timed rounds per client count (the median is reported).")
+_OUTPUT = flags.DEFINE_string("output", str(RESULTS), "Where to write the JSON results.")
+
+
+def make_workdir(directory: pathlib.Path):
+    """A workdir with a tokenizer and a random-weight sft/ run of the config's shape: (tokenizer, config)."""
+    from pydoc_data.topics import topics
+    tok = tokenizer_train.train(list(topics.values()), _VOCAB.value)
+    config = lm_config.load(_CONFIG.value, {"model.vocab_size": tok.n_vocab, "model.dtype": "float32"})
+    tok.save(directory / "tokenizer")
+    model = Transformer(config.model, rngs=nnx.Rngs(0))
+    checkpoints = checkpoint.Checkpoints(checkpoint.checkpoint_dir(directory / "sft"))
+    checkpoints.save(1, {"params": nnx.split(model, nnx.Param, ...)[1]},
+                     {"config": config.to_dict(), "tokenizer_hash": tok.hash})
+    checkpoints.close()
+    return tok, config
+
+
+def start_server(workdir, max_batch, new_tokens, log):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    process = subprocess.Popen([sys.executable, "-m", "lm.serve", f"--workdir={workdir}", "--port=0",
+                                f"--max_batch={max_batch}", f"--max_n={max_batch}",
+                                f"--warmup_tokens={new_tokens}"],
+                               stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+    deadline = time.monotonic() + 300
+    while not select.select([process.stdout], [], [], 0.5)[0]:
+        if time.monotonic() > deadline or process.poll() is not None:
+            process.kill()
+            raise SystemExit("lm.serve did not start; see its log")
+    return process, process.stdout.readline().strip()
+
+
+def messages_for(client: int):
+    # short enough for the shortest prompt bucket (16 tokens), the one --warmup_tokens compiles
+    return [{"role": "user", "content": f"number {client}"}]
+
+
+def one_request(url, client, new_tokens, start):
+    """(seconds from `start` to the first token, completion tokens) of one streamed chat completion."""
+    import httpx
+    body = dict(model="sft", messages=messages_for(client), temperature=0, max_tokens=new_tokens, stream=True,
+                stream_options={"include_usage": True})
+    first, tokens = None, 0
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[len("data: "):])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif first is None and chunk["choices"] and (chunk["choices"][0]["delta"].get("content")
+                                                         or chunk["choices"][0]["finish_reason"]):
+                first = time.perf_counter() - start
+    return first, tokens
+
+
+def server_round(url, clients, new_tokens):
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(lambda c: one_request(url, c, new_tokens, start), range(clients)))
+    seconds = time.perf_counter() - start
+    return seconds, [r[0] for r in results], sum(r[1] for r in results)
+
+
+def loop_round(model, tok, clients, new_tokens):
+    """The same requests served one at a time by generate_ids (the peer: no batching, no streaming)."""
+    stops = [tok.token_id(template.ASSISTANT_END), tok.eot_id]
+    start = time.perf_counter()
+    firsts, tokens = [], 0
+    for client in range(clients):
+        out = sample.generate_ids(model, [template.render_for_completion(tok, messages_for(client))],
+                                  jax.random.key(0), new_tokens, sample.Sampling(temperature=0), stop_ids=stops,
+                                  vocab_size=tok.n_vocab)
+        firsts.append(time.perf_counter() - start)
+        tokens += int(out.lengths[0])
+    return time.perf_counter() - start, firsts, tokens
+
+
+def measure(run_round, clients, rounds, warmup=3):
+    for _ in range(warmup):  # compiles the shapes rounds use (requests may split into batches differently each time)
+        run_round(clients)
+    timed = [run_round(clients) for _ in range(rounds)]
+    return dict(tokens_per_s=statistics.median(t / s for s, _, t in timed),
+                ttft_median_s=statistics.median(statistics.median(f) for _, f, _ in timed),
+                ttft_max_s=statistics.median(max(f) for _, f, _ in timed),
+                tokens_per_round=statistics.median(t for _, _, t in timed))
+
+
+def main(argv):
+    del argv
+    clients = [int(c) for c in _CLIENTS.value]
+    rows = []
+    with tempfile.TemporaryDirectory() as directory:
+        workdir = pathlib.Path(directory)
+        tok, config = make_workdir(workdir)
+        model = checkpoint.load_run(workdir / "sft")[0]
+        log_path = workdir / "serve.log"
+        with open(log_path, "w") as log:
+            process, url = start_server(workdir, max(clients), _NEW.value, log)
+            try:
+                for n in clients:
+                    served = measure(lambda c: server_round(url, c, _NEW.value), n, _ROUNDS.value)
+                    looped = measure(lambda c: loop_round(model, tok, c, _NEW.value), n, _ROUNDS.value)
+                    row = dict(clients=n, serve=served, generate_ids_loop=looped,
+                               throughput_ratio=served["tokens_per_s"] / looped["tokens_per_s"],
+                               ttft_ratio=served["ttft_median_s"] / looped["ttft_median_s"])
+                    rows.append(row)
+                    print(f"{n:3d} clients: serve {served['tokens_per_s']:9.1f} tok/s, TTFT median "
+                          f"{served['ttft_median_s'] * 1e3:8.1f} ms | generate_ids loop "
+                          f"{looped['tokens_per_s']:9.1f} tok/s, TTFT median {looped['ttft_median_s'] * 1e3:8.1f} ms"
+                          f" | throughput x{row['throughput_ratio']:.2f}", flush=True)
+            finally:
+                process.kill()
+                process.wait(timeout=30)
+    run = dict(results=rows, config=_CONFIG.value, params=param_count(config.model), vocab_size=tok.n_vocab,
+               new_tokens=_NEW.value, rounds=_ROUNDS.value,
+               machine=dict(platform=platform.platform(), devices=str(jax.devices()), cpus=os.cpu_count(),
+                            load_average_1min=round(os.getloadavg()[0], 2)))  # the machine may be shared
+    pathlib.Path(_OUTPUT.value).parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(_OUTPUT.value).write_text(json.dumps(run, indent=2) + "\n")
+    print(f"wrote {_OUTPUT.value}")
+
+
+if __name__ == "__main__":
+    app.run(main)
