@@ -59,6 +59,7 @@ setup(
     description="A JAX research codebase that builds a ChatGPT-style assistant end to end.",
     python_requires=">=3.10",
     packages=find_packages(include=["lm", "lm.*", "configs"]),
+    package_data={"lm.serve": ["static/*"]},  # the web chat page
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES},
 )

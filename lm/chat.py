@@ -23,7 +23,7 @@ from absl import app, flags, logging
 from lm import checkpoint, sample
 from lm.tokenizer import chat as template
 
-CHAT_STAGES = ("grpo", "ppo", "sft")  # stage runs inside a workdir, the most trained first
+CHAT_STAGES = ("grpo", "ppo", "dpo", "sft")  # stage runs inside a workdir, the most trained first
 BASE = "base"
 DIM, RESET_STYLE = "\x1b[2m", "\x1b[0m"
 HELP = """commands:
@@ -40,7 +40,7 @@ HELP = """commands:
 def find_chat_run(workdir, run: str | None = None) -> tuple[pathlib.Path, str]:
     """(run directory, stage name) to chat with; the stage is BASE for a model that was not chat-tuned.
 
-    run: a stage name inside workdir (grpo, ppo, sft, base) or a path; default: the first of CHAT_STAGES with
+    run: a stage name inside workdir (grpo, ppo, dpo, sft, base) or a path; default: the first of CHAT_STAGES with
     checkpoints, else workdir itself (a stage run directory by its name, anything else the base model).
     """
     workdir = pathlib.Path(workdir)
