@@ -79,8 +79,9 @@ def run_pretrain(config, workdir, inputs):
     from lm.data import pipeline
     from lm.train import metrics, pretrain
     summary = pretrain.run(config, workdir)
-    metrics.plot_losses(workdir / "metrics.jsonl", workdir / "loss.png")
-    return {**summary, "unigram_val_loss": pipeline.unigram_loss(workdir / "tokens"), "plot": "loss.png"}
+    unigram = pipeline.unigram_loss(workdir / "tokens")
+    metrics.plot_losses(workdir / "metrics.jsonl", workdir / "loss.png", baseline=unigram)
+    return {**summary, "unigram_val_loss": unigram, "plot": "loss.png"}
 
 
 def run_sample(config, workdir, inputs):

@@ -209,8 +209,9 @@ def read_metrics(path) -> list[dict]:
     return _parse_lines(pathlib.Path(path))
 
 
-def plot_losses(metrics_path, png_path) -> pathlib.Path:
-    """Train loss per step and val loss per eval, from metrics.jsonl, as a PNG."""
+def plot_losses(metrics_path, png_path, baseline: float | None = None) -> pathlib.Path:
+    """Train loss per step and val loss per eval, from metrics.jsonl, as a PNG; `baseline` (e.g. a unigram model's
+    val loss) is drawn as a dashed line."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -223,6 +224,8 @@ def plot_losses(metrics_path, png_path) -> pathlib.Path:
         ax.plot(*zip(*train), label="train", linewidth=1)
     if val:
         ax.plot(*zip(*val), "o-", label="val")
+    if baseline is not None:
+        ax.axhline(baseline, linestyle="--", color="gray", label=f"unigram baseline {baseline:.2f}")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats / token)")
     ax.grid(alpha=0.3)
