@@ -38,6 +38,7 @@ INSTALL_REQUIRES = [
     "tldextract>=5,<6",
     "pyarrow==26.0.1",
     "matplotlib==3.11.2",
+    "markdown==3.8",            # report.md -> the self-contained report.html
     "safetensors==0.8.0",
     "tensorboardX==2.6.5",
     "fastapi==0.163.2",         # lm.serve: the web chat and the OpenAI-compatible API

@@ -191,8 +191,11 @@ def _remove(path: pathlib.Path):
 
 
 def write_report(workdir: pathlib.Path, results: dict) -> None:
+    """<workdir>/report.md, and the same page as a self-contained report.html (images inlined)."""
     from lm import report
-    (workdir / "report.md").write_text(report.render(workdir, results))
+    text = report.render(workdir, results)
+    (workdir / "report.md").write_text(text)
+    (workdir / "report.html").write_text(report.render_html(workdir, text))
 
 
 def main(argv):

@@ -2,8 +2,10 @@
 
 It sits with lm.main (the top of the imports): it renders every stage's results, so it may import any of them.
 """
+import base64
 import json
 import pathlib
+import re
 
 
 def render(workdir: pathlib.Path, results: dict) -> str:
@@ -14,6 +16,32 @@ def render(workdir: pathlib.Path, results: dict) -> str:
         lines += ["", f"## {name}", ""]
         lines += _RENDERERS.get(name, _scalars)(workdir, result)
     return "\n".join(lines) + "\n"
+
+
+HTML_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>lm report</title><style>
+body {{ font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem; line-height: 1.45; }}
+table {{ border-collapse: collapse; margin: 0.5rem 0; }} th, td {{ border: 1px solid #ccc; padding: 0.2rem 0.5rem; }}
+pre {{ background: #f5f5f5; padding: 0.6rem; overflow-x: auto; }} img {{ max-width: 100%; }}
+</style></head><body>
+{body}
+</body></html>
+"""
+
+
+def render_html(workdir: pathlib.Path, markdown_text: str) -> str:
+    """report.md as one self-contained HTML page: tables rendered, images inlined as data URIs (no other files)."""
+    import markdown
+
+    body = markdown.markdown(markdown_text, extensions=["tables", "fenced_code"])
+
+    def inline(match):
+        path = pathlib.Path(workdir) / match.group(2)
+        if not path.is_file():
+            return match.group(0)
+        data = base64.b64encode(path.read_bytes()).decode()
+        return f'{match.group(1)}data:image/png;base64,{data}"'
+    return HTML_PAGE.format(body=re.sub(r'(<img[^>]* src=")([^"]+)"', inline, body))
 
 
 def _headline(workdir, name: str, result: dict) -> str:

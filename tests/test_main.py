@@ -52,6 +52,8 @@ def test_pipeline_end_to_end_then_skip_and_resume(tmp_path):
     for section in ("## filter", "## tokenizer", "## pretrain", "loss.png", "## sample", "In-context learning",
                     "## sft", "## reward", "## dpo", "## ppo", "## hacking", "hacking/hacking.png", "## grpo"):
         assert section in report
+    page = (tmp_path / "report.html").read_text()
+    assert "<table>" in page and page.count("data:image/png;base64,") >= 2 and 'src="loss.png"' not in page
     for run_dir, name in (("sft", "sft_report.json"), ("reward", "reward_report.json"), ("dpo", "dpo_report.json"),
                           ("ppo", "ppo_report.json"), ("hacking", "hacking_report.json"), ("grpo", "grpo_report.json")):
         assert (tmp_path / run_dir / name).exists(), name
