@@ -5,7 +5,7 @@
 The model section is taken from the init run (shapes must match it); train.batch_size and train.seq_len follow
 from the rollout (prompts x group_size / minibatches rows of prompt_len + max_new_tokens - 1 tokens).
 """
-from configs import tiny
+from configs import sft_tiny, tiny
 from lm.train import grpo
 
 
@@ -14,8 +14,9 @@ def get_config(arg: str = "arithmetic"):
     c.objective = "grpo"
     c.grpo = grpo.default_config()
     c.grpo.task = arg
-    c.grpo.task_kwargs = {"arithmetic": dict(n_operands=2, digits=2), "compare_decimals": dict(max_whole=20,
-                          max_places=2)}.get(arg, {})
+    # The task as SFT taught it (configs/sft_tiny.py holds the one difficulty dial), without SFT's example count.
+    sft_tasks = sft_tiny.get_config().sft.tasks
+    c.grpo.task_kwargs = {k: v for k, v in sft_tasks[arg].items() if k != "n"} if arg in sft_tasks else {}
     c.grpo.update(prompts=16, group_size=8, prompt_len=32, max_new_tokens=32, epochs=1, minibatches=2,
                   eval_problems=128, eval_samples=8, eval_ks=(1, 8))
     c.train.seq_len = c.grpo.prompt_len + c.grpo.max_new_tokens - 1  # (run() derives it again)
