@@ -155,8 +155,10 @@ def garbage_meta(checkpoint):
     (checkpoint / "meta" / "metadata").write_text('{"step": 8, "config"')
 
 
+# Flipped bytes inside a compressed chunk are caught either by zstd or, when it decodes them, by our checksums:
+# which one depends on the bytes, so the in-process tests use the corruptions whose error is fixed (the SIGKILL
+# test below flips bytes in a subprocess and checks the fallback whatever catches it).
 CORRUPTIONS = {"truncated data file": (truncate_data, "Exception: Encountered error while reading"),
-               "flipped bytes": (flip_bytes, "differ from their checksums"),
                "garbage _METADATA": (garbage_metadata, "unreadable metadata: JSONDecodeError"),
                "garbage meta JSON": (garbage_meta, "JSONDecodeError")}
 
@@ -196,10 +198,10 @@ def test_no_checkpoint_restores_is_an_error_that_moves_nothing(runs, tmp_path):
 def test_load_model_skips_a_corrupt_newest_checkpoint(runs, tmp_path):
     """Inference (read-only) takes the newest checkpoint that restores and leaves the bad one where it is."""
     workdir = copy_run(runs[1], tmp_path)
-    flip_bytes(workdir / "checkpoints" / "8")
+    truncate_data(workdir / "checkpoints" / "8")
     _, _, meta = lm_checkpoint.load_model(workdir)
     assert meta["step"] == 4 and steps_on_disk(workdir) == [4, 8]
-    with pytest.raises(lm_checkpoint.CorruptCheckpoint, match="checkpoints/8: .*differ from their checksums"):
+    with pytest.raises(lm_checkpoint.CorruptCheckpoint, match="checkpoints/8: .*Encountered error while reading"):
         lm_checkpoint.load_model(workdir, step=8)
 
 
