@@ -81,6 +81,8 @@ _TORCH_THREADS = flags.DEFINE_list("torch_threads", ["1", str(os.cpu_count())], 
 _MAX_FOREIGN = flags.DEFINE_float("max_foreign_load", 0.1, "Foreign busy cores above which the run is contended.")
 _PROBES = flags.DEFINE_integer("peak_probes", 5, "Matmul peak probes, at least one after each shape (the median "
                               "is reported).")
+_MAX_WORKERS = flags.DEFINE_integer("max_workers", 0, "Worker processes alive at once (0: as many as fit in memory; "
+                                   "levers beyond that are measured in further groups, each with torch and lm).")
 _OUTPUT = flags.DEFINE_string("output", str(RESULTS), "Results JSON (written only when the run is not contended).")
 
 
@@ -223,14 +225,47 @@ def busy_cpu_seconds() -> float:
 # --- The comparison ------------------------------------------------------------------------------------------------
 
 def start_workers(size, all_variants):
+    """One spawned worker per variant, started one after another; -> ({name: (process, pipe)}, {name: its report})."""
     context = multiprocessing.get_context("spawn")
-    workers = {}
+    workers, started = {}, {}
     for name, variant in all_variants.items():
         parent, child = context.Pipe()
         process = context.Process(target=worker, args=(variant, size, child), daemon=True)
         process.start()
         workers[name] = (process, parent)
-    return workers, {name: connection.recv() for name, (_, connection) in workers.items()}
+        started[name] = parent.recv()
+    return workers, started
+
+
+def stop_workers(workers):
+    for process, connection in workers.values():
+        connection.send(None)
+        process.join()
+
+
+def rss_bytes(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def available_bytes() -> int:
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def lever_groups(levers, anchors, max_workers: int) -> list[list[str]]:
+    """The lever variants split so that anchors + one group fit in memory: at nano_6x384 ten workers of ~3.7 GB
+    each do not fit in 24 GB. max_workers 0: as many as fit in 70% of the memory now available, judged by the
+    largest anchor worker's resident size."""
+    if not max_workers:
+        largest = max(rss_bytes(process.pid) for process, _ in anchors.values())
+        max_workers = len(anchors) + int(0.7 * available_bytes() / max(largest, 1))
+    per_group = max(1, max_workers - len(anchors))
+    return [levers[i:i + per_group] for i in range(0, len(levers), per_group)] or [[]]
 
 
 def timed_rounds(workers, started, rounds, steps):
@@ -251,22 +286,36 @@ def timed_rounds(workers, started, rounds, steps):
 
 
 def run_size(name, size, peak, rounds, levers):
+    """torch (each thread count) and lm's base run in every group of levers (the anchors: each group's ratios are
+    measured against them in the same interleaved rounds); each variant's median over all its rounds."""
     all_variants = variants(_TORCH_THREADS.value, levers)
-    workers, started = start_workers(size, all_variants)
+    anchor_names = [v for v in all_variants if not v.startswith("lm+")]
+    anchors, started = start_workers(size, {v: all_variants[v] for v in anchor_names})
+    groups = lever_groups([f"lm+{lever}" for lever in levers], anchors, _MAX_WORKERS.value)
+    times, last_loss, foreign, wall = {}, {}, 0.0, 0.0
+    for group in groups:
+        extra, extra_started = start_workers(size, {v: all_variants[v] for v in group})
+        started.update(extra_started)
+        workers = {**anchors, **extra}
+        warm = max(started[v][2] for v in workers)
+        steps = _STEPS.value or max(1, round(_ROUND_SECONDS.value / warm))
+        print(f"{name}: {len(workers)} variants ready ({len(groups)} group(s)), slowest warm step {warm:.2f} s: "
+              f"{rounds} rounds of {steps} steps take about "
+              f"{rounds * steps * sum(started[v][2] for v in workers):.0f} s", flush=True)
+        group_times, group_loss, group_foreign, group_wall = timed_rounds(workers, started, rounds, steps)
+        stop_workers(extra)
+        for variant, ts in group_times.items():
+            times.setdefault(variant, []).extend(ts)
+        last_loss.update(group_loss)
+        foreign, wall = max(foreign, group_foreign), wall + group_wall
+    stop_workers(anchors)
     params = {variant: s[0] for variant, s in started.items()}
     assert len(set(params.values())) == 1, params
-    warm = max(s[2] for s in started.values())
-    steps = _STEPS.value or max(1, round(_ROUND_SECONDS.value / warm))
-    print(f"{name}: {len(workers)} variants ready, slowest warm step {warm:.2f} s: {rounds} rounds of {steps} steps "
-          f"take about {rounds * steps * sum(s[2] for s in started.values()):.0f} s", flush=True)
-    times, last_loss, foreign, wall = timed_rounds(workers, started, rounds, steps)
-    for process, connection in workers.values():
-        connection.send(None)
-        process.join()
     tokens = size["batch_size"] * size["seq_len"]
     flops_per_token = lm_model.flops_per_token(make_config(size).model, size["seq_len"])
     result = dict(size, params=params["lm"], flops_per_token=flops_per_token, steps_per_round=steps,
-                  foreign_load_cores=round(foreign, 3), timed_seconds=round(wall, 1), variants={})
+                  lever_groups=len(groups), foreign_load_cores=round(foreign, 3), timed_seconds=round(wall, 1),
+                  variants={})
     for variant, ts in times.items():
         step_s = float(np.median(ts))
         rate = tokens / step_s
@@ -301,6 +350,25 @@ def peak_probe() -> float:
     return metrics.measured_matmul_flops.__wrapped__(2048, 3)
 
 
+def make_report(results, probes, levers, complete: bool) -> dict:
+    peak = float(np.median(probes))
+    # The worst shape decides. /proc/stat counts clock ticks: a timed part under ~2 s cannot say it was quiet.
+    foreign = max(r["foreign_load_cores"] for r in results.values())
+    too_short = sum(r["timed_seconds"] for r in results.values()) < 2
+    contended = too_short or foreign > _MAX_FOREIGN.value
+    return dict(
+        benchmark="training step, lm (JAX) and its levers vs PyTorch nanoGPT-style GPT, fp32 CPU, interleaved",
+        command="python benchmarks/bench_train.py " + " ".join(sys.argv[1:]),
+        quiet_run=os.environ.get("QUIET_RUN") == "1", foreign_load_cores=foreign,
+        verdict="TOO-SHORT" if too_short else ("CONTENDED" if contended else "OK"),
+        complete=complete, max_foreign_load=_MAX_FOREIGN.value,
+        machine=dict(cpus=os.cpu_count(), processor=platform.processor() or platform.machine()),
+        versions=dict(jax=jax.__version__, torch=torch.__version__),
+        matmul_peak_gflops=round(peak / 1e9, 1), matmul_peak_probes_gflops=[round(p / 1e9, 1) for p in probes],
+        levers={lever: dict(overrides=LEVERS[lever][0], xla_flags=LEVERS[lever][1]) for lever in levers},
+        sizes=results)
+
+
 def main(argv):
     del argv
     levers = [] if _LEVERS.value == ["none"] else _LEVERS.value
@@ -309,37 +377,21 @@ def main(argv):
         sys.exit(f"unknown lever(s) {unknown} or size(s) in {_SIZES.value}; levers: {list(LEVERS)}, "
                  f"sizes: {list(SIZES)}")
     probes = [peak_probe() for _ in range(max(1, _PROBES.value - len(_SIZES.value)))]  # the rest between shapes
-    results = {}
-    for name in _SIZES.value:
-        peak = float(np.median(probes))
-        results[name] = run_size(name, SIZES[name], peak, _ROUNDS.value, levers)
+    results, output = {}, pathlib.Path(_OUTPUT.value)
+    for i, name in enumerate(_SIZES.value):
+        results[name] = run_size(name, SIZES[name], float(np.median(probes)), _ROUNDS.value, levers)
         probes.append(peak_probe())
-    peak = float(np.median(probes))
-    # The worst shape decides. /proc/stat counts clock ticks: a timed part under ~2 s cannot say it was quiet.
-    foreign = max(r["foreign_load_cores"] for r in results.values())
-    too_short = sum(r["timed_seconds"] for r in results.values()) < 2
-    contended = too_short or foreign > _MAX_FOREIGN.value
-    report = dict(
-        benchmark="training step, lm (JAX) and its levers vs PyTorch nanoGPT-style GPT, fp32 CPU, interleaved",
-        command="python benchmarks/bench_train.py " + " ".join(sys.argv[1:]),
-        quiet_run=os.environ.get("QUIET_RUN") == "1", foreign_load_cores=foreign,
-        verdict="TOO-SHORT" if too_short else ("CONTENDED" if contended else "OK"),
-        max_foreign_load=_MAX_FOREIGN.value,
-        machine=dict(cpus=os.cpu_count(), processor=platform.processor() or platform.machine()),
-        versions=dict(jax=jax.__version__, torch=torch.__version__),
-        matmul_peak_gflops=round(peak / 1e9, 1), matmul_peak_probes_gflops=[round(p / 1e9, 1) for p in probes],
-        levers={lever: dict(overrides=LEVERS[lever][0], xla_flags=LEVERS[lever][1]) for lever in levers},
-        sizes=results)
-    print(f"\nmatmul peak (median of {len(probes)} probes): {peak / 1e9:.1f} GFLOP/s on {os.cpu_count()} cores; "
-          f"foreign load {foreign} cores: {report['verdict']}")
-    if contended:
+        report = make_report(results, probes, levers, complete=i == len(_SIZES.value) - 1)
+        if report["verdict"] == "OK":  # written after every shape, so a crash later keeps the shapes done
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nmatmul peak (median of {len(probes)} probes): {report['matmul_peak_gflops']} GFLOP/s on "
+          f"{os.cpu_count()} cores; foreign load {report['foreign_load_cores']} cores: {report['verdict']}")
+    if report["verdict"] != "OK":
         print(json.dumps(report))
-        print(f"{report['verdict']}: foreign load {foreign} cores (limit {_MAX_FOREIGN.value}): {_OUTPUT.value} "
-              "not written; these figures are not a result", file=sys.stderr)
+        print(f"{report['verdict']}: foreign load {report['foreign_load_cores']} cores (limit {_MAX_FOREIGN.value}): "
+              f"{output} not written; these figures are not a result", file=sys.stderr)
         sys.exit(3)
-    output = pathlib.Path(_OUTPUT.value)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {output}")
 
 
