@@ -5,9 +5,11 @@
 
 tokens/s = batch * new_tokens / median seconds of one whole generate call (prefill included, compilation excluded:
 each path runs once before it is timed; the paths take turns so load changes on a shared machine hit them alike).
-HF runs with --torch_threads (default 1, its fastest setting on the 2-core machine these figures come from).
-Also checks that the paths produce the same greedy tokens.
-Writes benchmarks/results/sample.json.
+HF runs at each of --torch_threads (1 and 2 by default; lm is compared with HF's faster one). Also checks that the
+paths produce the same greedy tokens. Writes benchmarks/results/sample.json only from a quiet run (benchmarks/quiet.py):
+
+    ../shared/tools/quiet-run -- python benchmarks/bench_sample.py
+    ../shared/tools/quiet-run -- python benchmarks/bench_sample.py --config=configs/gpt2_124m.py --repeats=3
 """
 import functools
 import json
@@ -21,10 +23,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks import quiet  # noqa: E402
 from lm import config as lm_config  # noqa: E402
 from lm import sample  # noqa: E402
 from lm.model import hf  # noqa: E402
@@ -38,8 +41,8 @@ _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 16, "Prompt tokens per row.")
 _NEW = flags.DEFINE_integer("new_tokens", 128, "Tokens generated per row.")
 _BATCHES = flags.DEFINE_list("batches", ["1", "8"], "Batch sizes.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per path (the median is reported).")
-_TORCH_THREADS = flags.DEFINE_integer("torch_threads", 1, "torch.set_num_threads for HF. 1 is HF's fastest here: "
-                                      "with 2 threads on a busy 2-core machine it drops ~10x (OpenMP spin-waits).")
+_TORCH_THREADS = flags.DEFINE_list("torch_threads", ["1", "2"], "torch.set_num_threads values HF runs with (each "
+                                   "timed; the faster one is the peer).")
 _OUTPUT = flags.DEFINE_string("output", str(RESULTS), "Where to write the JSON results.")
 
 
@@ -82,8 +85,9 @@ def ours_without_cache(model, prompts, new_tokens):
                                             new_tokens=new_tokens))
 
 
-def hf_generate(torch_model, prompts, new_tokens):
+def hf_generate(torch_model, prompts, new_tokens, threads: int):
     import torch
+    torch.set_num_threads(threads)
     inputs = torch.tensor(np.asarray(prompts), dtype=torch.long)
     with torch.inference_mode():
         out = torch_model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=new_tokens,
@@ -117,44 +121,48 @@ def main(argv):
     torch_model = hf_model(model, config.model)
     rng = np.random.default_rng(0)
     rows = []
-    torch.set_num_threads(_TORCH_THREADS.value)
-    for batch in map(int, _BATCHES.value):
-        prompts = rng.integers(0, config.model.vocab_size, (batch, _PROMPT_LEN.value)).tolist()
-        new = _NEW.value
-        measured = measure({"kv_cache": lambda: ours_with_cache(model, prompts, new),
-                            "no_cache": lambda: ours_without_cache(model, prompts, new),
-                            "hf_generate": lambda: hf_generate(torch_model, prompts, new)}, _REPEATS.value)
-        speed = {name: round(batch * new / seconds, 1) for name, (seconds, _) in measured.items()}
-        tokens = {name: result for name, (_, result) in measured.items()}
-        row = dict(batch=batch, new_tokens=new, prompt_len=_PROMPT_LEN.value, tokens_per_s=speed,
-                   speedup_vs_hf=round(speed["kv_cache"] / speed["hf_generate"], 2),
-                   speedup_vs_no_cache=round(speed["kv_cache"] / speed["no_cache"], 2),
-                   same_tokens_as_no_cache=float(np.mean(tokens["kv_cache"] == tokens["no_cache"])),
-                   same_tokens_as_hf=float(np.mean(tokens["kv_cache"] == tokens["hf_generate"])))
-        rows.append(row)
-        print(f"batch {batch}: KV cache {speed['kv_cache']:.0f} tok/s, no cache {speed['no_cache']:.0f} tok/s, "
-              f"HF generate {speed['hf_generate']:.0f} tok/s -> {row['speedup_vs_hf']:.2f}x HF, "
-              f"{row['speedup_vs_no_cache']:.2f}x no cache; tokens equal: {row['same_tokens_as_no_cache']:.0%} "
-              f"(no cache), {row['same_tokens_as_hf']:.0%} (HF)")
+    with quiet.ForeignLoad() as load:
+        for batch in map(int, _BATCHES.value):
+            rows.append(measure_batch(model, torch_model, rng, batch, config.model.vocab_size))
     run = dict(config=_CONFIG.value, params=param_count(config.model), results=rows,
                model={k: config.model[k] for k in ("family", "n_layers", "d_model", "n_heads", "d_ff", "vocab_size",
                                                     "max_len")},
                machine=dict(platform=platform.platform(), cpus=os.cpu_count(), jax=jax.__version__,
-                            backend=jax.default_backend(), torch=torch.__version__,
-                            torch_threads=torch.get_num_threads(),
-                            load_average_1min=round(os.getloadavg()[0], 2)))  # the machine may be shared
-    write(pathlib.Path(_OUTPUT.value), run)
+                            backend=jax.default_backend(), torch=torch.__version__),
+               **load.fields())
+    write(pathlib.Path(_OUTPUT.value), run, load)
 
 
-def write(path, run):
-    """Adds this run to the results file, replacing an earlier run of the same config."""
+def measure_batch(model, torch_model, rng, batch: int, vocab_size: int) -> dict:
+    prompts = rng.integers(0, vocab_size, (batch, _PROMPT_LEN.value)).tolist()
+    new = _NEW.value
+    hf_paths = {f"hf_generate_{t}t": functools.partial(hf_generate, torch_model, prompts, new, int(t))
+                for t in _TORCH_THREADS.value}
+    measured = measure({"kv_cache": lambda: ours_with_cache(model, prompts, new),
+                        "no_cache": lambda: ours_without_cache(model, prompts, new), **hf_paths}, _REPEATS.value)
+    speed = {name: round(batch * new / seconds, 1) for name, (seconds, _) in measured.items()}
+    tokens = {name: result for name, (_, result) in measured.items()}
+    best_hf = max(hf_paths, key=speed.get)
+    row = dict(batch=batch, new_tokens=new, prompt_len=_PROMPT_LEN.value, tokens_per_s=speed, hf_best=best_hf,
+               speedup_vs_hf=round(speed["kv_cache"] / speed[best_hf], 2),
+               speedup_vs_no_cache=round(speed["kv_cache"] / speed["no_cache"], 2),
+               same_tokens_as_no_cache=float(np.mean(tokens["kv_cache"] == tokens["no_cache"])),
+               same_tokens_as_hf=float(np.mean(tokens["kv_cache"] == tokens[best_hf])))
+    hf_speeds = ", ".join(f"{name} {speed[name]:.0f}" for name in hf_paths)
+    print(f"batch {batch}: KV cache {speed['kv_cache']:.0f} tok/s, no cache {speed['no_cache']:.0f} tok/s, "
+          f"{hf_speeds} tok/s -> {row['speedup_vs_hf']:.2f}x HF ({best_hf}), "
+          f"{row['speedup_vs_no_cache']:.2f}x no cache; tokens equal: {row['same_tokens_as_no_cache']:.0%} "
+          f"(no cache), {row['same_tokens_as_hf']:.0%} (HF)", flush=True)
+    return row
+
+
+def write(path, run, load):
+    """Adds this run to the results file, replacing an earlier run of the same config (only from a quiet run)."""
     result = json.loads(path.read_text()) if path.exists() else {}
-    runs = [r for r in result.get("runs", []) if r["config"] != run["config"]] + [run]
+    runs = [r for r in result.get("runs", []) if r["config"] != run["config"] and r.get("verdict") == "OK"] + [run]
     result = dict(benchmark="greedy decode tokens/s: lm.sample (KV cache) vs no cache vs HF generate (use_cache)",
                   command="python benchmarks/bench_sample.py [--config=...]", runs=runs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    logging.info("written %s", path)
+    quiet.write_if_quiet(result, path, load)
 
 
 if __name__ == "__main__":

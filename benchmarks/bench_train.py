@@ -26,7 +26,6 @@ import multiprocessing
 import os
 import pathlib
 import platform
-import resource
 import sys
 import time
 
@@ -40,6 +39,7 @@ import torch.nn.functional as F  # noqa: E402
 from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from benchmarks.quiet import busy_cpu_seconds, own_cpu_seconds  # noqa: E402
 from lm import config as lm_config  # noqa: E402
 from lm import mesh as lm_mesh  # noqa: E402
 from lm import model as lm_model  # noqa: E402
@@ -180,11 +180,6 @@ def synthetic_batches(size, n=4):
             for r in rows]
 
 
-def own_cpu_seconds(who=resource.RUSAGE_SELF) -> float:
-    usage = resource.getrusage(who)
-    return usage.ru_utime + usage.ru_stime
-
-
 def worker(variant: dict, size: dict, connection):
     """Builds one variant's trainer; reports (params, first loss, a warm step's seconds, CPU seconds); then, per request
     (first step, n), times n steps and answers (seconds per step, last loss, this process's CPU seconds so far)."""
@@ -214,12 +209,6 @@ def variants(torch_threads, levers) -> dict:
         overrides, xla_flags = LEVERS[lever]
         out[f"lm+{lever}"] = dict(side="lm", overrides=overrides, xla_flags=xla_flags)
     return out
-
-
-def busy_cpu_seconds() -> float:
-    """The machine's busy CPU seconds so far (all cores), from /proc/stat."""
-    fields = list(map(int, open("/proc/stat").readline().split()[1:9]))
-    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
 # --- The comparison ------------------------------------------------------------------------------------------------
