@@ -36,6 +36,7 @@ class Stage:
     run: Callable           # run(config, workdir, inputs) -> dict of results for the report
     keys: tuple = ()        # config sections whose change makes the stage (and those after it) run again
     needs: tuple = ()       # paths (relative to the workdir) that earlier stages write and this one reads
+    typical_s: float = 0    # seconds it took in the default run (configs/tiny.py, bundled data) on 2 quiet cores
 
 
 def run_corpus(config, workdir, inputs):
@@ -99,26 +100,29 @@ def stage_config(config, name: str):
     return lm_config.validate(stage)
 
 
-def posttrain_stage(name: str, module: str, needs: tuple, outputs: tuple) -> Stage:
+def posttrain_stage(name: str, module: str, needs: tuple, outputs: tuple, typical_s: float) -> Stage:
     """A Stage that runs lm.train.<module>.run(stage_config, workdir), fingerprinted by its whole stage config."""
     def run(config, workdir, inputs):
         return importlib.import_module(f"lm.train.{module}").run(stage_config(config, name), workdir)
-    return Stage(name, outputs, run, keys=(lambda config: stage_config(config, name),), needs=needs)
+    return Stage(name, outputs, run, keys=(lambda config: stage_config(config, name),), needs=needs,
+                 typical_s=typical_s)
 
 
+# typical_s: the default run's stage times on 2 quiet cores (see the README's quick start), shown as the expected time
 STAGES = (
-    Stage("corpus", ("corpus",), run_corpus, ("data",)),
-    Stage("filter", ("text", "dropped", "filter*"), run_filter, ("filter",)),
-    Stage("tokenizer", ("tokenizer",), run_tokenizer, ("tokenizer",)),
-    Stage("tokenize", ("tokens",), run_tokenize, ("dataset",)),
-    Stage("pretrain", ("checkpoints", "metrics.jsonl", "tb", "*.png"), run_pretrain, ("seed", "model", "train", "mesh")),
-    Stage("sample", (), run_sample, ("sample",), needs=("checkpoints",)),
-    posttrain_stage("sft", "sft", ("checkpoints", "tokenizer"), ("sft",)),
-    posttrain_stage("reward", "reward", ("sft/checkpoints",), ("reward",)),
-    posttrain_stage("dpo", "dpo", ("sft/checkpoints",), ("dpo",)),
-    posttrain_stage("ppo", "ppo", ("sft/checkpoints", "reward/checkpoints"), ("ppo",)),
-    posttrain_stage("hacking", "hacking", ("sft/checkpoints",), ("hacking",)),
-    posttrain_stage("grpo", "grpo", ("sft/checkpoints",), ("grpo",)),
+    Stage("corpus", ("corpus",), run_corpus, ("data",), typical_s=4),
+    Stage("filter", ("text", "dropped", "filter*"), run_filter, ("filter",), typical_s=20),
+    Stage("tokenizer", ("tokenizer",), run_tokenizer, ("tokenizer",), typical_s=1),
+    Stage("tokenize", ("tokens",), run_tokenize, ("dataset",), typical_s=1),
+    Stage("pretrain", ("checkpoints", "metrics.jsonl", "tb", "*.png"), run_pretrain, ("seed", "model", "train", "mesh"),
+          typical_s=150),
+    Stage("sample", (), run_sample, ("sample",), needs=("checkpoints",), typical_s=20),
+    posttrain_stage("sft", "sft", ("checkpoints", "tokenizer"), ("sft",), typical_s=120),
+    posttrain_stage("reward", "reward", ("sft/checkpoints",), ("reward",), typical_s=90),
+    posttrain_stage("dpo", "dpo", ("sft/checkpoints",), ("dpo",), typical_s=90),
+    posttrain_stage("ppo", "ppo", ("sft/checkpoints", "reward/checkpoints"), ("ppo",), typical_s=70),
+    posttrain_stage("hacking", "hacking", ("sft/checkpoints",), ("hacking",), typical_s=160),
+    posttrain_stage("grpo", "grpo", ("sft/checkpoints",), ("grpo",), typical_s=90),
 )
 
 
@@ -153,8 +157,8 @@ def run_pipeline(config, workdir, data=(), force=False, only=()) -> dict:
             for output in stage.outputs:
                 _remove(workdir / output)
         _check_needs(stage, workdir)
-        logging.info("[%d/%d] %s ... (%s since the pipeline started)", i, len(STAGES), stage.name,
-                     _clock(time.time() - started))
+        logging.info("[%d/%d] %s ... (%s since the pipeline started; expected ~%s, as in the default run on 2 "
+                     "cores)", i, len(STAGES), stage.name, _clock(time.time() - started), _clock(stage.typical_s))
         start = time.time()
         result = stage.run(config, workdir, inputs) or {}
         result = {**result, "seconds": round(time.time() - start, 1), "fingerprint": fingerprint}
