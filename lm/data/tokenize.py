@@ -271,9 +271,7 @@ def write_conversations(tokenizer, splits: dict, tokens_dir, seq_len: int,
         written[split], stats[split] = writer.finish(), counts.to_dict()
     progress.close()
     index = {"format": FORMAT, "dtype": dtype.name, "loss_mask": True, "pad_id": pad, "seq_len": seq_len,
-             "tokenizer": dict(name=tokenizer.name, hash=tokenizer.hash, n_vocab=tokenizer.n_vocab,
-                               eot_id=tokenizer.eot_id),
-             "splits": written, "conversations": stats}
+             "tokenizer": _tokenizer_info(tokenizer), "splits": written, "conversations": stats}
     _write_json(tokens_dir / INDEX_FILE, index)
     return index
 
@@ -332,8 +330,7 @@ def _index(tokenizer, dtype, cfg, splits: Splits, stats: readers.ReadStats, per_
     return {
         "format": FORMAT,
         "dtype": dtype.name,
-        "tokenizer": dict(name=tokenizer.name, hash=tokenizer.hash, n_vocab=tokenizer.n_vocab,
-                          eot_id=tokenizer.eot_id),
+        "tokenizer": _tokenizer_info(tokenizer),
         "split": dict(val_fraction=cfg["val_fraction"], rule=SPLIT_RULE, moved=splits.moved,
                       val_usable=written["val"]["documents"] > 0),
         "splits": written,
@@ -345,6 +342,10 @@ def _index(tokenizer, dtype, cfg, splits: Splits, stats: readers.ReadStats, per_
         "rejected": stats.dropped_examples,
         "utf8_replaced": stats.replaced_examples,
     }
+
+
+def _tokenizer_info(tokenizer) -> dict:
+    return dict(name=tokenizer.name, hash=tokenizer.hash, n_vocab=tokenizer.n_vocab, eot_id=tokenizer.eot_id)
 
 
 def _write_json(path: pathlib.Path, value) -> None:
