@@ -1,7 +1,8 @@
 """SFT throughput vs pretraining throughput on the same model: tokens/s of the SFT step (supervised tokens, i.e.
 assistant tokens, and all token positions, padding included) and of the pretraining step, each with its own batch
-source inside the timed loop (SFT: rows of the synthetic task mix through lm.data.conversations.sft_batch;
-pretraining: the tf.data pipeline over token shards). Each side runs in its own worker process and rounds are
+source inside the timed loop (SFT: the synthetic task mix as conversation shards, one conversation per row through
+the tf.data pipeline's `document` packing, as lm.train.sft reads them; pretraining: the same pipeline over token
+shards). Each side runs in its own worker process and rounds are
 interleaved (sft, pretrain, sft, ...) so machine noise hits both alike; medians are reported.
 
 Both steps are the same compiled program for the same shapes (SFT differs only in its batches), so all-token rates
@@ -30,7 +31,7 @@ from flax import nnx  # noqa: E402
 from lm import config as lm_config  # noqa: E402
 from lm import mesh as lm_mesh  # noqa: E402
 from lm import model as lm_model  # noqa: E402
-from lm.data import conversations, pipeline, tokenize  # noqa: E402
+from lm.data import pipeline, tokenize  # noqa: E402
 from lm.train import loop, losses, pretrain, sft  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "sft.json"
@@ -65,13 +66,13 @@ def prepare(directory: pathlib.Path, vocab: int) -> None:
     tokenize.run(tokenizer, [str(directory / "docs.jsonl")], directory / "tokens", dict(val_fraction=0.0))
 
 
-def write_rows(directory: pathlib.Path, seq_len: int) -> None:
-    """directory/rows_<seq_len>.npz: the training rows of configs/sft_tiny.py's task mix."""
+def write_conversations(directory: pathlib.Path, seq_len: int) -> None:
+    """directory/sft_<seq_len>/: the training conversations of configs/sft_tiny.py's task mix as shards."""
     from lm import tokenizer as lm_tokenizer
     tokenizer = lm_tokenizer.load(directory / "tokenizer")
     config = lm_config.load("configs/sft_tiny.py", {"train.seq_len": seq_len})
-    rows, _ = sft.build_data(config, tokenizer, sft.make_tasks(config.sft))
-    conversations.save_rows(rows["train"], directory / f"rows_{seq_len}.npz")
+    splits, _ = sft.build_data(config, sft.make_tasks(config.sft))
+    tokenize.write_conversations(tokenizer, {"train": splits["train"]}, directory / f"sft_{seq_len}", seq_len)
 
 
 def trainer(config, batch_source):
@@ -97,8 +98,10 @@ def worker(side: str, size: dict, vocab: int, directory: str, connection):
     config = make_config(size, vocab)
     train = config.train
     if side == "sft":
-        rows = conversations.load_rows(pathlib.Path(directory) / f"rows_{train.seq_len}.npz")
-        step = trainer(config, lambda i: conversations.sft_batch(rows, i, train.batch_size, config.seed))
+        batches = pipeline.train_batches(pathlib.Path(directory) / f"sft_{train.seq_len}", train.seq_len,
+                                         train.batch_size, config.seed, process_index=0, process_count=1,
+                                         packing="document")
+        step = trainer(config, lambda i: next(batches))
     else:
         batches = pipeline.train_batches(pathlib.Path(directory) / "tokens", train.seq_len, train.batch_size,
                                          config.seed, process_index=0, process_count=1)
@@ -160,8 +163,8 @@ def main(argv):
         results = {}
         for name in _SIZES.value:
             size = SIZES[name]
-            if not (directory / f"rows_{size['seq_len']}.npz").exists():
-                write_rows(directory, size["seq_len"])
+            if not (directory / f"sft_{size['seq_len']}").exists():
+                write_conversations(directory, size["seq_len"])
             results[name] = run_size(name, size, _VOCAB.value, directory, _ROUNDS.value, _STEPS.value)
     report = dict(benchmark="SFT (supervised and all tokens/s) vs pretraining tokens/s, same model, interleaved",
                   command="python benchmarks/bench_sft.py " + " ".join(sys.argv[1:]),

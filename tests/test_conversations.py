@@ -1,14 +1,14 @@
-"""Conversation data: every format to our message lists, bad lines counted with file:line, rows and batches."""
+"""Conversation data: every format to our message lists, bad lines counted with file:line. (Their token + loss-mask
+shards: tests/test_tokenize.py; one conversation per row: tests/test_pipeline.py.)"""
 import gzip
 import json
 
-import numpy as np
 import pytest
 
 from lm.data import conversations
 from lm.tokenizer import chat
 from tests.conftest import shared_path
-from tests.test_chat_template import AE, AS, BOS, PAD, UE, US, b, byte_tokenizer, bpe_tokenizer
+from tests.test_chat_template import bpe_tokenizer
 
 HI = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
 
@@ -122,53 +122,6 @@ def test_every_shared_sft_file_parses(name):
     for conversation in found:   # every kept conversation renders, with something to learn
         ids, mask = chat.render_conversation(tok, conversation.messages, where=conversation.where)
         assert sum(mask) > 0 and ids[0] == tok.token_id("<|endoftext|>")
-
-
-def test_rows_one_conversation_each_padded_with_targets_aligned():
-    second = [{"role": "user", "content": "ab"}, {"role": "assistant", "content": "cd"},
-              {"role": "user", "content": "e"}, {"role": "assistant", "content": "f"}]
-    rows = conversations.tokenize_conversations(byte_tokenizer(), [HI, second], seq_len=24)
-    first_ids = [BOS, US, *b("hi"), UE, AS, *b("hello"), AE]
-    assert rows.ids[0].tolist() == first_ids + [PAD] * (25 - len(first_ids))
-    # loss_mask[t] says whether target t (= ids[t + 1]) is learnt: exactly "hello" and the end token
-    targets = rows.ids[0, 1:]
-    assert targets[rows.loss_mask[0] == 1].tolist() == [*b("hello"), AE]
-    assert rows.ids[1, 1:][rows.loss_mask[1] == 1].tolist() == [*b("cd"), AE, *b("f"), AE]
-    assert rows.lengths.tolist() == [len(first_ids), 15]
-    assert rows.stats["rows"] == 2 and rows.stats["truncated"] == 0 and rows.stats["pad_id"] == PAD
-    assert rows.stats["supervised_tokens"] == 6 + 5
-
-
-def test_too_long_conversations_are_cut_and_counted_and_unlearnable_ones_dropped():
-    long = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "x" * 50}]
-    long_prompt = [{"role": "user", "content": "q" * 50}, {"role": "assistant", "content": "a"}]
-    rows = conversations.tokenize_conversations(byte_tokenizer(), [long, long_prompt, HI], seq_len=16)
-    assert len(rows) == 2 and rows.where == ["conversation 0", "conversation 2"]
-    assert rows.stats["truncated"] == 2 and rows.stats["dropped_no_supervised_token"] == 1
-    assert rows.ids[0].tolist() == [BOS, US, *b("q"), UE, AS] + b("x" * 12)   # the cut keeps seq_len + 1 ids
-    assert rows.loss_mask[0].tolist() == [0] * 4 + [1] * 12
-
-
-def test_a_bad_conversation_passed_directly_is_an_error_naming_it():
-    with pytest.raises(chat.ConversationError, match="conversation 1: no assistant turn"):
-        conversations.tokenize_conversations(byte_tokenizer(), [HI, HI[:1]], seq_len=16)
-
-
-def test_batches_are_a_pure_function_of_seed_and_step_and_split_over_processes():
-    convs = [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}] for i in range(10)]
-    rows = conversations.tokenize_conversations(byte_tokenizer(), convs, seq_len=16)
-    batch = conversations.sft_batch(rows, step=3, global_batch=4, seed=7)
-    again = conversations.sft_batch(rows, step=3, global_batch=4, seed=7)
-    assert all(np.array_equal(batch[k], again[k]) for k in batch)
-    assert batch["inputs"].shape == (4, 16) and batch["inputs"].dtype == np.int32
-    assert np.array_equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
-    halves = [conversations.sft_batch(rows, 3, 4, 7, process_index=p, process_count=2) for p in (0, 1)]
-    assert np.array_equal(np.concatenate([h["inputs"] for h in halves]), batch["inputs"])
-    # one epoch (10 rows, batch 5, steps 0-1) visits every conversation exactly once; another seed, another order
-    epoch = np.concatenate([conversations.sft_batch(rows, s, 5, 7)["inputs"] for s in (0, 1)])
-    assert sorted(map(tuple, epoch.tolist())) == sorted(map(tuple, rows.ids[:, :-1].tolist()))
-    other = np.concatenate([conversations.sft_batch(rows, s, 5, 8)["inputs"] for s in (0, 1)])
-    assert not np.array_equal(epoch, other)
 
 
 def test_json_records_is_the_one_reader_invalid_utf8_kept_and_damage_reported(tmp_path):

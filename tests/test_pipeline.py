@@ -1,5 +1,7 @@
 """lm.data.pipeline on a real tokenized corpus: exact resume, per-process rows, windows inside the stream, each window
-once per epoch, document packing, validation covering its split once, and tfds.load of the corpus."""
+once per epoch, document packing, validation covering its split once, and tfds.load of the corpus; on real
+conversations (token + loss-mask shards): one whole conversation per row from its first token, padded with <|pad|>
+at loss 0, the mask stream as the loss mask, exact resume, held-out splits read once."""
 import gzip
 import json
 
@@ -7,6 +9,7 @@ import numpy as np
 import pytest
 
 from lm.data import pipeline, tokenize
+from lm.tokenizer import chat
 
 SEQ_LEN = 64
 BATCH = 8
@@ -104,6 +107,7 @@ def test_two_processes_split_the_global_batch(tokens_dir):
 def test_windows_come_from_the_stream_and_each_is_used_once_per_epoch(tokens_dir):
     tokens = stream(tokens_dir, "train")
     windows = pipeline.Windows(pipeline.TokenData(tokens_dir, "train"), SEQ_LEN)
+    assert windows.data.masks is None   # pretraining shards have no mask stream: every target is learnt
     n = windows.n
     assert n == (len(tokens) - 1) // SEQ_LEN and windows.data.n_tokens == len(tokens)
     by_content = {}
@@ -205,3 +209,86 @@ def test_tfds_load_offline(tokens_dir, tmp_path):
     assert [e["document"] for e in examples] == list(range(len(docs)))
     for example, doc in zip(examples, docs):
         np.testing.assert_array_equal(example["tokens"], doc[:-1])
+
+
+# --- conversations (SFT) -------------------------------------------------------------------------------------------
+
+CONV_SEQ_LEN = 1536   # (1024-token BPE) longer than some identity conversations, shorter than others
+
+
+@pytest.fixture(scope="module")
+def conversation_dir(tmp_path_factory):
+    """nanochat's 1000 identity conversations, every 8th held out, as shards of ~200k tokens (the 1024-token BPE)."""
+    from lm.data import conversations
+    from tests.conftest import shared_path
+    from tests.test_chat_template import bpe_tokenizer
+    found, _ = conversations.load_conversations(shared_path("posttrain/sft/nanochat_identity_conversations.jsonl"))
+    splits = {"train": [c for i, c in enumerate(found) if i % 8], "held": found[::8]}
+    tok = bpe_tokenizer()
+    directory = tmp_path_factory.mktemp("conversations") / "sft"
+    tokenize.write_conversations(tok, splits, directory, CONV_SEQ_LEN, shard_tokens=200_000)
+    rendered = {name: [chat.render_conversation(tok, c.messages) for c in convs] for name, convs in splits.items()}
+    return directory, tok, rendered
+
+
+def full_rows(batch):
+    return np.concatenate([batch["inputs"], batch["targets"][:, -1:]], axis=1)
+
+
+def expected_row(ids, mask, seq_len, pad):
+    """The row of one conversation, built here from render_conversation alone: its first seq_len + 1 ids then pad;
+    the loss of target t is the mask of token t + 1."""
+    n = min(len(ids), seq_len + 1)
+    return ids[:n] + [pad] * (seq_len + 1 - n), mask[1:n] + [0] * (seq_len + 1 - n)
+
+
+
+def test_conversations_are_whole_rows_from_their_first_token_padded_at_loss_0(conversation_dir):
+    directory, tok, rendered = conversation_dir
+    convs = rendered["train"]
+    pad, begin = chat.pad_id(tok), tok.token_id(chat.BEGIN)
+    assert pad not in {tok.token_id(t) for t in (chat.ASSISTANT_END, chat.USER_END, chat.SYSTEM_END, chat.BEGIN)}
+    windows = pipeline.Windows(pipeline.TokenData(directory, "train"), CONV_SEQ_LEN, packing="document")
+    assert windows.n == len(convs) and windows.pad_id == pad and len(windows.data.shards) > 2
+    seen = []
+    for step in range(-(-windows.n // BATCH)):
+        batch = pipeline.train_batch(windows, step, BATCH, SEED)
+        ids = pipeline.train_window_ids(step, windows.n, BATCH, SEED, np.arange(BATCH))
+        for row, mask, k in zip(full_rows(batch), batch["loss_mask"], ids):
+            want_ids, want_mask = expected_row(*convs[k], CONV_SEQ_LEN, pad)
+            assert row.tolist() == want_ids and mask.tolist() == want_mask
+            assert (row == begin).sum() == 1 and row[0] == begin   # one conversation, from its first token
+            assert mask[row[1:] == pad].sum() == 0                 # padding is never learnt
+            seen.append(k)
+    assert sorted(seen[:windows.n]) == list(range(windows.n))      # each conversation once per epoch
+    lengths = [len(ids) for ids, _ in convs]
+    assert min(lengths) < CONV_SEQ_LEN + 1 < max(lengths)          # both cut and padded rows were checked
+
+
+def test_conversation_batches_resume_exactly_and_split_over_processes(conversation_dir):
+    directory, _, _ = conversation_dir
+
+    def batches(start, n, index=0, count=1):
+        return take(pipeline.train_batches(directory, CONV_SEQ_LEN, BATCH, SEED, start_step=start, packing="document",
+                                           process_index=index, process_count=count), n)
+    uninterrupted = batches(0, 130)[120:]   # past the first epoch (875 conversations, 8 a step)
+    for a, b in zip(uninterrupted, batches(120, 10)):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    halves = [batches(125, 1, i, 2)[0] for i in (0, 1)]
+    for key in halves[0]:
+        np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), uninterrupted[5][key])
+    assert 0 < uninterrupted[0]["loss_mask"].mean() < 1
+
+
+def test_held_out_conversations_are_each_read_once(conversation_dir):
+    directory, tok, rendered = conversation_dir
+    pad = chat.pad_id(tok)
+    batches = list(pipeline.val_batches(directory, CONV_SEQ_LEN, 6, 0, 1, packing="document", split="held"))
+    rows = np.concatenate([full_rows(b) for b in batches])
+    masks = np.concatenate([b["loss_mask"] for b in batches])
+    assert len(rows) == -(-len(rendered["held"]) // 6) * 6
+    for i, (ids, mask) in enumerate(rendered["held"]):
+        want_ids, want_mask = expected_row(ids, mask, CONV_SEQ_LEN, pad)
+        assert rows[i].tolist() == want_ids and masks[i].tolist() == want_mask
+    assert not masks[len(rendered["held"]):].any()

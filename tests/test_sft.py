@@ -1,7 +1,8 @@
 """SFT through the one loop, on a tiny model pretrained here for a few steps (a 512-token BPE on CPython's docs):
 held-out assistant loss falls and the identity task's exact match rises; the loss mask is exactly the assistant's
-tokens (checked against render_conversation); init_from loads the pretrained weights; a killed run resumes bit for
-bit from the rows it saved; padding is never an end-of-turn id; a real conversation file trains."""
+tokens (checked against render_conversation), one conversation per row read from the run's token + loss-mask shards
+by the pipeline; init_from loads the pretrained weights; a killed run resumes bit for bit from the shards it saved;
+padding is never an end-of-turn id; a real conversation file trains."""
 import json
 import shutil
 
@@ -14,7 +15,7 @@ from flax import nnx
 from lm import checkpoint as lm_checkpoint
 from lm import config as lm_config
 from lm import tokenizer as lm_tokenizer
-from lm.data import conversations, tokenize
+from lm.data import pipeline, tokenize
 from lm.eval import tasks
 from lm.tokenizer import chat
 from lm.train import loop, metrics, pretrain, sft
@@ -68,6 +69,12 @@ def link_pipeline(pretrained, workdir):
     return workdir
 
 
+def train_windows(workdir) -> pipeline.Windows:
+    """The SFT run's train split as the pipeline reads it: one conversation per row (document packing)."""
+    data = pipeline.TokenData(workdir / "sft" / "data", "train")
+    return pipeline.Windows(data, data.index["seq_len"], packing="document")
+
+
 @pytest.fixture(scope="module")
 def trained(pretrained):
     summary = sft.run(sft_config(), pretrained)
@@ -89,10 +96,10 @@ def test_sft_lowers_held_out_loss_and_raises_exact_match(trained):
     shown = after["tasks"]["identity"]["shown"][0]
     assert {"prompt", "reference", "thinking", "answer", "reward"} <= set(shown)
     assert summary["steps"] == 120 and summary["report"].endswith(sft.REPORT)
-    # its own run directory: checkpoints, metrics, TensorBoard, the rows; the pretrained run is untouched
+    # its own run directory: checkpoints, metrics, TensorBoard, the data shards; the pretrained run is untouched
     run_dir = workdir / "sft"
     assert lm_checkpoint.find_checkpoints(run_dir) == run_dir / "checkpoints"
-    assert (run_dir / "tb").is_dir() and (run_dir / "data" / "train.npz").exists()
+    assert (run_dir / "tb").is_dir() and tokenize.read_index(run_dir / "data")["loss_mask"]
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [10]
     lines = metrics.read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in lines] == list(range(1, 121))
@@ -102,28 +109,30 @@ def test_sft_lowers_held_out_loss_and_raises_exact_match(trained):
 
 def test_tokens_are_the_supervised_tokens_of_each_batch(trained):
     workdir, _, _ = trained
-    rows = conversations.load_rows(workdir / "sft" / "data" / "train.npz")
+    windows = train_windows(workdir)
     lines = metrics.read_metrics(workdir / "sft" / "metrics.jsonl")
     for step in (1, 77):
-        batch = conversations.sft_batch(rows, step - 1, 16, seed=0)
+        batch = pipeline.train_batch(windows, step - 1, 16, seed=0)
         assert lines[step - 1]["tokens"] == batch["loss_mask"].sum() < batch["loss_mask"].size
         np.testing.assert_allclose(lines[step - 1]["all_tokens_per_sec"] / lines[step - 1]["tokens_per_sec"],
                                    batch["loss_mask"].size / batch["loss_mask"].sum(), rtol=1e-6)
 
 
 def test_loss_mask_covers_exactly_the_assistant_tokens(trained):
-    """Each row of a batch, matched to its conversation by the row's source: the supervised targets are the
+    """Each row of a batch, matched by its ids to the task example it renders: the supervised targets are the
     assistant's tokens of render_conversation (thinking, answer, end token), the rest of the row is unsupervised."""
-    workdir, _, _ = trained
+    workdir, _, report = trained
     tok = lm_tokenizer.load(workdir / "tokenizer")
-    rows = conversations.load_rows(workdir / "sft" / "data" / "train.npz")
-    examples = {name: tasks.Identity().examples("train", 400, seed=0) if name == "identity" else
-                tasks.Arithmetic(2, 1, "+").examples("train", 400, seed=0) for name in EASY}
-    batch = conversations.sft_batch(rows, 5, 16, seed=0)
-    picked = conversations.pipeline.train_window_ids(5, len(rows), 16, 0, np.arange(16))
-    for row, index in enumerate(picked):
-        source, line = rows.where[index].rsplit(":", 1)
-        example = examples[source.split(":")[0]][int(line) - 1]
+    windows = train_windows(workdir)
+    examples = tasks.Identity().examples("train", 400, seed=0) + tasks.Arithmetic(2, 1, "+").examples("train", 400,
+                                                                                                       seed=0)
+    assert windows.n == len(examples) == report["data"]["rows"]["train"]["rows"]   # none dropped
+    by_ids = {tuple(chat.render_conversation(tok, e.conversation)[0]): e for e in examples}
+    batch = pipeline.train_batch(windows, 5, 16, seed=0)
+    pad = chat.pad_id(tok)
+    for row in range(16):
+        real = np.append(batch["inputs"][row], batch["targets"][row, -1])
+        example = by_ids[tuple(real[real != pad].tolist())]   # (no task conversation is cut at this seq_len)
         ids, mask = chat.render_conversation(tok, example.conversation)
         want = [i for i, m in zip(ids, mask) if m]
         got = batch["targets"][row][batch["loss_mask"][row] == 1].tolist()
@@ -131,7 +140,7 @@ def test_loss_mask_covers_exactly_the_assistant_tokens(trained):
         assert want == chat.render_answer(tok, example.answer, example.thinking)   # the assistant turn only
         assert tok.decode(want[:-1]).endswith(example.answer) and want[-1] == tok.token_id(chat.ASSISTANT_END)
         n = len(ids)
-        assert batch["inputs"][row, :n - 1].tolist() == ids[:-1]                   # the whole conversation is read
+        assert real[:n].tolist() == ids and (real[n:] == pad).all()                 # the whole conversation, padded
         assert batch["loss_mask"][row, n - 1:].sum() == 0                         # and padding is never learnt
 
 
@@ -141,9 +150,9 @@ def test_pad_is_never_an_end_of_turn_id(trained):
     pad = chat.pad_id(tok)
     ends = {tok.token_id(t) for t in (chat.ASSISTANT_END, chat.USER_END, chat.SYSTEM_END, chat.BEGIN)}
     assert pad not in ends
-    rows = conversations.load_rows(workdir / "sft" / "data" / "train.npz")
-    assert rows.stats["pad_id"] == pad
-    batch = conversations.sft_batch(rows, 0, 16, seed=0)
+    windows = train_windows(workdir)
+    assert windows.pad_id == windows.data.index["pad_id"] == pad
+    batch = pipeline.train_batch(windows, 0, 16, seed=0)
     assert (batch["targets"][batch["loss_mask"] == 1] != pad).all()
     assert (batch["targets"] == pad).any() and (batch["loss_mask"][batch["targets"] == pad] == 0).all()
     # every row teaches its end token exactly as often as it has assistant turns
@@ -156,8 +165,8 @@ def test_init_from_loads_the_pretrained_weights(trained, tmp_path):
     want = nnx.to_pure_dict(nnx.state(pretrained_model, nnx.Param))
     config = pretrain.resolve_vocab(sft_config(), 1024)
     tok = lm_tokenizer.load(workdir / "tokenizer")
-    rows, _ = sft.prepare_data(config, tok, sft.make_tasks(config.sft), workdir / "sft")
-    objective = sft.objective(config, rows, tok, workdir / "tokenizer", sft.make_tasks(config.sft), workdir)
+    data = sft.prepare_data(config, tok, sft.make_tasks(config.sft), workdir / "sft")
+    objective = sft.objective(config, data, tok, workdir / "tokenizer", sft.make_tasks(config.sft), workdir)
     with loop.Trainer(config, tmp_path / "fresh", objective) as trainer:
         got = nnx.to_pure_dict(nnx.state(trainer.current_model(), nnx.Param))
     jax.tree.map(np.testing.assert_array_equal, got, want)
@@ -172,16 +181,18 @@ SHORT = dict(train__steps=6, train__eval_every=3, train__checkpoint_every=2)   #
 SMALL = dict(identity=dict(n=40), arithmetic=dict(n=40, n_operands=2, digits=1, ops="+"))
 
 
-def test_resume_is_bit_exact_and_reads_the_saved_rows(pretrained, tmp_path):
+def test_resume_is_bit_exact_and_reads_the_saved_shards(pretrained, tmp_path):
     straight = link_pipeline(pretrained, tmp_path / "straight")
     sft.run(sft_config(SMALL, **SHORT), straight)
     resumed = link_pipeline(pretrained, tmp_path / "resumed")
     partial = sft.run(sft_config(SMALL, **SHORT), resumed, stop_after=3)
     assert partial["steps"] == 3 and not (resumed / "sft" / sft.REPORT).exists()
-    with pytest.raises(ValueError, match="another data config"):   # the rows it trained on must stay
+    written = (resumed / "sft" / "data" / tokenize.INDEX_FILE).stat().st_mtime_ns
+    with pytest.raises(ValueError, match="another data config"):   # the data it trained on must stay
         sft.run(sft_config(dict(SMALL, identity=dict(n=41)), **SHORT), resumed)
     summary = sft.run(sft_config(SMALL, **SHORT), resumed)
     assert summary["start_step"] == 2
+    assert (resumed / "sft" / "data" / tokenize.INDEX_FILE).stat().st_mtime_ns == written   # read, not rebuilt
     timing = ("tokens_per_sec", "all_tokens_per_sec", "mfu")
     def curve(workdir):
         return [{k: v for k, v in r.items() if k not in timing}
@@ -191,10 +202,11 @@ def test_resume_is_bit_exact_and_reads_the_saved_rows(pretrained, tmp_path):
     want, _, _ = lm_checkpoint.load_model(straight / "sft")
     jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(got, nnx.Param)),
                  nnx.to_pure_dict(nnx.state(want, nnx.Param)))
-    for name in ("train", "identity", "arithmetic"):
-        a = conversations.load_rows(resumed / "sft" / "data" / f"{name}.npz")
-        b = conversations.load_rows(straight / "sft" / "data" / f"{name}.npz")
-        assert np.array_equal(a.ids, b.ids) and np.array_equal(a.loss_mask, b.loss_mask) and a.where == b.where
+    files = sorted(p.relative_to(straight) for p in (straight / "sft" / "data").rglob("*") if p.is_file())
+    assert {p.parent.name for p in files} == {"data", "train", "identity", "arithmetic"}
+    assert files == sorted(p.relative_to(resumed) for p in (resumed / "sft" / "data").rglob("*") if p.is_file())
+    for name in files:
+        assert (straight / name).read_bytes() == (resumed / name).read_bytes(), name
 
 
 def test_a_real_conversation_file_trains(pretrained, tmp_path):

@@ -1,5 +1,6 @@
 """lm.data.tokenize on real FineWeb documents: shard round trip, ids equal tiktoken's, byte-identical re-runs,
-rejected input counted with file and line."""
+rejected input counted with file and line; real conversations as token + loss-mask shards whose mask stream is
+render_conversation's loss_mask, long ones counted, unlearnable ones dropped and counted."""
 import gzip
 import json
 import pathlib
@@ -12,7 +13,9 @@ import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
 from lm import tokenizer as lm_tokenizer
-from lm.data import tokenize
+from lm.data import conversations, tokenize
+from lm.tokenizer import chat
+from tests.test_chat_template import AE, AS, BOS, UE, US, b, bpe_tokenizer, byte_tokenizer
 
 FINEWEB = "web/text/fineweb_sample10BT_2400docs.jsonl.gz"
 CL100K_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
@@ -78,6 +81,7 @@ def test_shards_round_trip_and_rejects_counted(tmp_path, corpus, cl100k, shared_
     index = tokenize.run(cl100k, inputs, tokens_dir, dict(val_fraction=0.2, shard_tokens=20_000, workers=2))
     assert index == {**tokenize.read_index(tokens_dir), "seconds": index["seconds"], "mb_per_s": index["mb_per_s"]}
     assert index["dtype"] == "uint32" and index["tokenizer"]["hash"] == cl100k.hash
+    assert "loss_mask" not in index and not list(tokens_dir.rglob("*.mask.bin"))   # pretraining: no mask stream
 
     # documents in = tokenized + rejected, and each rejection names its file and line
     assert index["documents"] == {"in": 83, "tokenized": 78, "rejected": 5, "utf8_replaced": 1}
@@ -193,3 +197,66 @@ def test_text_files_are_split_into_documents(tmp_path, shared_data):
     docs = [gpt2.decode(d.tolist()) for d in read_split(tmp_path / "tokens", index, "train")]
     assert len(docs) >= len("\n\n".join(texts)) // 4000 and all(len(d) <= 4000 or "\n" not in d.strip() for d in docs)
     assert "".join(docs).replace("\n", "") == "".join(texts).replace("\n", "")
+
+
+def read_conversation_split(tokens_dir, index, split):
+    """[(ids, mask)] of each conversation of a split, read with numpy alone."""
+    out = []
+    for shard in index["splits"][split]["shards"]:
+        tokens = np.fromfile(tokens_dir / shard["tokens_file"], index["dtype"]).astype(np.int64)
+        mask = np.fromfile(tokens_dir / shard["mask_file"], np.uint8)
+        starts = np.fromfile(tokens_dir / shard["docs_file"], np.uint64).astype(np.int64)
+        assert len(mask) == len(tokens) == shard["tokens"] and len(starts) == shard["documents"]
+        ends = np.append(starts[1:], len(tokens))
+        out += [(tokens[s:e].tolist(), mask[s:e].tolist()) for s, e in zip(starts, ends)]
+    return out
+
+
+SFT_FILES = ("nanochat_identity_conversations.jsonl", "fastchat_dummy_conversation.json",
+             "self_instruct_seed_tasks.jsonl")
+
+
+def test_real_conversations_become_shards_whose_mask_stream_is_the_loss_mask(tmp_path, shared_data):
+    tok = bpe_tokenizer()
+    found, _ = conversations.load_conversations([str(shared_data(f"posttrain/sft/{n}")) for n in SFT_FILES])
+    held = [c for i, c in enumerate(found) if i % 10 == 0]
+    train = [c for i, c in enumerate(found) if i % 10]
+    index = tokenize.write_conversations(tok, {"train": train, "identity": held}, tmp_path / "sft", seq_len=4096,
+                                         shard_tokens=100_000)
+    assert index == tokenize.read_index(tmp_path / "sft")
+    assert index["loss_mask"] is True and index["pad_id"] == chat.pad_id(tok) and index["dtype"] == "uint16"
+    assert len(index["splits"]["train"]["shards"]) > 2
+    for split, convs in (("train", train), ("identity", held)):
+        got = read_conversation_split(tmp_path / "sft", index, split)
+        assert len(got) == len(convs) == index["conversations"][split]["rows"]
+        for (ids, mask), conversation in zip(got, convs):
+            assert (ids, mask) == tuple(chat.render_conversation(tok, conversation.messages))   # whole, in order
+        counts = index["conversations"][split]
+        assert counts["supervised_tokens"] == sum(sum(m[1:]) for _, m in got) > 0
+        assert counts["tokens"] == sum(len(i) for i, _ in got) and counts["truncated"] == 0
+    again = tokenize.write_conversations(tok, {"train": train[:5]}, tmp_path / "sft", seq_len=4096)
+    assert sorted(p.name for p in (tmp_path / "sft").iterdir()) == ["index.json", "train"]   # old splits removed
+    assert again["conversations"]["train"]["rows"] == 5
+
+
+def test_long_conversations_counted_and_unlearnable_ones_dropped_with_where(tmp_path):
+    hi = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    long = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "x" * 50}]
+    long_prompt = [{"role": "user", "content": "q" * 50}, {"role": "assistant", "content": "a"}]
+    index = tokenize.write_conversations(byte_tokenizer(), {"train": [long, long_prompt, hi]}, tmp_path, seq_len=16)
+    counts = index["conversations"]["train"]
+    assert counts["conversations"] == 3 and counts["rows"] == 2 and counts["truncated"] == 2
+    assert counts["dropped_no_supervised_token"] == 1 and counts["dropped"] == ["train conversation 1"]
+    assert counts["tokens"] == 17 + 12 and counts["supervised_tokens"] == 12 + 6
+    assert counts["supervised_tokens_before_cut"] == 51 + 2 + 6
+    (long_ids, long_mask), (hi_ids, hi_mask) = read_conversation_split(tmp_path, index, "train")
+    assert long_ids == [BOS, US, *b("q"), UE, AS, *b("x" * 50), AE]   # kept whole: the pipeline cuts the row
+    assert long_mask == [0] * 5 + [1] * 51
+    assert hi_ids == [BOS, US, *b("hi"), UE, AS, *b("hello"), AE] and hi_mask == [0] * 6 + [1] * 6
+
+
+def test_a_bad_conversation_is_an_error_naming_it(tmp_path):
+    hi = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    with pytest.raises(chat.ConversationError, match="train conversation 1: no assistant turn"):
+        tokenize.write_conversations(byte_tokenizer(), {"train": [hi, hi[:1]]}, tmp_path, seq_len=16)
+    assert not (tmp_path / tokenize.INDEX_FILE).exists()

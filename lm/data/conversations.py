@@ -1,4 +1,4 @@
-"""Conversations for supervised fine-tuning: read them in the formats people have, turn them into training rows.
+"""Conversations for supervised fine-tuning: read them in the formats people have (training data: see the end).
 
 Formats (one JSON record per line of .jsonl / .jsonl.gz, or the items of a .json / .json.gz list), told apart by
 their keys, each turned into our message lists (see lm.tokenizer.chat):
@@ -16,35 +16,22 @@ ReadStats with file, line and reason; nothing is skipped silently. ("line" is th
 the 1-based item of a .json list.) MT-Bench style {"turns": [...]} records are prompts without answers: counted as
 rejected for training with their own reason.
 
-Training rows (`tokenize_conversations`) hold ONE conversation each: a row of seq_len + 1 ids starts with the
-conversation and is padded with <|pad|>, loss 0 on padding, so a conversation never attends to another (the model
-has no segment ids; packing several per row would need them). A conversation longer than the row is cut at
-seq_len + 1 tokens and counted; one with no supervised token left after the cut is dropped and counted.
-`sft_batch` gives the rows of step s as a pure function of (seed, s, process), through the pretraining pipeline's
-seeded Feistel permutation, so resuming needs no iterator state; `eval_batches` gives held-out rows in order.
-
-Why rows in memory (and in one .npz file, `save_rows` / `load_rows`) rather than token + loss-mask shards read back
-through lm.data.pipeline: SFT data is conversation-sized (10^3-10^6 conversations of a few hundred tokens: megabytes
-to a few GB as int32 rows, no corpus-sized stream), and a row here already IS what `document` packing makes of a
-shard (one conversation from its first token, padded), so shards would add an index, a mask stream and tf.data
-for the same batches. What matters for exact resume is that a resumed run reads the very rows the first one
-trained on, even if the generators, the tokenizer code or the input files changed since: lm.train.sft writes the
-rows once into its run directory and reads that file back on resume. The batch order is the pipeline's Feistel
-permutation, so the rule "data order is a pure function of (seed, step, process)" is the same as in pretraining.
+Training data: lm.data.tokenize.write_conversations renders each conversation with lm.tokenizer.chat's
+render_conversation into the pretraining token shards plus a loss-mask stream (1 on the assistant's tokens), one
+conversation per document; lm.data.pipeline's `document` packing reads them back one conversation per row from its
+first token, padded with <|pad|> (loss 0), so a conversation never attends to another (the model has no segment ids),
+and the rows of step s are a pure function of (seed, s, process) through the pipeline's seeded Feistel
+permutation: exact resume, as in pretraining. lm.train.sft writes the shards once into its run directory and reads
+them back on resume, so a resumed run trains on the very tokens the first one did.
 """
 import collections
 import dataclasses
-import json
 import pathlib
-from typing import Iterable, Iterator
+from typing import Iterator
 
-import numpy as np
-
-from lm.data import pipeline
 from lm.data import readers
 from lm.data.readers import expand_inputs
 from lm.tokenizer import chat
-from lm.tokenizer.base import Tokenizer
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "model": "assistant",
@@ -243,110 +230,3 @@ def read_conversations(paths_or_globs, stats: ReadStats | None = None) -> Iterat
 def load_conversations(paths_or_globs) -> tuple[list[Conversation], ReadStats]:
     stats = ReadStats()
     return list(read_conversations(paths_or_globs, stats)), stats
-
-
-# -- training rows ---------------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class SFTRows:
-    """One conversation per row. ids: int32 [n, seq_len + 1] (pad after the conversation); loss_mask: float32
-    [n, seq_len], aligned with the targets ids[:, 1:]; lengths: tokens of each row's conversation (after any cut)."""
-    ids: np.ndarray
-    loss_mask: np.ndarray
-    lengths: np.ndarray
-    where: list                       # file:line of each row
-    stats: dict
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    @property
-    def seq_len(self) -> int:
-        return self.loss_mask.shape[1]
-
-    def select(self, indices) -> "SFTRows":
-        """The rows at `indices`, in that order (stats are those of the whole set)."""
-        indices = np.asarray(indices, np.int64)
-        return SFTRows(self.ids[indices], self.loss_mask[indices], self.lengths[indices],
-                       [self.where[i] for i in indices], self.stats)
-
-
-def save_rows(rows: SFTRows, path) -> None:
-    """Writes rows to one .npz file (atomically: a half-written file never replaces a complete one)."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, ids=rows.ids, loss_mask=rows.loss_mask, lengths=rows.lengths,
-                 where=np.asarray(json.dumps(rows.where)), stats=np.asarray(json.dumps(rows.stats)))
-    tmp.replace(path)
-
-
-def load_rows(path) -> SFTRows:
-    """The rows `save_rows` wrote (no pickle)."""
-    with np.load(path, allow_pickle=False) as data:
-        return SFTRows(data["ids"], data["loss_mask"], data["lengths"], json.loads(str(data["where"])),
-                       json.loads(str(data["stats"])))
-
-
-def tokenize_conversations(tokenizer: Tokenizer, conversations: Iterable, seq_len: int) -> SFTRows:
-    """Render each conversation (a Conversation or a message list) into its own row of seq_len + 1 ids."""
-    pad = chat.pad_id(tokenizer)
-    ids_rows, mask_rows, lengths, wheres = [], [], [], []
-    counts = dict.fromkeys(("conversations", "truncated", "dropped_no_supervised_token", "tokens",
-                            "supervised_tokens", "supervised_tokens_before_cut"), 0)
-    for n, conversation in enumerate(conversations):
-        messages, where = ((conversation.messages, conversation.where) if isinstance(conversation, Conversation)
-                           else (conversation, f"conversation {n}"))
-        ids, mask = chat.render_conversation(tokenizer, messages, where=where)
-        counts["conversations"] += 1
-        counts["supervised_tokens_before_cut"] += sum(mask[1:])
-        if len(ids) > seq_len + 1:
-            counts["truncated"] += 1
-            ids, mask = ids[:seq_len + 1], mask[:seq_len + 1]
-        target_mask = mask[1:]           # the loss of target t is the mask of token t + 1
-        if not any(target_mask):
-            counts["dropped_no_supervised_token"] += 1
-            continue
-        row = np.full(seq_len + 1, pad, np.int32)
-        row[:len(ids)] = ids
-        row_mask = np.zeros(seq_len, np.float32)
-        row_mask[:len(target_mask)] = target_mask
-        ids_rows.append(row)
-        mask_rows.append(row_mask)
-        lengths.append(len(ids))
-        wheres.append(where)
-        counts["tokens"] += len(ids)
-        counts["supervised_tokens"] += int(sum(target_mask))
-    rows = len(ids_rows)
-    stats = dict(counts, rows=rows, seq_len=seq_len, pad_id=pad,
-                 padding_fraction=round(1 - counts["tokens"] / (rows * (seq_len + 1)), 4) if rows else 0.0)
-    return SFTRows(np.stack(ids_rows) if rows else np.zeros((0, seq_len + 1), np.int32),
-                   np.stack(mask_rows) if rows else np.zeros((0, seq_len), np.float32),
-                   np.asarray(lengths, np.int32), wheres, stats)
-
-
-def sft_batch(rows: SFTRows, step: int, global_batch: int, seed: int, process_index: int = 0,
-              process_count: int = 1) -> dict:
-    """This process's rows of training step `step`: {"inputs", "targets": int32 [B, seq_len], "loss_mask"}.
-    Each epoch over the rows is one seeded permutation (the pretraining pipeline's), so the order is a pure
-    function of (seed, step, process) and resuming needs no state."""
-    if len(rows) == 0:
-        raise ValueError("no training rows: every conversation was dropped (see SFTRows.stats)")
-    local = pipeline.local_rows(global_batch, process_index, process_count)
-    picked = pipeline.train_window_ids(step, len(rows), global_batch, seed, local)
-    ids = rows.ids[picked]
-    return {"inputs": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": rows.loss_mask[picked]}
-
-
-
-def eval_batches(rows: SFTRows, batch_size: int, process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
-    """This process's rows of every held-out batch, in row order, each row once; the last batch is filled with
-    padding rows (loss_mask 0), so every batch has the same shape and every process runs the same number."""
-    local = pipeline.local_rows(batch_size, process_index, process_count)
-    pad = rows.stats.get("pad_id", 0)
-    for start in range(0, len(rows), batch_size):
-        picked = start + local
-        valid = picked < len(rows)
-        ids = np.where(valid[:, None], rows.ids[np.where(valid, picked, 0)], pad).astype(np.int32)
-        mask = np.where(valid[:, None], rows.loss_mask[np.where(valid, picked, 0)], 0).astype(np.float32)
-        yield {"inputs": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": mask}

@@ -8,9 +8,14 @@ would have seen: no iterator state to checkpoint, nothing to replay.
 Packing:
   concat    window k is tokens [k * seq_len, k * seq_len + seq_len + 1) of the split's stream; windows cross document
             boundaries (documents are separated by the end-of-text token); loss_mask is all ones.
-  document  window k starts at document k's first token and ends at its end-of-text token or after seq_len + 1 tokens;
-            the rest of the row is padded with `pad_id` (default: the end-of-text id) and loss_mask is 1 exactly where
-            the target is a token of the document (its closing end-of-text included), 0 on padding.
+  document  window k starts at document k's first token and ends at its last token (a corpus document's end-of-text)
+            or after seq_len + 1 tokens (a longer document is cut); the rest of the row is padded with `pad_id`
+            (default: the index's pad_id, else the end-of-text id) and loss_mask is 1 exactly where the target is a
+            token of the document (its closing end-of-text included), 0 on padding. One document per row, so no row
+            attends across two documents: this is how SFT reads conversations (lm.data.tokenize.write_conversations).
+
+Shards with a loss-mask stream (conversations) multiply that loss_mask by the stream's value of each target token
+(the assistant's tokens are 1, the rest 0); shards without one (pretraining) read as all ones.
 
 TensorFlow is imported only here, lazily, and kept off accelerators; the window arithmetic is numpy, so it is usable
 (and tested) without TensorFlow.
@@ -46,8 +51,11 @@ class TokenData:
                              f"known: {sorted(self.index['splits'])}")
         self.dtype = np.dtype(self.index["dtype"])
         self.eot_id = int(self.index["tokenizer"]["eot_id"])
+        self.pad_id = int(self.index.get("pad_id", self.eot_id))
         shards = self.index["splits"][split]["shards"]
         self.shards = [self._open(shard["tokens_file"], self.dtype, shard["tokens"]) for shard in shards]
+        self.masks = ([self._open(shard["mask_file"], np.uint8, shard["tokens"]) for shard in shards]
+                      if self.index.get("loss_mask") else None)   # None: every token is learnt
         self._doc_files = [(shard["docs_file"], shard["documents"]) for shard in shards]
         self.offsets = np.cumsum([0] + [len(s) for s in self.shards]).astype(np.int64)
         self.n_tokens = int(self.offsets[-1])
@@ -73,15 +81,24 @@ class TokenData:
 
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length) of the stream, across shard boundaries."""
+        return self._read(self.shards, start, length)
+
+    def read_mask(self, start: int, length: int) -> np.ndarray:
+        """The loss-mask stream's values (uint8) of tokens [start, start + length); all ones without a stream."""
+        if self.masks is None:
+            return np.ones(length, np.uint8)
+        return self._read(self.masks, start, length)
+
+    def _read(self, arrays, start: int, length: int) -> np.ndarray:
         if start < 0 or start + length > self.n_tokens:
             raise IndexError(f"tokens [{start}, {start + length}) outside the {self.split} stream of {self.n_tokens}")
         shard = int(np.searchsorted(self.offsets, start, side="right")) - 1
         local = start - int(self.offsets[shard])
-        if local + length <= len(self.shards[shard]):
-            return self.shards[shard][local:local + length]
+        if local + length <= len(arrays[shard]):
+            return arrays[shard][local:local + length]
         pieces = []
         while length > 0:
-            piece = self.shards[shard][local:local + length]
+            piece = arrays[shard][local:local + length]
             pieces.append(piece)
             length -= len(piece)
             shard, local = shard + 1, 0
@@ -136,7 +153,7 @@ class Windows:
         if packing not in PACKINGS:
             raise ValueError(f"packing={packing!r}: must be one of {PACKINGS}")
         self.data, self.seq_len, self.packing = data, seq_len, packing
-        self.pad_id = data.eot_id if pad_id is None else int(pad_id)
+        self.pad_id = data.pad_id if pad_id is None else int(pad_id)
         if packing == "document":
             self.n = data.n_documents
             data.doc_starts   # loaded now, not by the first of several tf.data threads
@@ -168,7 +185,7 @@ class Windows:
         for row, (start, length) in enumerate(zip(starts, lengths)):
             if valid is None or valid[row]:
                 rows[row, :length] = self.data.read(int(start), int(length))
-                mask[row, :length - 1] = 1.0
+                mask[row, :length - 1] = self.data.read_mask(int(start) + 1, int(length) - 1)   # of each target
         return {"inputs": rows[:, :-1], "targets": rows[:, 1:], "loss_mask": mask}
 
 
@@ -255,7 +272,7 @@ def train_batches(tokens_dir, seq_len: int, global_batch: int, seed: int, start_
     """Iterator of this process's rows of the train batches for steps start_step, start_step + 1, ...
 
     Yields {"inputs", "targets": int32 [global_batch / process_count, seq_len], "loss_mask": float32 [same]}.
-    Process index and count default to jax's; pad_id (document packing) defaults to the end-of-text id.
+    Process index and count default to jax's; pad_id (document packing) defaults to the index's (see Windows).
     """
     process_index, process_count = _process(process_index, process_count)
     windows = Windows(TokenData(tokens_dir, "train"), seq_len, packing, pad_id=pad_id)
@@ -269,12 +286,12 @@ def train_batches(tokens_dir, seq_len: int, global_batch: int, seed: int, start_
 
 
 def val_batches(tokens_dir, seq_len: int, batch_size: int, process_index=None, process_count=None,
-                packing: str = "concat", max_batches=None, pad_id=None, prefetch: int = 0):
-    """Deterministic iterator over the val split, each target token scored once (document packing: each document's
-    first window once). The last batch is padded with rows whose loss_mask is 0, so every batch has the same shape and
-    every process runs the same number of batches."""
+                packing: str = "concat", max_batches=None, pad_id=None, prefetch: int = 0, split: str = "val"):
+    """Deterministic iterator over a held-out split, each target token scored once (document packing: each
+    document's first window once). The last batch is padded with rows whose loss_mask is 0, so every batch has the
+    same shape and every process runs the same number of batches."""
     process_index, process_count = _process(process_index, process_count)
-    windows = Windows(TokenData(tokens_dir, "val"), seq_len, packing, keep_tail=True, pad_id=pad_id)
+    windows = Windows(TokenData(tokens_dir, split), seq_len, packing, keep_tail=True, pad_id=pad_id)
     n_batches = num_val_batches(windows, batch_size)
     if max_batches is not None:
         n_batches = min(n_batches, max_batches)

@@ -13,6 +13,13 @@ of 2 or more documents always has a usable val split (one document: at least 2 t
 When that is impossible (1 document, or val_fraction 0) index.json says so (`split.val_usable` false) and
 `has_val(index)` is False, so training can skip evaluation.
 
+Conversations (`write_conversations`, for SFT) use the same shards with one more stream per shard:
+`NNNNN.mask.bin` (uint8, one value per token) is render_conversation's loss_mask, 1 on the tokens the model learns
+to predict (the assistant's thinking, answer and end token). Each conversation is one document (it starts with the
+begin token and ends with its last turn's end token, no end-of-text appended), the splits are the caller's (SFT:
+"train" and one held-out split per source), and index.json says `loss_mask: true` and the `pad_id` that
+lm.data.pipeline's `document` packing fills rows with. Shards without a mask stream (pretraining) read as all ones.
+
 Documents come from lm.data.readers (jsonl / json / parquet / txt / html / warc, optionally compressed; .txt files
 split at blank lines, see `txt_separator` / `txt_max_chars`); whatever it drops (unreadable file, malformed line,
 missing or empty text) is counted and listed in the index with file and line, documents in = tokenized + rejected,
@@ -35,7 +42,9 @@ import numpy as np
 from absl import app, flags, logging
 
 from lm import progress as lm_progress
+from lm.data import conversations as lm_conversations
 from lm.data import readers
+from lm.tokenizer import chat
 
 INDEX_FILE = "index.json"
 FORMAT = "lm.tokens/1"
@@ -76,35 +85,44 @@ def read_index(tokens_dir) -> dict:
 
 
 class ShardWriter:
-    """Appends documents (tokens + end-of-text) to `<directory>/NNNNN.bin`, starting a new shard past shard_tokens."""
+    """Appends documents to `<directory>/NNNNN.bin` (and, with masks=True, their loss masks to NNNNN.mask.bin),
+    starting a new shard past shard_tokens."""
 
-    def __init__(self, tokens_dir: pathlib.Path, split: str, shard_tokens: int):
-        self.tokens_dir, self.split, self.shard_tokens = tokens_dir, split, shard_tokens
+    def __init__(self, tokens_dir: pathlib.Path, split: str, shard_tokens: int, masks: bool = False):
+        self.tokens_dir, self.split, self.shard_tokens, self.masks = tokens_dir, split, shard_tokens, masks
         (tokens_dir / split).mkdir(parents=True, exist_ok=True)
         self.shards = []
         self._file = None
 
-    def add(self, tokens: np.ndarray) -> None:
+    def add(self, tokens: np.ndarray, mask: np.ndarray | None = None) -> None:
+        if (mask is not None) != self.masks or (mask is not None and len(mask) != len(tokens)):
+            raise ValueError(f"{self.split}: a document needs a mask of its length exactly when the shards have one")
         if self._file is None:
             self._open()
         self._starts.append(self._tokens)
         self._file.write(tokens.tobytes())
+        if self.masks:
+            self._mask_file.write(np.asarray(mask, np.uint8).tobytes())
         self._tokens += len(tokens)
         if self._tokens >= self.shard_tokens:
             self._close()
 
     def _open(self):
         name = f"{self.split}/{len(self.shards):05d}"
-        self._names = (f"{name}.bin", f"{name}.docs.bin")
-        self._file = open(self.tokens_dir / self._names[0], "wb")
+        self._names = dict(tokens_file=f"{name}.bin", docs_file=f"{name}.docs.bin")
+        if self.masks:
+            self._names["mask_file"] = f"{name}.mask.bin"
+            self._mask_file = open(self.tokens_dir / self._names["mask_file"], "wb")
+        self._file = open(self.tokens_dir / self._names["tokens_file"], "wb")
         self._starts, self._tokens = [], 0
 
     def _close(self):
         self._file.close()
         self._file = None
-        (self.tokens_dir / self._names[1]).write_bytes(np.asarray(self._starts, "<u8").tobytes())
-        self.shards.append(dict(tokens_file=self._names[0], docs_file=self._names[1], tokens=self._tokens,
-                                documents=len(self._starts)))
+        if self.masks:
+            self._mask_file.close()
+        (self.tokens_dir / self._names["docs_file"]).write_bytes(np.asarray(self._starts, "<u8").tobytes())
+        self.shards.append(dict(self._names, tokens=self._tokens, documents=len(self._starts)))
 
     def finish(self) -> dict:
         if self._file is not None:
@@ -226,12 +244,84 @@ def run(tokenizer, inputs, tokens_dir, dataset_config=None) -> dict:
     return {**index, "seconds": round(progress.seconds, 2), "mb_per_s": round(progress.mb_per_s, 2)}
 
 
-def _clear(tokens_dir: pathlib.Path):
-    """Removes a previous run's index first (so a half-written directory never looks complete), then its shards."""
+def write_conversations(tokenizer, splits: dict, tokens_dir, seq_len: int,
+                        shard_tokens: int = DEFAULTS["shard_tokens"]) -> dict:
+    """Renders each split's conversations (name -> Conversations or message lists, in order) with
+    chat.render_conversation into token + loss-mask shards in tokens_dir; returns the index (written last).
+
+    seq_len is the length of the rows lm.data.pipeline cuts them into (seq_len + 1 ids): a longer conversation is
+    kept whole in the shards and counted as truncated; one with no supervised target inside the row would teach
+    nothing, so it is dropped and counted (first ones listed with file:line). A conversation that is not valid is an
+    error naming it (chat.ConversationError)."""
+    tokens_dir = pathlib.Path(tokens_dir)
+    dtype, pad = token_dtype(tokenizer.n_vocab), chat.pad_id(tokenizer)
+    _clear(tokens_dir, splits)
+    progress = lm_progress.Progress("tokenize conversations", unit="conversations")
+    written, stats = {}, {}
+    for split, items in splits.items():
+        writer = ShardWriter(tokens_dir, split, shard_tokens, masks=True)
+        counts = _ConversationCounts(seq_len, pad)
+        for n, item in enumerate(items):
+            messages, where = ((item.messages, item.where) if isinstance(item, lm_conversations.Conversation)
+                               else (item, f"{split} conversation {n}"))
+            ids, mask = chat.render_conversation(tokenizer, messages, where=where)
+            if counts.add(ids, mask, where):
+                writer.add(np.asarray(ids, dtype), np.asarray(mask, np.uint8))
+            progress.advance()
+        written[split], stats[split] = writer.finish(), counts.to_dict()
+    progress.close()
+    index = {"format": FORMAT, "dtype": dtype.name, "loss_mask": True, "pad_id": pad, "seq_len": seq_len,
+             "tokenizer": _tokenizer_info(tokenizer), "splits": written, "conversations": stats}
+    _write_json(tokens_dir / INDEX_FILE, index)
+    return index
+
+
+class _ConversationCounts:
+    """What write_conversations did with one split's conversations, as rows of seq_len + 1 ids will see them."""
+    MAX_EXAMPLES = 20
+
+    def __init__(self, seq_len: int, pad_id: int):
+        self.seq_len, self.pad_id = seq_len, pad_id
+        self.counts = dict.fromkeys(("conversations", "truncated", "dropped_no_supervised_token", "tokens",
+                                     "supervised_tokens", "supervised_tokens_before_cut"), 0)
+        self.dropped = []
+
+    def add(self, ids, mask, where: str) -> bool:
+        """Counts one rendered conversation; False when it is dropped (no supervised target in its row)."""
+        row = self.seq_len + 1
+        supervised = sum(mask[1:row])            # the loss of target t is the mask of token t + 1
+        self.counts["conversations"] += 1
+        self.counts["supervised_tokens_before_cut"] += sum(mask[1:])
+        self.counts["truncated"] += len(ids) > row
+        if not supervised:
+            self.counts["dropped_no_supervised_token"] += 1
+            if len(self.dropped) < self.MAX_EXAMPLES:
+                self.dropped.append(where)
+            return False
+        self.counts["tokens"] += min(len(ids), row)
+        self.counts["supervised_tokens"] += supervised
+        return True
+
+    def to_dict(self) -> dict:
+        rows = self.counts["conversations"] - self.counts["dropped_no_supervised_token"]
+        padding = round(1 - self.counts["tokens"] / (rows * (self.seq_len + 1)), 4) if rows else 0.0
+        return dict(self.counts, rows=rows, seq_len=self.seq_len, pad_id=self.pad_id, padding_fraction=padding,
+                    dropped=self.dropped)
+
+
+def _clear(tokens_dir: pathlib.Path, splits=SPLITS):
+    """Removes a previous run's index first (so a half-written directory never looks complete), then its shards:
+    those of `splits` and of every split the old index names."""
     tokens_dir.mkdir(parents=True, exist_ok=True)
+    old = set()
+    try:
+        old = set(json.loads((tokens_dir / INDEX_FILE).read_text()).get("splits", ()))
+    except (OSError, ValueError, AttributeError):   # no index, or not ours: nothing more to remove
+        pass
     (tokens_dir / INDEX_FILE).unlink(missing_ok=True)
-    for split in SPLITS:
-        shutil.rmtree(tokens_dir / split, ignore_errors=True)
+    for split in set(splits) | old:
+        if split and "/" not in split and split not in (".", ".."):
+            shutil.rmtree(tokens_dir / split, ignore_errors=True)
 
 
 def _index(tokenizer, dtype, cfg, splits: Splits, stats: readers.ReadStats, per_source) -> dict:
@@ -240,8 +330,7 @@ def _index(tokenizer, dtype, cfg, splits: Splits, stats: readers.ReadStats, per_
     return {
         "format": FORMAT,
         "dtype": dtype.name,
-        "tokenizer": dict(name=tokenizer.name, hash=tokenizer.hash, n_vocab=tokenizer.n_vocab,
-                          eot_id=tokenizer.eot_id),
+        "tokenizer": _tokenizer_info(tokenizer),
         "split": dict(val_fraction=cfg["val_fraction"], rule=SPLIT_RULE, moved=splits.moved,
                       val_usable=written["val"]["documents"] > 0),
         "splits": written,
@@ -253,6 +342,10 @@ def _index(tokenizer, dtype, cfg, splits: Splits, stats: readers.ReadStats, per_
         "rejected": stats.dropped_examples,
         "utf8_replaced": stats.replaced_examples,
     }
+
+
+def _tokenizer_info(tokenizer) -> dict:
+    return dict(name=tokenizer.name, hash=tokenizer.hash, n_vocab=tokenizer.n_vocab, eot_id=tokenizer.eot_id)
 
 
 def _write_json(path: pathlib.Path, value) -> None:

@@ -6,8 +6,10 @@ loop (only the batches and the evaluations are SFT's own).
 
 W is the pipeline workdir. The run starts from the pretrained checkpoint `config.sft.init_from` (a run or checkpoints
 directory; "" is W itself) at `config.sft.init_step` (0: its latest) and writes its own run directory W/sft/:
-checkpoints/, metrics.jsonl, tb/, data/ (the tokenized rows: a resumed run reads the very rows the first one wrote,
-see lm.data.conversations), eval_before.json (the starting model's evaluation) and sft_report.json.
+checkpoints/, metrics.jsonl, tb/, data/ (the conversations as token + loss-mask shards, lm.data.tokenize: a "train"
+split and one held-out split per source, read one conversation per row by lm.data.pipeline's `document` packing; a
+resumed run reads the very shards the first one wrote), eval_before.json (the starting model's evaluation) and
+sft_report.json.
 
 Data, `config.sft.tasks` (name -> {"n": training conversations, the task's constructor arguments}): the synthetic
 tasks of lm.eval.tasks, their "train" split for training and their held-out "test" split for evaluation, so the
@@ -25,13 +27,13 @@ Objective.evals, logged as "heldout/<task>_exact_match" and "heldout/<task>_ende
 """
 import functools
 import hashlib
-import itertools
 import json
 import pathlib
+import shutil
 import time
+from typing import NamedTuple
 
 import jax
-import numpy as np
 from absl import logging
 from flax import nnx
 
@@ -40,7 +42,7 @@ from lm import config as lm_config
 from lm import mesh as lm_mesh
 from lm import model as lm_model
 from lm import tokenizer as lm_tokenizer
-from lm.data import conversations
+from lm.data import conversations, pipeline, tokenize
 from lm.eval import tasks as lm_tasks
 from lm.sample import Sampling
 from lm.tokenizer import chat
@@ -80,10 +82,10 @@ def _held_out(messages, fraction: float) -> bool:
     return int.from_bytes(digest, "big") < fraction * 2.0 ** 64
 
 
-def build_data(config, tokenizer, task_set: dict) -> tuple[dict, dict]:
-    """({"train": SFTRows, <source>: held-out SFTRows, ...}, stats): the tasks' train and test splits and the
-    files of config.sft.inputs, tokenized into rows of train.seq_len + 1 ids."""
-    sft, seq_len = config.sft, config.train.seq_len
+def build_data(config, task_set: dict) -> tuple[dict, dict]:
+    """({"train": [Conversation], <source>: [held-out Conversation], ...}, stats): the tasks' train and test
+    splits and the files of config.sft.inputs."""
+    sft = config.sft
     train, held, stats = [], {}, {"sources": {}}
     for name, task in task_set.items():
         n = int(sft.tasks[name]["n"])
@@ -101,11 +103,7 @@ def build_data(config, tokenizer, task_set: dict) -> tuple[dict, dict]:
         stats["files"] = read.to_dict()
         if not held[FILES]:
             del held[FILES]
-    rows = {"train": conversations.tokenize_conversations(tokenizer, train, seq_len)}
-    for name, convs in held.items():
-        rows[name] = conversations.tokenize_conversations(tokenizer, convs, seq_len)
-    stats["rows"] = {name: r.stats for name, r in rows.items()}
-    return rows, stats
+    return {"train": train, **held}, stats
 
 
 DATA_KEYS = ("tasks", "inputs", "held_out_fraction", "eval_examples", "eval_seed")   # of config.sft
@@ -119,28 +117,37 @@ def data_fingerprint(config, tokenizer) -> str:
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def prepare_data(config, tokenizer, task_set: dict, run_dir: pathlib.Path) -> tuple[dict, dict]:
-    """The rows of this run: read from run_dir/data/ when written before with the same fingerprint, else built and
-    written there. A run that has checkpoints but other rows (the data config changed) is an error."""
+class SFTData(NamedTuple):
+    """The tokenized conversations of a run: shards in `directory` (lm.data.tokenize.write_conversations, a "train"
+    split and one held-out split per source) and `info`, its data.json (sources, counts, fingerprint)."""
+    directory: pathlib.Path
+    info: dict
+
+
+def prepare_data(config, tokenizer, task_set: dict, run_dir: pathlib.Path) -> SFTData:
+    """This run's data: the shards in run_dir/data/ when written before with the same fingerprint, else built and
+    written there. A run that has checkpoints but other data (the data config changed) is an error."""
     data_dir = run_dir / "data"
     fingerprint = data_fingerprint(config, tokenizer)
     info_path = data_dir / "data.json"
     if info_path.exists():
         info = json.loads(info_path.read_text())
-        if info["fingerprint"] == fingerprint:
-            logging.info("sft rows from %s", data_dir)
-            return {name: conversations.load_rows(data_dir / f"{name}.npz") for name in info["row_sets"]}, info
-        if _has_checkpoints(run_dir):
-            raise ValueError(f"{info_path}: the rows were built from another data config (fingerprint "
+        if info["fingerprint"] == fingerprint and (data_dir / tokenize.INDEX_FILE).exists():
+            logging.info("sft data from %s", data_dir)
+            return SFTData(data_dir, info)
+        if info["fingerprint"] != fingerprint and _has_checkpoints(run_dir):
+            raise ValueError(f"{info_path}: the data was built from another data config (fingerprint "
                              f"{info['fingerprint']}, now {fingerprint}) and {run_dir} has checkpoints trained on "
-                             f"them: use a new workdir, or delete {run_dir} to start SFT over")
-    rows, stats = build_data(config, tokenizer, task_set)
-    for name, r in rows.items():
-        conversations.save_rows(r, data_dir / f"{name}.npz")
-    info = dict(stats, fingerprint=fingerprint, row_sets=list(rows))
-    info_path.write_text(json.dumps(info, indent=1, default=str))   # last: rows without data.json are rebuilt
-    logging.info("sft rows: %s", {name: len(r) for name, r in rows.items()})
-    return rows, info
+                             f"it: use a new workdir, or delete {run_dir} to start SFT over")
+        if info["fingerprint"] == fingerprint:
+            logging.warning("%s: no shards (rows of an older layout?): rebuilding them from the same config", data_dir)
+    shutil.rmtree(data_dir, ignore_errors=True)   # the directory is this stage's alone
+    splits, stats = build_data(config, task_set)
+    index = tokenize.write_conversations(tokenizer, splits, data_dir, config.train.seq_len)
+    info = dict(stats, fingerprint=fingerprint, splits=list(splits), rows=index["conversations"])
+    info_path.write_text(json.dumps(info, indent=1, default=str))   # last: shards without data.json are rebuilt
+    logging.info("sft data: %s", {name: rows["rows"] for name, rows in info["rows"].items()})
+    return SFTData(data_dir, info)
 
 
 def _has_checkpoints(run_dir) -> bool:
@@ -150,12 +157,17 @@ def _has_checkpoints(run_dir) -> bool:
         return False
 
 
-def _all_held_out(rows: dict) -> conversations.SFTRows:
-    """Every held-out row (each source's, in source order) as one set."""
-    sets = [r for name, r in rows.items() if name != "train"]
-    return conversations.SFTRows(np.concatenate([r.ids for r in sets]), np.concatenate([r.loss_mask for r in sets]),
-                                 np.concatenate([r.lengths for r in sets]), sum((r.where for r in sets), []),
-                                 sets[0].stats)
+def held_out_splits(info: dict) -> list:
+    """The held-out splits of data.json that hold a conversation, in source order."""
+    return [name for name in info["splits"] if name != "train" and info["rows"][name]["rows"]]
+
+
+def held_out_batches(data_dir, names, config):
+    """This process's rows of the held-out batches of the splits `names`, one after the other: each conversation
+    once, one per row (lm.data.pipeline's document packing, padded with <|pad|>, loss 0 off the assistant)."""
+    for name in names:
+        yield from pipeline.val_batches(data_dir, config.train.seq_len, config.train.batch_size, packing="document",
+                                        split=name)
 
 
 # --- evaluation ----------------------------------------------------------------------------------------------------
@@ -165,14 +177,15 @@ def _loss_sums(graphdef, params, batch, chunk: int):
     return losses.lm_loss(nnx.merge(graphdef, params), batch, chunk=chunk)
 
 
-def held_out_loss(model, rows: dict, config, mesh) -> dict:
-    """Mean assistant-token loss (nats/token) of each held-out source and of all of them ("all")."""
+def held_out_loss(model, data: SFTData, config, mesh) -> dict:
+    """Mean assistant-token loss (nats/token) of each held-out source and of all of them ("all"); None for a source
+    whose conversations were all dropped."""
     graphdef, state = nnx.split(model)
     chunk = int(config.train.get("loss_chunk", 0) or 0)
+    held = held_out_splits(data.info)
     out = {}
-    pindex, pcount = jax.process_index(), jax.process_count()
-    for name, r in [("all", _all_held_out(rows))] + [(n, r) for n, r in rows.items() if n != "train"]:
-        batches = conversations.eval_batches(r, config.train.batch_size, pindex, pcount)
+    for name, names in [("all", held)] + [(n, [n]) for n in data.info["splits"] if n != "train"]:
+        batches = held_out_batches(data.directory, [n for n in names if n in held], config)
         out[name] = loop.evaluate(functools.partial(_loss_sums, graphdef, chunk=chunk), state, batches,
                                   mesh).get("val_loss")
     return out
@@ -202,13 +215,13 @@ def pass_at_k(model, tokenizer, task_set: dict, sft_config) -> dict:
     return out
 
 
-def evaluate_model(model, tokenizer, rows: dict, task_set: dict, config, mesh) -> dict:
+def evaluate_model(model, tokenizer, data: SFTData, task_set: dict, config, mesh) -> dict:
     """Everything the report shows of one model: held-out loss, per-task greedy scores with rendered answers,
     pass@k."""
     sft = config.sft
     tick = time.perf_counter()
     with jax.set_mesh(mesh):
-        result = dict(assistant_loss=held_out_loss(model, rows, config, mesh),
+        result = dict(assistant_loss=held_out_loss(model, data, config, mesh),
                       tasks=task_scores(model, tokenizer, task_set, sft, int(sft.eval_examples), int(sft.shown)),
                       pass_at_k=pass_at_k(model, tokenizer, task_set, sft))
     result["seconds"] = round(time.perf_counter() - tick, 1)
@@ -225,23 +238,23 @@ def _training_evals(tokenizer, task_set: dict, sft_config) -> dict:
 
 # --- the objective and the run -------------------------------------------------------------------------------------
 
-def objective(config, rows: dict, tokenizer, tokenizer_dir, task_set: dict, init_from) -> loop.Objective:
-    """The SFT Objective: the pretraining loss on loss_mask (assistant tokens) over the rows, Feistel order."""
+def objective(config, data: SFTData, tokenizer, tokenizer_dir, task_set: dict, init_from) -> loop.Objective:
+    """The SFT Objective: the pretraining loss on loss_mask (assistant tokens) over the conversation shards, one
+    conversation per row in the pipeline's Feistel order (`document` packing)."""
     train = config.train
-    pindex, pcount = jax.process_index(), jax.process_count()
-    held = _all_held_out(rows) if len(rows) > 1 else None
+    held = held_out_splits(data.info)
 
     def train_batches(start_step):
-        for step in itertools.count(start_step):
-            yield conversations.sft_batch(rows["train"], step, train.batch_size, config.seed, pindex, pcount)
+        return pipeline.train_batches(data.directory, train.seq_len, train.batch_size, config.seed, start_step=start_step,
+                                      packing="document")
 
     def eval_batches():
-        return conversations.eval_batches(held, train.batch_size, pindex, pcount)
+        return held_out_batches(data.directory, held, config)
 
     return loop.Objective(
         loss=losses.make_lm_loss(train),
         train_batches=train_batches,
-        eval_batches=eval_batches if held is not None else None,
+        eval_batches=eval_batches if held else None,
         make_model=lambda: lm_model.Transformer(config.model, rngs=nnx.Rngs(config.seed)),
         flops_per_token=lm_model.flops_per_token(config.model, train.seq_len),
         evals=_training_evals(tokenizer, task_set, config.sft),
@@ -253,7 +266,7 @@ def objective(config, rows: dict, tokenizer, tokenizer_dir, task_set: dict, init
     )
 
 
-def _before(path: pathlib.Path, init_from, config, tokenizer, rows, task_set, mesh) -> dict:
+def _before(path: pathlib.Path, init_from, config, tokenizer, data, task_set, mesh) -> dict:
     """The starting model's evaluation (computed once; a resumed run reads it back)."""
     if path.exists():
         return json.loads(path.read_text())
@@ -263,7 +276,7 @@ def _before(path: pathlib.Path, init_from, config, tokenizer, rows, task_set, me
     if meta.get("tokenizer_hash") and meta["tokenizer_hash"] != tokenizer.hash:
         raise ValueError(f"{directory}: the pretrained model was trained with tokenizer {meta['tokenizer_hash']}, "
                          f"not {tokenizer.hash} ({meta.get('tokenizer_dir')})")
-    result = dict(evaluate_model(model, tokenizer, rows, task_set, config, mesh),
+    result = dict(evaluate_model(model, tokenizer, data, task_set, config, mesh),
                   checkpoint=f"{directory}/{meta['step']}", objective=meta.get("objective"))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
@@ -299,15 +312,19 @@ def run(config, workdir, stop_after: int | None = None) -> dict:
     for name in config.sft.pass_k_tasks:
         if name not in task_set:
             raise lm_config.ConfigError(f"config.sft.pass_k_tasks: {name!r} is not in config.sft.tasks")
-    rows, data_info = prepare_data(config, tokenizer, task_set, run_dir)
+    data = prepare_data(config, tokenizer, task_set, run_dir)
+    data_info = data.info
+    if not data_info["rows"]["train"]["rows"]:
+        raise ValueError(f"{run_dir / 'data' / 'data.json'}: no training conversation (every one was dropped: "
+                         f"{data_info['rows']['train']})")
     mesh = lm_mesh.make_mesh(config.mesh)
-    before = _before(run_dir / BEFORE, init_from, config, tokenizer, rows, task_set, mesh)
-    summary = loop.train(config, run_dir, objective(config, rows, tokenizer, tokenizer_dir, task_set, init_from),
+    before = _before(run_dir / BEFORE, init_from, config, tokenizer, data, task_set, mesh)
+    summary = loop.train(config, run_dir, objective(config, data, tokenizer, tokenizer_dir, task_set, init_from),
                          stop_after=stop_after)
     if summary["steps"] < config.train.steps:
         return summary   # stopped early (stop_after, or the batches ended): no report for an unfinished run
     model, _, meta = lm_checkpoint.load_model(run_dir, mesh=mesh)
-    after = dict(evaluate_model(model, tokenizer, rows, task_set, config, mesh),
+    after = dict(evaluate_model(model, tokenizer, data, task_set, config, mesh),
                  checkpoint=f"{lm_checkpoint.checkpoint_dir(run_dir)}/{meta['step']}")
     report = dict(
         headline=headline(before, after), before=before, after=after, train=summary,
