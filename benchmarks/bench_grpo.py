@@ -8,17 +8,25 @@ run and exported through lm.model.hf for transformers, with our tokenizer's HF t
 start from the same weights and see the same prompt ids (arithmetic prompts in our chat template). Each step: P
 prompts x G samples of up to `new_tokens` tokens (TRL: exactly that, min_new_tokens and no eos; ours stops only at
 <|assistant_end|>, which a random model rarely produces; the generated-token count of each side is reported, so
-tokens/s compare even where a row stops early), then one optimizer update (beta 0, one iteration per rollout, AdamW, float32).
+tokens/s compare even where a row stops early), then one optimizer update (beta 0, one iteration per rollout, AdamW,
+float32).
 TRL 1.16 runs offline on CPU with use_vllm=False, bf16=False, no gradient checkpointing, disable_dropout=True;
 its per_device_train_batch_size counts completions (P x G). Each side runs in its own process pinned to `threads`
 cores (sched_setaffinity; torch.set_num_threads / XLA's CPU thread pool follow it). The first step (compilation,
-warm-up) is reported apart; the median of the others is the step time. TRL lives in its own venv, never in ours.
-Writes benchmarks/results/grpo_bench.json.
+warm-up) is reported apart; the median of the others is the step time; each side's faster thread count is compared
+with the other's too. TRL lives in its own venv, never in ours.
+
+The foreign CPU load during each side's run (busy CPU time from /proc/stat minus that side's own, over its wall time)
+is recorded as in bench_train.py; above --max_foreign_load cores the run is CONTENDED: the figures are printed, marked,
+and --out (benchmarks/results/grpo_bench.json) is not written (exit code 3). A smoke run at tiny size:
+
+    python benchmarks/bench_grpo.py --threads=1 --prompts=2 --group=4 --new_tokens=8 --steps=3 --out=/tmp/g.json
 """
 import argparse
 import json
 import os
 import pathlib
+import resource
 import statistics
 import subprocess
 import sys
@@ -33,30 +41,33 @@ VOCAB = 2048
 def prepare(directory: pathlib.Path, prompts: int) -> dict:
     """Tokenizer, the random tiny model as a run (W/sft) and in HF format (W/hf), and the prompt texts."""
     import pydoc_data.topics
-    from flax import nnx
 
-    from lm import checkpoint, config as lm_config
-    from lm.eval import tasks
-    from lm.model import Transformer
+    from lm import config as lm_config
+    from lm.eval import tasks, tiny_runs
     from lm.model import hf
     from lm.tokenizer import chat
-    from lm.tokenizer import train as tokenizer_train
 
-    texts = list(pydoc_data.topics.topics.values())[:80]
-    texts += [e.prompt[0]["content"] + " " + e.thinking for e in tasks.Arithmetic().examples("train", 200)]
-    tok = tokenizer_train.train(texts, VOCAB, directory / "tokenizer")
+    docs = list(pydoc_data.topics.topics.values())[:80]
+    tok = tiny_runs.arithmetic_tokenizer(VOCAB, directory / "tokenizer", extra_texts=docs, problems=200)
     config = lm_config.load("configs/tiny.py", {"model.vocab_size": tok.n_vocab})
-    model = Transformer(config.model, rngs=nnx.Rngs(0))
-    _, params, _ = nnx.split(model, nnx.Param, ...)
-    ck = checkpoint.Checkpoints(checkpoint.checkpoint_dir(directory / "sft"))
-    ck.save(1, {"params": params}, {"config": config.to_dict(), "tokenizer_hash": tok.hash, "objective": "sft"})
-    ck.close()
+    model = tiny_runs.random_run(directory / "sft", config, tok)
     hf.export_hf(model, config.model, directory / "hf", bos_token_id=tok.eot_id, eos_token_id=tok.eot_id,
                  pad_token_id=chat.pad_id(tok))
     examples = tasks.Arithmetic().examples("train", prompts, seed=0)
     prompt_texts = [tok.decode(chat.render_for_completion(tok, e.prompt)) for e in examples]
     return dict(tokenizer_json=str(directory / "tokenizer" / "tokenizer.json"), prompts=prompt_texts,
                 pad=chat.pad_id(tok), eot=tok.eot_id)
+
+
+def busy_cpu_seconds() -> float:
+    """The machine's busy CPU seconds so far (all cores), from /proc/stat (as benchmarks/bench_train.py)."""
+    fields = list(map(int, open("/proc/stat").readline().split()[1:9]))
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def pin(threads: int) -> None:
@@ -67,17 +78,8 @@ def pin(threads: int) -> None:
 
 def run_ours(directory: pathlib.Path, args) -> dict:
     from lm import checkpoint, config as lm_config
-    from lm.eval import tasks
+    from lm.eval import tiny_runs
     from lm.train import grpo, loop
-
-    class HasDigit(tasks.Task):
-        name = "has_digit"
-
-        def examples(self, split, n=None, seed=0):
-            return tasks.Arithmetic().examples(split, n, seed)
-
-        def reward(self, answer_text, reference):
-            return float(any(c.isdigit() for c in answer_text))
 
     overrides = {"grpo.prompts": args.prompts, "grpo.group_size": args.group, "grpo.max_new_tokens": args.new_tokens,
                  "grpo.prompt_len": 32, "grpo.minibatches": 1, "grpo.eval_problems": 0, "grpo.train_problems": 256,
@@ -88,7 +90,7 @@ def run_ours(directory: pathlib.Path, args) -> dict:
     _, tok, init_config, init_meta = checkpoint.load_run(init)
     config = grpo.with_init_model(config, init_config)
     grpo.check_config(config)
-    objective = grpo.objective(config, directory, tok, HasDigit(), {}, init)
+    objective = grpo.objective(config, directory, tok, tiny_runs.HasDigit(), {}, init)
     times, tokens = [], []
     run_dir = directory / f"ours_{args.threads}"
     with loop.Trainer(config, run_dir, objective) as trainer:
@@ -176,6 +178,8 @@ def main():
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--dir", default="/tmp/bench_grpo")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "grpo_bench.json"))
+    parser.add_argument("--max_foreign_load", type=float, default=0.1,
+                        help="foreign busy cores above which the run is contended (and --out not written)")
     parser.add_argument("--side", choices=("ours", "trl"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
@@ -194,21 +198,36 @@ def main():
             env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="",
                        HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                        OMP_NUM_THREADS=str(threads), XLA_FLAGS="")
+            busy, own, wall = busy_cpu_seconds(), children_cpu_seconds(), time.perf_counter()
             out = subprocess.run([python, __file__, f"--side={side}", f"--threads={threads}", *common], cwd=REPO,
                                  env=env, capture_output=True, text=True)
+            wall = time.perf_counter() - wall
+            foreign = max(0.0, busy_cpu_seconds() - busy - (children_cpu_seconds() - own)) / wall
             line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
             if out.returncode or not line:
                 raise SystemExit(f"{side} with {threads} threads failed:\n{out.stderr[-4000:]}")
-            results[f"{side}_{threads}"] = summarise(json.loads(line[-1][len("RESULT "):]))
+            results[f"{side}_{threads}"] = dict(summarise(json.loads(line[-1][len("RESULT "):])),
+                                                foreign_load_cores=round(foreign, 3), wall_s=round(wall, 1))
             print(side, threads, {k: v for k, v in results[f"{side}_{threads}"].items() if k != "times"}, flush=True)
-    for threads in args.threads.split(","):
-        ours, trl = results[f"ours_{threads}"], results[f"trl_{threads}"]
-        results[f"trl_over_ours_step_time_{threads}"] = trl["median_step_s"] / ours["median_step_s"]
+    step = {name: r["median_step_s"] for name, r in results.items()}
+    ratios = {f"trl_over_ours_step_time_{t}": step[f"trl_{t}"] / step[f"ours_{t}"] for t in args.threads.split(",")}
+    best = {side: min(v for name, v in step.items() if name.startswith(side + "_")) for side in ("ours", "trl")}
+    ratios["trl_best_over_ours_best_step_time"] = best["trl"] / best["ours"]   # each at its faster thread count
+    foreign = max(r["foreign_load_cores"] for r in results.values())
+    verdict = "CONTENDED" if foreign > args.max_foreign_load else "OK"
     result = dict(prompts=args.prompts, group=args.group, new_tokens=args.new_tokens, steps=args.steps,
-                  load_average=list(os.getloadavg()), cpu_count=os.cpu_count(), results=results)
+                  verdict=verdict, foreign_load_cores=foreign, max_foreign_load=args.max_foreign_load,
+                  quiet_run=os.environ.get("QUIET_RUN") == "1", load_average=list(os.getloadavg()),
+                  cpu_count=os.cpu_count(), ratios=ratios, results=results)
+    print(json.dumps(ratios, indent=1))
+    if verdict == "CONTENDED":
+        print(json.dumps(result))
+        print(f"CONTENDED: foreign load {foreign} cores (limit {args.max_foreign_load}): {args.out} not written; "
+              "these figures are not a result", file=sys.stderr)
+        sys.exit(3)
     pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({k: v for k, v in results.items() if k.startswith("trl_over")}, indent=1))
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""<workdir>/report.md: what each stage of lm.main did, in numbers, with the loss plot and samples.
+"""<workdir>/report.md: what each stage of lm.main did, in numbers, with the plots and samples (the GRPO pass@k
+curve is drawn here, from grpo_report.json, into <workdir>/grpo/pass_at_k.png).
 
 It sits with lm.main (the top of the imports): it renders every stage's results, so it may import any of them.
 """
@@ -8,13 +9,19 @@ import pathlib
 import re
 
 
+# The report file a post-training stage writes into its run directory; the other stages' results are their report.
+STAGE_REPORTS = {name: f"{name}/{name}_report.json" for name in ("sft", "reward", "dpo", "ppo", "hacking", "grpo")}
+
+
 def render(workdir: pathlib.Path, results: dict) -> str:
+    workdir = pathlib.Path(workdir)
+    reports = {name: _stage_report(workdir, name) or result for name, result in results.items()}  # each read once
     lines = [f"# lm report: `{workdir}`", ""]
     lines += ["| stage | seconds | headline |", "|---|---|---|"]
-    lines += [f"| {name} | {r.get('seconds', '')} | {_headline(workdir, name, r)} |" for name, r in results.items()]
-    for name, result in results.items():
+    lines += [f"| {name} | {r.get('seconds', '')} | {_headline(name, reports[name])} |" for name, r in results.items()]
+    for name in results:
         lines += ["", f"## {name}", ""]
-        lines += _RENDERERS.get(name, _scalars)(workdir, result)
+        lines += _RENDERERS.get(name, _scalars)(workdir, reports[name])
     return "\n".join(lines) + "\n"
 
 
@@ -44,29 +51,26 @@ def render_html(workdir: pathlib.Path, markdown_text: str) -> str:
     return HTML_PAGE.format(body=re.sub(r'(<img[^>]* src=")([^"]+)"', inline, body))
 
 
-def _headline(workdir, name: str, result: dict) -> str:
-    """One number per stage for the summary table (from the files the stages wrote)."""
+def _headline(name: str, report: dict) -> str:
+    """One number per stage for the summary table, from the stage's report (see `render`)."""
     def pair(before, after, fmt="{:.3g}"):
         return f"{fmt.format(before)} → {fmt.format(after)}" if before is not None and after is not None else ""
     try:
         if name == "filter":
-            return f"{result['documents_kept']} of {result['documents_in']} documents kept"
+            return f"{report['documents_kept']} of {report['documents_in']} documents kept"
         if name == "tokenizer":
-            return f"{result['n_vocab']} tokens"
+            return f"{report['n_vocab']} tokens"
         if name == "pretrain":
-            return f"val loss {result['val_loss']:.3f} (unigram {result['unigram_val_loss']:.3f})"
+            return f"val loss {report['val_loss']:.3f} (unigram {report['unigram_val_loss']:.3f})"
         if name == "sft":
-            loss = _stage_report(workdir, "sft", "sft_report.json")["headline"]["assistant_loss"]
+            loss = report["headline"]["assistant_loss"]
             return f"held-out assistant loss {pair(*loss)}"
         if name in ("reward", "dpo"):
-            report = _stage_report(workdir, name, f"{name}_report.json")
             key = "accuracy" if name == "reward" else "reward_accuracy"
             return f"held-out pair accuracy {pair(report['held_out_before'][key], report['held_out'][key])}"
         if name == "ppo":
-            report = _stage_report(workdir, "ppo", "ppo_report.json")
             return f"reward-model score {pair(report['first']['score'], report['last']['score'])}"
         if name == "grpo":
-            report = _stage_report(workdir, "grpo", "grpo_report.json")
             return f"greedy pass@1 {pair(report['before']['greedy_pass@1'], report['after']['greedy_pass@1'])}"
     except (KeyError, TypeError):
         return ""
@@ -110,10 +114,10 @@ def _sample(workdir, result) -> list:
     return eval_report.markdown(result)
 
 
-def _stage_report(workdir, run_dir: str, name: str) -> dict:
-    """A post-training stage's own report file (<workdir>/<run_dir>/<name>), {} when it is not there."""
-    path = pathlib.Path(workdir) / run_dir / name
-    return json.loads(path.read_text()) if path.exists() else {}
+def _stage_report(workdir: pathlib.Path, name: str) -> dict:
+    """A post-training stage's own report file (STAGE_REPORTS), {} when it is not there or the stage has none."""
+    path = workdir / STAGE_REPORTS[name] if name in STAGE_REPORTS else None
+    return json.loads(path.read_text()) if path and path.exists() else {}
 
 
 def _table(rows: list[tuple], header: tuple) -> list:
@@ -126,8 +130,7 @@ def _before_after(before: dict, after: dict, keys) -> list:
                    if key in (before or {}) or key in (after or {})], ("metric", "before", "after"))
 
 
-def _sft(workdir, result) -> list:
-    report = _stage_report(workdir, "sft", "sft_report.json")
+def _sft(workdir, report) -> list:
     lines = [f"Supervised fine-tuning from the pretrained model, {report.get('train', {}).get('steps')} steps; "
              "held-out conversations (exact match is greedy; `ended`: the answer ends with <|assistant_end|>):"]
     rows = [(name, before, after) for name, (before, after) in (report.get("headline") or {}).items()]
@@ -141,22 +144,19 @@ def _sft(workdir, result) -> list:
     return lines
 
 
-def _reward(workdir, result) -> list:
-    report = _stage_report(workdir, "reward", "reward_report.json") or result
+def _reward(workdir, report) -> list:
     lines = [f"Bradley-Terry reward model (scalar head on the SFT trunk), {report.get('steps')} steps."]
     return lines + [""] + _before_after(report.get("held_out_before"), report.get("held_out"), ("accuracy", "margin"))
 
 
-def _dpo(workdir, result) -> list:
-    report = _stage_report(workdir, "dpo", "dpo_report.json") or result
+def _dpo(workdir, report) -> list:
     lines = [f"DPO from the SFT model (frozen reference), beta {report.get('beta')}, {report.get('steps')} steps; "
              "held-out preference pairs:"]
     return lines + [""] + _before_after(report.get("held_out_before"), report.get("held_out"),
                                         ("reward_accuracy", "reward_margin"))
 
 
-def _ppo(workdir, result) -> list:
-    report = _stage_report(workdir, "ppo", "ppo_report.json") or result
+def _ppo(workdir, report) -> list:
     first, last = report.get("first") or {}, report.get("last") or {}
     keys = ("score", "kl", "kl_k3", "response_length", "end_rate", "value_explained_variance", "logprob_diff")
     lines = ["PPO against the reward model with a KL penalty to the SFT reference: first and last rollout."]
@@ -170,8 +170,7 @@ def _ppo(workdir, result) -> list:
     return lines
 
 
-def _hacking(workdir, result) -> list:
-    report = _stage_report(workdir, "hacking", "hacking_report.json") or result
+def _hacking(workdir, report) -> list:
     lines = ["Reward hacking, measured: PPO against proxy reward models trained on gold-labelled pairs; proxy and "
              "gold reward against sqrt(KL), best-of-n against the same proxy as the comparison curve."]
     lines += [""] + [f"- {line}" for line in (report.get("summary") or {}).values()]
@@ -180,24 +179,67 @@ def _hacking(workdir, result) -> list:
     return lines
 
 
-def _grpo(workdir, result) -> list:
-    report = _stage_report(workdir, "grpo", "grpo_report.json") or result
+GRPO_PLOT = "grpo/pass_at_k.png"
+
+
+def _grpo(workdir, report) -> list:
+    before, after = report.get("before") or {}, report.get("after") or {}
     lines = [f"GRPO on `{report.get('task')}` ({report.get('task_kwargs')}), {report.get('steps')} steps; held-out "
              "problems, greedy pass@1 and sampled pass@k:"]
-    lines += [""] + _before_after(report.get("before"), report.get("after"),
-                                  ("greedy_pass@1", "pass@1", "pass@8", "reward", "format", "ended"))
-    curve = report.get("curve") or []
-    if len(curve) > 1:
-        keys = [k for k in ("greedy_pass@1", "pass@1", "pass@8") if k in curve[0]]
-        lines += ["", "Over training:", ""] + _table([(c["step"], *(c.get(k) for k in keys)) for c in curve],
-                                                   ("step", *keys))
-    shown = report.get("after_shown") or []
+    keys = ("greedy_pass@1", *_pass_at_k_keys({**before, **after}), "reward", "format", "ended")
+    lines += [""] + _before_after(before, after, keys)
+    series = pass_at_k_series(report.get("curve") or [])
+    if any(len(points) > 1 for points in series.values()):
+        plot_pass_at_k(series, workdir / GRPO_PLOT)
+        lines += ["", f"![greedy pass@1 and sampled pass@k over GRPO steps]({GRPO_PLOT})"]
+    shown, when = report.get("after_shown"), "after GRPO"
+    if not shown:
+        shown, when = report.get("before_shown"), "before GRPO"
     if shown:
-        one = shown[0]
-        lines += ["", "One completion after GRPO:", "", "```", f"prompt:   {one.get('prompt')}",
-                  f"thinking: {one.get('thinking')}", f"answer:   {one.get('answer')}   (reward {one.get('reward')}, "
-                  f"reference {one.get('reference')})", "```"]
+        one = next((s for s in shown if s.get("thinking")), shown[0])   # one that thought, when one did
+        lines += ["", f"One held-out completion {when}, its thinking in full:", "", "```",
+                  f"prompt:   {one.get('prompt')}", f"thinking: {one.get('thinking')}",
+                  f"answer:   {one.get('answer')}   (reward {one.get('reward')}, reference {one.get('reference')})",
+                  "```"]
     return lines
+
+
+def _pass_at_k_keys(numbers: dict) -> list[str]:
+    """pass@1, pass@2, ... of an evaluation, by k."""
+    return sorted((k for k in numbers if re.fullmatch(r"pass@\d+", k)), key=lambda k: int(k.split("@")[1]))
+
+
+def pass_at_k_series(curve: list[dict]) -> dict[str, list[tuple]]:
+    """{"greedy pass@1": [(step, value), ...], "sampled pass@k": ...} from grpo_report.json's curve (step 0: the
+    init model before RL; then each evaluation the run logged as eval/<key> in its metrics.jsonl)."""
+    keys = ["greedy_pass@1"] + _pass_at_k_keys({k: v for c in curve for k, v in c.items()})
+    series = {}
+    for key in keys:
+        points = [(c["step"], c[key]) for c in curve if c.get(key) is not None]
+        if points:
+            series["greedy pass@1" if key == "greedy_pass@1" else f"sampled {key}"] = points
+    return series
+
+
+def plot_pass_at_k(series: dict[str, list[tuple]], png_path: pathlib.Path) -> pathlib.Path:
+    """The series of `pass_at_k_series` against the GRPO step as a PNG: greedy solid, sampled dashed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, points in series.items():
+        ax.plot(*zip(*points), "o-" if label.startswith("greedy") else "o--", ms=3, label=label)
+    ax.set_xlabel("GRPO step")
+    ax.set_ylabel("fraction of held-out problems solved")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return png_path
 
 
 _RENDERERS = {"filter": _filter, "pretrain": _pretrain, "sample": _sample, "sft": _sft, "reward": _reward, "dpo": _dpo,

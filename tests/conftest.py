@@ -36,6 +36,51 @@ def shared_data():
     return shared_path
 
 
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+    """A persistent XLA cache for one test module: runs of the same program (mesh, shapes) compile it once, and a
+    CLI subprocess reads it through the JAX_* environment variables this yields. A module opts in with
+    `pytestmark = pytest.mark.usefixtures("compilation_cache")`; the previous settings come back afterwards."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as jax_cache
+    options = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("xla_cache")),
+               "jax_persistent_cache_min_compile_time_secs": 0, "jax_persistent_cache_min_entry_size_bytes": 0}
+    previous = {name: jax.config.values[name] for name in options}
+    for name, value in options.items():
+        jax.config.update(name, value)
+    jax_cache.reset_cache()
+    yield {name.upper(): str(value) for name, value in options.items()}
+    for name, value in previous.items():
+        jax.config.update(name, value)
+    jax_cache.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def tokens_dir(request, tmp_path_factory):
+    """The first FINEWEB_DOCS FineWeb documents (a module constant, default 300), a BPE of TOKENIZER_VOCAB tokens
+    (default 512) trained on them, tokenized with a 10% val split: the token directory of one test module."""
+    from lm.data import tokenize
+    from lm.tokenizer import train as tokenizer_train
+    n_docs = getattr(request.module, "FINEWEB_DOCS", 300)
+    vocab_size = getattr(request.module, "TOKENIZER_VOCAB", 512)
+    root = tmp_path_factory.mktemp("fineweb_tokens")
+    with gzip.open(shared_path("web/text/fineweb_sample10BT_2400docs.jsonl.gz"), "rt", encoding="utf-8") as f:
+        lines = [line for _, line in zip(range(n_docs), f)]
+    with gzip.open(root / "docs.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.writelines(lines)
+    tokenizer = tokenizer_train.train([json.loads(line)["text"] for line in lines], vocab_size, root / "tokenizer")
+    tokenize.run(tokenizer, [str(root / "docs.jsonl.gz")], root / "tokens", dict(val_fraction=0.1))
+    return root / "tokens"
+
+
+def new_workdir(root, tokens_dir, name) -> pathlib.Path:
+    """root/name, a new run directory whose tokens/ is the shared token directory."""
+    workdir = pathlib.Path(root) / name
+    workdir.mkdir()
+    (workdir / "tokens").symlink_to(tokens_dir)
+    return workdir
+
+
 def records(folder: pathlib.Path) -> list:
     """Every JSON record of the *.jsonl.gz files in `folder`, in file order."""
     out = []

@@ -10,13 +10,11 @@
   for bit, also when the newest checkpoint was corrupted before the re-run;
 - lm.progress lines (count / total, rate, elapsed, ETA) without and with a terminal.
 """
-import gzip
 import io
 import json
 import logging
 import math
 import os
-import pathlib
 import pty
 import random
 import re
@@ -29,14 +27,12 @@ import time
 import jax
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
 from lm import checkpoint as lm_checkpoint
 from lm import config as lm_config
 from lm import progress as lm_progress
-from lm.data import tokenize
 from lm.train import metrics, pretrain
-from tests.conftest import REPO, shared_path
+from tests.conftest import REPO, new_workdir
 
 OVERRIDES = {
     "model.n_layers": 1, "model.d_model": 32, "model.n_heads": 2, "model.n_kv_heads": 2, "model.d_ff": 64,
@@ -45,47 +41,13 @@ OVERRIDES = {
     "train.keep_checkpoints": 3, "mesh.data": 8,
 }
 STEPS = 12
+FINEWEB_DOCS, TOKENIZER_VOCAB = 60, 300   # the tokens_dir fixture (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 def make_config(steps=STEPS, **overrides):
     return lm_config.load("configs/tiny.py", {**OVERRIDES, "train.steps": steps,
                                               **{k.replace("__", "."): v for k, v in overrides.items()}})
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """A persistent XLA cache for this module (runs and subprocesses of one program compile it once)."""
-    options = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("xla_cache")),
-               "jax_persistent_cache_min_compile_time_secs": 0, "jax_persistent_cache_min_entry_size_bytes": 0}
-    previous = {name: jax.config.values[name] for name in options}
-    for name, value in options.items():
-        jax.config.update(name, value)
-    jax_cache.reset_cache()
-    yield {name.upper(): str(value) for name, value in options.items()}
-    for name, value in previous.items():
-        jax.config.update(name, value)
-    jax_cache.reset_cache()
-
-
-@pytest.fixture(scope="module")
-def tokens_dir(tmp_path_factory):
-    """60 FineWeb documents, a 300-token BPE trained on them, tokenized (10% val)."""
-    from lm.tokenizer import train as tokenizer_train
-    root = tmp_path_factory.mktemp("fault_data")
-    with gzip.open(shared_path("web/text/fineweb_sample10BT_2400docs.jsonl.gz"), "rt", encoding="utf-8") as f:
-        lines = [line for _, line in zip(range(60), f)]
-    with gzip.open(root / "docs.jsonl.gz", "wt", encoding="utf-8") as f:
-        f.writelines(lines)
-    tokenizer = tokenizer_train.train([json.loads(line)["text"] for line in lines], 300, root / "tokenizer")
-    tokenize.run(tokenizer, [str(root / "docs.jsonl.gz")], root / "tokens", dict(val_fraction=0.1))
-    return root / "tokens"
-
-
-def new_workdir(root, tokens_dir, name):
-    workdir = pathlib.Path(root) / name
-    workdir.mkdir()
-    (workdir / "tokens").symlink_to(tokens_dir)
-    return workdir
 
 
 def curve(workdir):

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from lm.data import filter as recipe
-from lm.data import filter_blocks, readers
+from lm.data import filter_blocks, filter_readers, readers
 from datatrove.data import Document
 
 
@@ -17,7 +17,7 @@ def write_jsonl_gz(path, lines: list[bytes]):
 
 
 def read_all(files, **kwargs):
-    reader = readers.InputReader(files, **kwargs)
+    reader = filter_readers.InputReader(files, **kwargs)
     return [item for path in reader.files for item in reader.read_file(path)]
 
 
@@ -170,7 +170,7 @@ def test_sharding_covers_every_item_exactly_once(tmp_path, n_files, world_size):
         files.append(write_jsonl_gz(tmp_path / f"{f}.jsonl.gz", lines))
     seen, bad = [], 0
     for rank in range(world_size):
-        reader = readers.InputReader(files)
+        reader = filter_readers.InputReader(files)
         seen += [d.id for d in reader.run(rank=rank, world_size=world_size)]
         bad += reader.stats["dropped"].total
     assert sorted(seen) == sorted(f"{f}-{i}" for f in range(n_files) for i in range(7))

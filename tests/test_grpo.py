@@ -3,7 +3,6 @@ old-policy ratio of 1 on the first pass (sampler vs trainer log-prob drift), a t
 reward, bit-exact resume, config errors, and configs/grpo_gsm8k.py for 2 steps on a tiny model imported through
 lm.model.hf. (The advantage and aggregation math itself is tested in test_rl_math.py.)"""
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -13,9 +12,10 @@ from flax import nnx
 
 from lm import checkpoint as lm_checkpoint
 from lm import config as lm_config
-from lm.eval import tasks
+from lm import hf as lm_hf
+from lm.eval import tasks, tiny_runs
 from lm.model import Transformer
-from lm.model import hf as lm_hf
+from lm.model import hf as model_hf
 from lm.tokenizer import chat
 from lm.tokenizer import train as tokenizer_train
 from lm.train import grpo, metrics
@@ -25,31 +25,9 @@ MODEL = {"model.n_layers": 1, "model.d_model": 32, "model.n_heads": 4, "model.n_
 TIMING = ("tokens_per_sec", "all_tokens_per_sec", "mfu", "rollout_sec")
 
 
-class HasDigit(tasks.Task):
-    """Arithmetic prompts with an easy reward a random model earns about half the time: the answer has a digit."""
-    name = "has_digit"
-
-    def examples(self, split, n=None, seed=0):
-        return tasks.Arithmetic().examples(split, n, seed)
-
-    def reward(self, answer_text, reference):
-        return float(any(c.isdigit() for c in answer_text))
-
-
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    texts = [e.prompt[0]["content"] + " " + e.thinking for e in tasks.Arithmetic().examples("train", 300)]
-    return tokenizer_train.train([" ".join(texts)], 300)
-
-
-def save_run(run: pathlib.Path, model, config, tok) -> None:
-    """A run directory as a trainer leaves it: one checkpoint with its config, and the tokenizer."""
-    _, params, _ = nnx.split(model, nnx.Param, ...)
-    checkpoints = lm_checkpoint.Checkpoints(lm_checkpoint.checkpoint_dir(run))
-    checkpoints.save(1, {"params": params}, {"config": config.to_dict(), "tokenizer_hash": tok.hash,
-                                             "objective": "sft"})
-    checkpoints.close()
-    tok.save(run / "tokenizer")
+def tok():
+    return tiny_runs.arithmetic_tokenizer(300)
 
 
 def grpo_config(**overrides):
@@ -66,7 +44,7 @@ def workdir(tmp_path_factory, tok):
     """A pipeline workdir whose sft/ run is a freshly initialised tiny model."""
     workdir = tmp_path_factory.mktemp("pipeline")
     config = grpo_config(model__vocab_size=tok.n_vocab)
-    save_run(workdir / "sft", Transformer(config.model, rngs=nnx.Rngs(0)), config, tok)
+    tiny_runs.random_run(workdir / "sft", config, tok)
     return workdir
 
 
@@ -133,7 +111,7 @@ def test_rollout_rows_and_first_pass_ratio_is_one(workdir, tok):
     clips nothing and its approx_kl is ~0. Rewards are the task's, advantages the group z-score."""
     model, _, config, _ = init_model(workdir)
     config = grpo.with_init_model(grpo_config(), config)
-    task = HasDigit()
+    task = tiny_runs.HasDigit()
     pool = grpo.problem_pool(task, tok, config.grpo, seed=0)[:2]
     rows, metrics_ = grpo.make_rollout(model, task, tok, pool, config.grpo, seed=0, index=3)
     again, _ = grpo.make_rollout(model, task, tok, pool, config.grpo, seed=0, index=3)
@@ -164,7 +142,7 @@ def test_rollout_rows_and_first_pass_ratio_is_one(workdir, tok):
 
 @pytest.fixture(scope="module")
 def straight(workdir):
-    summary = grpo.run(grpo_config(), workdir, task=HasDigit())
+    summary = grpo.run(grpo_config(), workdir, task=tiny_runs.HasDigit())
     return workdir / "grpo", summary
 
 
@@ -194,8 +172,8 @@ def test_resume_is_bit_exact(straight, workdir, tmp_path):
     resumed = tmp_path / "w"
     resumed.mkdir()
     (resumed / "sft").symlink_to(workdir / "sft")
-    grpo.run(grpo_config(), resumed, stop_after=7, task=HasDigit())
-    summary = grpo.run(grpo_config(), resumed, task=HasDigit())
+    grpo.run(grpo_config(), resumed, stop_after=7, task=tiny_runs.HasDigit())
+    summary = grpo.run(grpo_config(), resumed, task=tiny_runs.HasDigit())
     assert summary["start_step"] == 4
     strip = lambda records: [{k: v for k, v in r.items() if k not in TIMING} for r in records]
     assert strip(metrics.read_metrics(resumed / "grpo" / "metrics.jsonl")) == \
@@ -226,11 +204,11 @@ def test_gsm8k_config_runs_two_steps_on_a_tiny_hf_model(shared_data, tmp_path):
     config = lm_config.load("configs/grpo_gsm8k.py", {**MODEL, "model.vocab_size": tok.n_vocab,
                                                       "model.max_len": 256, "train.seq_len": 200,
                                                       "model.dtype": "float32"})
-    exported = lm_hf.export_hf(Transformer(config.model, rngs=nnx.Rngs(3)), config.model, tmp_path / "hf")
-    model_config, model = lm_hf.load_hf(exported)
+    exported = model_hf.export_hf(Transformer(config.model, rngs=nnx.Rngs(3)), config.model, tmp_path / "hf")
+    model_config, model = model_hf.load_hf(exported)
     with config.unlocked():
         config.model = model_config
-    save_run(tmp_path / "w" / "sft", model, config, tok)
+    lm_hf.save_run(tmp_path / "w" / "sft", model, config, tok)
     overrides = {"grpo.prompts": 2, "grpo.group_size": 4, "grpo.prompt_len": 192, "grpo.max_new_tokens": 8,
                  "grpo.minibatches": 1, "grpo.train_problems": 64, "grpo.beta": 0.05, "grpo.dtype": "float32", "grpo.eval_problems": 2,
                  "grpo.eval_samples": 2, "grpo.eval_ks": (1, 2), "train.steps": 2, "train.eval_every": 2,

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lm.data import readers
+from lm.data import filter_readers, readers
 
 PYTHON_LICENSE = pathlib.Path(os.__file__).parent / "LICENSE.txt"   # real plain text that ships with Python
 
@@ -64,7 +64,7 @@ def test_bad_lines_dropped_and_bad_utf8_replaced_each_with_file_and_line(tmp_pat
 def test_the_filter_reader_follows_the_same_utf8_rule(tmp_path):
     path = tmp_path / "docs.jsonl"
     path.write_bytes(b'{"id": "a", "text": "caf\xe9"}\n{"id": "b", "text": "ok"}\n')
-    reader = readers.InputReader([str(path)])
+    reader = filter_readers.InputReader([str(path)])
     docs = list(reader.run())
     assert [(d.id, d.text) for d in docs] == [("a", "caf\ufffd"), ("b", "ok")]
     assert reader.stats["utf8_replaced"].total == 1 and reader.stats[f"utf8_replaced::{path}"].total == 1
@@ -150,5 +150,5 @@ def test_a_real_text_file_becomes_many_documents(tmp_path, shared_data):
         assert len(license_docs) >= PYTHON_LICENSE.stat().st_size // 2000 and stats.dropped == 0
         assert "PYTHON SOFTWARE FOUNDATION LICENSE" in "".join(d.text for d in license_docs)
     # the filter's datatrove reader splits the same way
-    reader = readers.InputReader([str(tmp_path / "corpus.txt")], txt_max_chars=5000)
+    reader = filter_readers.InputReader([str(tmp_path / "corpus.txt")], txt_max_chars=5000)
     assert [d.text for d in reader.run()] == [d.text for d in documents]

@@ -21,8 +21,8 @@ from lm.tokenizer import chat
 from lm.train import loop, metrics, pretrain, sft
 from tests.conftest import shared_path
 from tests.test_chat_template import bpe_tokenizer
-from tests.test_train import compilation_cache  # noqa: F401 (autouse: one XLA cache for the module's runs)
 
+pytestmark = pytest.mark.usefixtures("compilation_cache")   # tests/conftest.py: one XLA cache for the module's runs
 MODEL = {"model.n_layers": 2, "model.d_model": 64, "model.n_heads": 4, "model.n_kv_heads": 4, "model.d_ff": 256,
          "model.max_len": 160, "mesh.data": 8}
 EASY = dict(identity=dict(n=400), arithmetic=dict(n=400, n_operands=2, digits=1, ops="+"))

@@ -1,7 +1,6 @@
 """lm.train on real text (FineWeb documents, our own 512-token BPE) with a tiny model on 8 virtual CPU devices:
 the loss falls, meshes agree, a killed run resumes bit for bit (also onto another mesh), gradient accumulation
 equals the large batch, a NaN stops the run naming the step, and the CLI continues to a new total."""
-import gzip
 import json
 import os
 import shutil
@@ -13,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
 from lm import config as lm_config
 from lm import mesh as lm_mesh
@@ -21,7 +19,7 @@ from lm.data import pipeline, tokenize
 from lm.model import Transformer
 from lm.train import loop, metrics, optim, pretrain
 from lm.train import state as lm_state
-from tests.conftest import REPO, shared_path
+from tests.conftest import REPO, new_workdir
 
 OVERRIDES = {
     "model.d_model": 64, "model.n_heads": 4, "model.n_kv_heads": 4, "model.d_ff": 256, "model.max_len": 64,
@@ -30,52 +28,13 @@ OVERRIDES = {
     "train.checkpoint_every": 5, "train.keep_checkpoints": 2,
 }
 STEPS = 30
+pytestmark = pytest.mark.usefixtures("compilation_cache")   # tokens_dir: 300 documents, 512 tokens
 
 
 def make_config(steps=STEPS, mesh=(8, 1, 1), **overrides):
     values = {**OVERRIDES, "train.steps": steps, "mesh.data": mesh[0], "mesh.fsdp": mesh[1], "mesh.tensor": mesh[2],
               **{k.replace("__", "."): v for k, v in overrides.items()}}
     return lm_config.load("configs/tiny.py", values)
-
-
-CACHE_OPTIONS = {"jax_compilation_cache_dir": None, "jax_persistent_cache_min_compile_time_secs": 0,
-                 "jax_persistent_cache_min_entry_size_bytes": 0}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """A persistent XLA cache for this module: runs of the same program (mesh, shapes) compile it once, and the
-    CLI subprocess reads it through JAX_* environment variables. The previous settings come back afterwards."""
-    options = dict(CACHE_OPTIONS, jax_compilation_cache_dir=str(tmp_path_factory.mktemp("xla_cache")))
-    previous = {name: jax.config.values[name] for name in options}
-    for name, value in options.items():
-        jax.config.update(name, value)
-    jax_cache.reset_cache()
-    yield {name.upper(): str(value) for name, value in options.items()}
-    for name, value in previous.items():
-        jax.config.update(name, value)
-    jax_cache.reset_cache()
-
-
-@pytest.fixture(scope="module")
-def tokens_dir(tmp_path_factory):
-    """300 FineWeb documents, a 512-token BPE trained on them, tokenized with a 10% val split."""
-    from lm.tokenizer import train as tokenizer_train
-    root = tmp_path_factory.mktemp("train_data")
-    with gzip.open(shared_path("web/text/fineweb_sample10BT_2400docs.jsonl.gz"), "rt", encoding="utf-8") as f:
-        lines = [line for _, line in zip(range(300), f)]
-    with gzip.open(root / "docs.jsonl.gz", "wt", encoding="utf-8") as f:
-        f.writelines(lines)
-    tokenizer = tokenizer_train.train([json.loads(line)["text"] for line in lines], 512, root / "tokenizer")
-    tokenize.run(tokenizer, [str(root / "docs.jsonl.gz")], root / "tokens", dict(val_fraction=0.1))
-    return root / "tokens"
-
-
-def new_workdir(tmp_path, tokens_dir, name):
-    workdir = tmp_path / name
-    workdir.mkdir()
-    (workdir / "tokens").symlink_to(tokens_dir)
-    return workdir
 
 
 def curve(workdir, keys=("loss", "grad_norm", "lr", "val_loss")):

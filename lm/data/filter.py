@@ -42,6 +42,7 @@ from datatrove.utils.typeshelper import StatHints
 from lm.data import readers
 from lm.data.filter_blocks import (BLOCKLIST, DEFAULT_REASON, DroppedWriter, Extract, GopherQuality, LanguageFilter,
                                    Progress, Tally, URLFilter, word_splitter)
+from lm.data.filter_readers import InputReader, StagedReader
 
 # The order of the recipe; "read" (bad input) is counted first, "minhash" and "pii" run after the staged shards.
 FILTER_BLOCKS = ("url_filter", "extract", "language", "gopher_repetition", "gopher_quality", "c4", "fineweb_quality")
@@ -192,7 +193,7 @@ def plan(c: ml_collections.ConfigDict, files: list[str], workdir: str) -> list[S
     def dropped(block):
         return DroppedWriter(os.path.join(paths.dropped, block), block)
 
-    steps = [readers.InputReader(files, exclusion_writer=dropped("read"), **_params(c.reader)), Tally("read"),
+    steps = [InputReader(files, exclusion_writer=dropped("read"), **_params(c.reader)), Tally("read"),
              Progress(paths.progress)]
     words = word_splitter(c.word_splitter)
     for block in FILTER_BLOCKS:
@@ -211,7 +212,7 @@ def plan(c: ml_collections.ConfigDict, files: list[str], workdir: str) -> list[S
                    Stage("minhash_buckets", [MinhashDedupBuckets(sigs, buckets, config=config)],
                          mh.num_buckets * mh.workers_per_bucket),
                    Stage("minhash_clusters", [MinhashDedupCluster(buckets, remove, config=config)], 1)]
-        steps = [readers.StagedReader(paths.staged), MinhashDedupFilter(remove, exclusion_writer=dropped("minhash")),
+        steps = [StagedReader(paths.staged), MinhashDedupFilter(remove, exclusion_writer=dropped("minhash")),
                  Tally("minhash")]
     if c.pii.enabled:
         steps += [PIIFormatter(**_params(c.pii)), Tally("pii")]
