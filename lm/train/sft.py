@@ -125,8 +125,20 @@ class SFTData(NamedTuple):
 
 
 def prepare_data(config, tokenizer, task_set: dict, run_dir: pathlib.Path) -> SFTData:
-    """This run's data: the shards in run_dir/data/ when written before with the same fingerprint, else built and
-    written there. A run that has checkpoints but other data (the data config changed) is an error."""
+    """This run's data (see _prepare_data). With several processes, process 0 writes it while the others wait, then
+    every process reads the same files (each would otherwise delete and rewrite the directory under the others)."""
+    if jax.process_count() == 1:
+        return _prepare_data(config, tokenizer, task_set, run_dir)
+    from jax.experimental import multihost_utils
+    if jax.process_index() == 0:
+        _prepare_data(config, tokenizer, task_set, run_dir)
+    multihost_utils.sync_global_devices("lm.train.sft data written")
+    return SFTData(run_dir / "data", json.loads((run_dir / "data" / "data.json").read_text()))
+
+
+def _prepare_data(config, tokenizer, task_set: dict, run_dir: pathlib.Path) -> SFTData:
+    """The shards in run_dir/data/ when written before with the same fingerprint, else built and written there.
+    A run that has checkpoints but other data (the data config changed) is an error."""
     data_dir = run_dir / "data"
     fingerprint = data_fingerprint(config, tokenizer)
     info_path = data_dir / "data.json"
