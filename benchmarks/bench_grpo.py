@@ -33,6 +33,8 @@ import sys
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from benchmarks.quiet import busy_cpu_seconds, own_cpu_seconds  # noqa: E402
 VOCAB = 2048
 
 
@@ -57,17 +59,6 @@ def prepare(directory: pathlib.Path, prompts: int) -> dict:
     prompt_texts = [tok.decode(chat.render_for_completion(tok, e.prompt)) for e in examples]
     return dict(tokenizer_json=str(directory / "tokenizer" / "tokenizer.json"), prompts=prompt_texts,
                 pad=chat.pad_id(tok), eot=tok.eot_id)
-
-
-def busy_cpu_seconds() -> float:
-    """The machine's busy CPU seconds so far (all cores), from /proc/stat (as benchmarks/bench_train.py)."""
-    fields = list(map(int, open("/proc/stat").readline().split()[1:9]))
-    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def children_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def pin(threads: int) -> None:
@@ -198,11 +189,11 @@ def main():
             env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="",
                        HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                        OMP_NUM_THREADS=str(threads), XLA_FLAGS="")
-            busy, own, wall = busy_cpu_seconds(), children_cpu_seconds(), time.perf_counter()
+            busy, own, wall = busy_cpu_seconds(), own_cpu_seconds(resource.RUSAGE_CHILDREN), time.perf_counter()
             out = subprocess.run([python, __file__, f"--side={side}", f"--threads={threads}", *common], cwd=REPO,
                                  env=env, capture_output=True, text=True)
             wall = time.perf_counter() - wall
-            foreign = max(0.0, busy_cpu_seconds() - busy - (children_cpu_seconds() - own)) / wall
+            foreign = max(0.0, busy_cpu_seconds() - busy - (own_cpu_seconds(resource.RUSAGE_CHILDREN) - own)) / wall
             line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
             if out.returncode or not line:
                 raise SystemExit(f"{side} with {threads} threads failed:\n{out.stderr[-4000:]}")
