@@ -12,13 +12,22 @@ runs in its own venv, once per torch thread count, in worker processes of this s
 of TRL is imported by lm or by this process. Peers: TRL 1.16 RewardTrainer; PPO was removed from TRL after 1.12, so
 the PPO side is trl==1.12.0's trl.experimental.ppo.PPOTrainer in a separate venv (pre-tokenized prompts, an
 explicit reference model); its phases are timed by wrapping its generation (rollout), reward/value forward passes
-(scoring) and the rest of the update (training). Quote no result from a loaded machine: run it through
-../shared/tools/quiet-run. Writes benchmarks/results/rlhf_cpu.json.
+(scoring) and the rest of the update (training).
+
+Contention: each part (ours, every TRL worker) records the foreign CPU load while it ran (busy CPU time from
+/proc/stat less this process's and its workers', over the wall time; bench_train's meter). Above --max_foreign_load
+cores the run is marked CONTENDED, benchmarks/results/rlhf_cpu.json is not written and the exit code is 3. The quiet
+run (alone on the machine):
+
+    ../shared/tools/quiet-run -- python benchmarks/bench_rlhf.py
+
+A smoke run (proves the script works; its times are not results): --steps=2 --threads=1 --no_save.
 """
 import argparse
 import json
 import os
 import pathlib
+import resource
 import statistics
 import subprocess
 import sys
@@ -27,6 +36,8 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "rlhf_cpu.json"
+QUIET_COMMAND = "../shared/tools/quiet-run -- python benchmarks/bench_rlhf.py"
+sys.path.insert(0, str(REPO / "benchmarks"))
 SHAPE = dict(n_layers=2, d_model=128, n_heads=4, d_ff=512, max_len=128)
 RM = dict(batch=16, seq_len=96, pairs=256)
 PPO = dict(rollout_batch=32, minibatches=2, epochs=2, max_new_tokens=24, max_prompt_tokens=32)
@@ -299,6 +310,33 @@ def run_worker(python: str, name: str, spec_path: pathlib.Path, steps: int, thre
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+class ForeignLoad:
+    """`with ForeignLoad() as load:` ... then load.cores: other processes' busy cores while the block ran."""
+
+    def __enter__(self):
+        self.start = self._now()
+        return self
+
+    def __exit__(self, *exc):
+        busy, own, wall = (after - before for after, before in zip(self._now(), self.start))
+        self.cores = round(max(0.0, busy - own) / max(wall, 1e-9), 3)
+        self.seconds = round(wall, 1)
+
+    @staticmethod
+    def _now():
+        from bench_train import busy_cpu_seconds, own_cpu_seconds  # imported here: TRL workers never need it
+        own = own_cpu_seconds(resource.RUSAGE_SELF) + own_cpu_seconds(resource.RUSAGE_CHILDREN)
+        return busy_cpu_seconds(), own, time.perf_counter()
+
+
+def measured(loads: dict, name: str, fn, *args):
+    """fn(*args), with the foreign load while it ran recorded as loads[name]."""
+    with ForeignLoad() as load:
+        out = fn(*args)
+    loads[name] = dict(foreign_load_cores=load.cores, seconds=load.seconds)
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=10)
@@ -308,29 +346,43 @@ def main():
     parser.add_argument("--worker", default="")
     parser.add_argument("--spec", default="")
     parser.add_argument("--no_save", action="store_true")
+    parser.add_argument("--max_foreign_load", type=float, default=0.1,
+                        help="foreign busy cores above which the run is contended (results not written)")
     args = parser.parse_args()
     if args.worker:
         result = WORKERS[args.worker](json.loads(pathlib.Path(args.spec).read_text()), args.steps, int(args.threads))
         print(json.dumps(result))
         return
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    print(f"quiet run: {QUIET_COMMAND}", flush=True)
     out = pathlib.Path(tempfile.mkdtemp(prefix="bench_rlhf_"))
     prep = prepare(out)
-    result = dict(shape=SHAPE, rm=RM, ppo=PPO, steps=args.steps, ours=ours(prep, args.steps), trl={})
+    loads = {}
+    result = dict(shape=SHAPE, rm=RM, ppo=PPO, steps=args.steps, command="python benchmarks/bench_rlhf.py " +
+                  " ".join(sys.argv[1:]), quiet_run=os.environ.get("QUIET_RUN") == "1",
+                  ours=measured(loads, "ours", ours, prep, args.steps), trl={})
     for threads in [int(t) for t in args.threads.split(",")]:
-        result["trl"][f"reward_threads_{threads}"] = run_worker(args.trl_python, "trl_reward", out / "spec.json",
-                                                                args.steps, threads)
-        result["trl"][f"ppo_threads_{threads}"] = run_worker(args.trl_ppo_python, "trl_ppo", out / "spec.json",
-                                                             args.steps, threads)
+        for name, python, worker in ((f"reward_threads_{threads}", args.trl_python, "trl_reward"),
+                                     (f"ppo_threads_{threads}", args.trl_ppo_python, "trl_ppo")):
+            result["trl"][name] = measured(loads, f"trl_{name}", run_worker, python, worker, out / "spec.json",
+                                           args.steps, threads)
     best_rm = max((v.get("reward_pairs_per_sec", 0) for k, v in result["trl"].items() if k.startswith("reward")),
                   default=0)
     best_ppo = min((v["ppo_seconds"]["update"] for k, v in result["trl"].items()
                     if k.startswith("ppo") and "ppo_seconds" in v), default=0)
     result["ratio_reward_pairs_per_sec"] = result["ours"]["reward_pairs_per_sec"] / best_rm if best_rm else None
     result["ratio_ppo_update_time"] = best_ppo / result["ours"]["ppo_seconds"]["update"] if best_ppo else None
+    foreign = max(v["foreign_load_cores"] for v in loads.values())  # the worst part decides
+    result.update(parts=loads, foreign_load_cores=foreign, max_foreign_load=args.max_foreign_load,
+                  verdict="CONTENDED" if foreign > args.max_foreign_load else "OK")
     print(json.dumps(result, indent=2))
+    if result["verdict"] != "OK":
+        print(f"CONTENDED: foreign load {foreign} cores (limit {args.max_foreign_load}): {RESULTS} not written; "
+              f"these figures are not a result. Quiet run: {QUIET_COMMAND}", file=sys.stderr)
+        sys.exit(3)
     if not args.no_save:
         RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {RESULTS}")
 
 
 if __name__ == "__main__":

@@ -110,10 +110,8 @@ def get_config() -> ml_collections.ConfigDict:
         hacking="configs/ppo_tiny.py:hacking",
         grpo="configs/grpo_tiny.py",
         # ... its overrides ("key=value" strings, as after --config.) ...
-        overrides=ml_collections.ConfigDict(dict(sft=(), reward=(), dpo=(), ppo=(), grpo=(),
-                                                 # one seed keeps lm.main near 20 minutes on 2 cores; the full
-                                                 # experiment (3 seeds): python -m lm.train.hacking --workdir=W
-                                                 hacking=("hacking.seeds=(0,)",))),
+        # (the hacking preset is the one-seed probe; the three-seed study is configs/ppo_tiny.py:hacking_study)
+        overrides=ml_collections.ConfigDict(dict(sft=(), reward=(), dpo=(), ppo=(), hacking=(), grpo=())),
         skip=(),                 # ... and stages lm.main leaves out (e.g. ("hacking",))
     ))
     return c

@@ -1,7 +1,8 @@
 """PPO-RLHF on the tiny pipeline (CPU, minutes): W/sft/ + W/reward/ -> W/ppo/.
 
     python -m lm.train --config=configs/ppo_tiny.py --workdir=W
-    python -m lm.train.hacking --workdir=W [--config=configs/ppo_tiny.py:hacking]   # the reward-hacking experiment
+    python -m lm.train.hacking --workdir=W --config=configs/ppo_tiny.py:hacking        # the probe: 1 seed, base only
+    python -m lm.train.hacking --workdir=W --config=configs/ppo_tiny.py:hacking_study  # 3 seeds, both interventions
 
 One rollout of `rollout_batch` answers feeds epochs x minibatches updates; train.steps counts updates and
 train.batch_size is the minibatch (rollout_batch / minibatches). The model shape comes from the policy checkpoint.
@@ -41,15 +42,18 @@ def ppo_section(**overrides) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(section)
 
 
-def hacking_section() -> ml_collections.ConfigDict:
+def hacking_section(study: bool = False) -> ml_collections.ConfigDict:
     """The reward-hacking experiment's sizes (lm.train.hacking): a proxy reward model from N gold-labelled pairs of
-    the policy's own answers, PPO against it, gold measured throughout, for each setting and seed."""
+    the policy's own answers, PPO against it, gold measured throughout, for each setting and seed. The probe (what
+    lm.main runs) is the base setting with one seed; the study adds the interventions and 3 seeds."""
     return ml_collections.ConfigDict(dict(
         run_dir="hacking",
         policy="sft",               # the base policy; "none": a freshly initialised tiny model (tests)
-        seeds=(0, 1, 2),
-        pairs=(64, 256),            # reward-model pairs: the first is the base setting, the others delay hacking
-        kl_coefs=(0.02, 0.2),       # the first is the base setting
+        seeds=(0, 1, 2) if study else (0,),
+        # reward-model pairs and KL coefficients: the first of each is the base setting, the others should delay
+        # the gold turnover
+        pairs=(64, 512) if study else (64,),
+        kl_coefs=(0.02, 0.2) if study else (0.02,),
         label_temperature=0.25,     # Bradley-Terry labels: P(a preferred) = sigmoid((gold_a - gold_b) / this)
         bon_n=(1, 2, 4, 8, 16, 32),
         bon_prompts=32,
@@ -67,8 +71,9 @@ def get_config(arg: str = ""):
     c.ppo = ppo_section()
     c.train.update(steps=4 * 40, batch_size=16, seq_len=72, lr=3e-5, warmup_steps=0, schedule="constant",
                    log_every=4, eval_every=0, checkpoint_every=40, weight_decay=0.0, grad_clip=1.0)
-    if arg == "hacking":
-        c.hacking = hacking_section()
+    if arg in ("hacking", "hacking_study"):
+        c.hacking = hacking_section(study=arg == "hacking_study")
+        c.train.lr = 1e-4  # the policy moves far enough from the base within the rollouts for the proxy to be gamed
     elif arg:
-        raise ValueError(f"configs/ppo_tiny.py:{arg}: unknown variant (use '' or 'hacking')")
+        raise ValueError(f"configs/ppo_tiny.py:{arg}: unknown variant (use '', 'hacking' or 'hacking_study')")
     return c

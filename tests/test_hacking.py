@@ -40,6 +40,7 @@ def test_experiment_end_to_end(tmp_path):
     assert (out / "hacking.png").read_bytes()[:4] == b"\x89PNG"
     saved = json.loads((out / "hacking_report.json").read_text())
     assert set(saved["summary"]) == {"base", "kl_0.5", "pairs_32"} == set(saved["samples"])
+    assert set(saved["delays"]) == {"kl_0.5", "pairs_32"} and saved["delays"]["kl_0.5"]["seeds"] == 1
     assert all(line.startswith(f"{name}: gold peaked at rollout") for name, line in saved["summary"].items())
     for run in report["runs"]:
         assert [r["index"] for r in run["curve"]] == [0, 1, 2]
@@ -47,3 +48,15 @@ def test_experiment_end_to_end(tmp_path):
     assert [p["n"] for p in saved["best_of_n"]["0"]] == [1, 2, 4]
     assert saved["best_of_n"]["0"][0]["kl"] == 0.0
     assert saved["samples"]["base"]["at_end"] and "gold" in saved["samples"]["base"]["at_peak"][0]
+
+
+def test_delays_compare_each_intervention_with_the_base_seed_by_seed():
+    def run(setting, seed, rollout, gold):
+        return dict(setting=setting, seed=seed, peak=dict(rollout=rollout, gold_at_peak=gold))
+    runs = [run("base", 0, 5, 1.0), run("base", 1, 7, 1.2), run("kl_0.2", 0, 9, 1.1), run("kl_0.2", 1, 6, 1.4),
+            run("pairs_512", 0, 5, 1.0), run("pairs_512", 1, 7, 1.2)]
+    out = hacking.delays(runs)
+    assert out["kl_0.2"]["delay_per_seed"] == [4, -1] and out["kl_0.2"]["mean_delay"] == 1.5
+    assert out["kl_0.2"]["later_in"] == 1 and out["kl_0.2"]["gold_peak_gain"] == pytest.approx(0.15)
+    assert out["pairs_512"]["later_in"] == 0 and out["pairs_512"]["mean_delay"] == 0
+    assert out["kl_0.2"]["line"].startswith("kl_0.2 vs base: gold peaked +1.5 rollouts later")

@@ -1,7 +1,6 @@
 """PPO-RLHF on a tiny random policy and reward model: a few updates move both the policy and the value head, the
 sampler's log-probs equal the trainer's for the same tokens, the first rollout has zero KL to the reference, the
 answer rows line up with what the sampler produced, and a killed and resumed run (adaptive KL) is bit-exact."""
-import json
 
 import jax
 import numpy as np
@@ -16,16 +15,20 @@ from tests.test_reward import make_pipeline_workdir, tiny_config
 from tests.test_chat_template import byte_tokenizer
 
 
+NORMALIZATION = {"mean": 0.1, "std": 2.0}
+
+
 def add_reward_run(workdir):
-    """W/reward: a random reward model with a non-zero head (its scores vary), as a reward run saves it."""
+    """W/reward: a random reward model with a non-zero head (its scores vary), as a reward run saves it (with its
+    score normalisation in the meta)."""
     config = tiny_config("configs/reward_tiny.py", train__seq_len=96)
     model = TransformerWithScalarHead(config.model, rngs=nnx.Rngs(7), head_init_std=0.5)
     _, params, _ = nnx.split(model, nnx.Param, ...)
     checkpoints = lm_checkpoint.Checkpoints(lm_checkpoint.checkpoint_dir(workdir / "reward"))
     checkpoints.save(1, {"params": params}, {"config": config.to_dict(), "tokenizer_hash": byte_tokenizer().hash,
-                                             "objective": "reward", "model_kind": "scalar_head"})
+                                             "objective": "reward", "model_kind": "scalar_head",
+                                             "reward_normalization": NORMALIZATION})
     checkpoints.close()
-    (workdir / "reward" / "reward_report.json").write_text(json.dumps({"normalization": {"mean": 0.1, "std": 2.0}}))
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +68,8 @@ def test_updates_move_policy_and_value_and_log_probs_agree(workdir, straight):
             assert np.isfinite(r[key]), key
     assert abs(lines[0]["rollout/kl"]) < 1e-4 and lines[0]["approx_kl"] < 1e-8  # the policy starts as the reference
     assert lines[-1]["rollout/kl"] != 0
+    for r in lines:  # the reward model's score normalised by the mean / std of its checkpoint meta
+        assert r["rollout/score"] == pytest.approx((r["rollout/score_raw"] - 0.1) / 2.0, rel=1e-5, abs=1e-6)
     coefs = [r["rollout/kl_coef"] for r in lines]  # 2 rollouts of 4 updates
     assert coefs[:4] == [0.05] * 4 and coefs[4] != 0.05  # adaptive
     after, sft = params(run_dir), params(workdir / "sft")

@@ -116,10 +116,37 @@ def test_training_lifts_held_out_accuracy_above_0_9(trained):
     lines = metrics.read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in lines if "val_loss" in r] == [30, 60]
     assert lines[-1]["val_accuracy"] == pytest.approx(report["held_out"]["accuracy"], abs=0.07)
-    assert json.loads((run_dir / "reward_report.json").read_text())["normalization"]["std"] > 0
     model, tok, meta, stats = reward.load_reward_model(run_dir)
     assert type(model) is TransformerWithScalarHead and meta["objective"] == "reward"
-    assert stats == report["normalization"]
+    assert stats == meta["reward_normalization"] == report["normalization"]
+    assert json.loads((run_dir / "reward_report.json").read_text())["normalization"] == stats
+
+
+def direct_score_stats(model, rows):
+    """Mean and std (numpy) of the per-position values read at each row's last real token, both sides."""
+    scores = []
+    for side in ("chosen", "rejected"):
+        ids, lengths = rows[f"{side}_ids"], rows[f"{side}_lengths"]
+        positions = np.broadcast_to(np.arange(ids.shape[1]), ids.shape).astype(np.int32)
+        values = np.asarray(model.values(jnp.asarray(ids), jnp.asarray(positions)))
+        scores.append(values[np.arange(len(ids)), lengths - 1])
+    scores = np.concatenate(scores).astype(np.float64)
+    return scores.mean(), scores.std()
+
+
+def test_checkpoint_meta_holds_the_score_normalization(trained):
+    """Every checkpoint's meta holds the mean / std of its own parameters' scores on the training pairs."""
+    run_dir, _ = trained
+    config = synthetic_config()
+    train_rows, _, _ = reward.preference_data(config.reward, byte_tokenizer(), config.train.seq_len, config.seed)
+    seen = []
+    for step in (20, 60):
+        model, _, meta = lm_checkpoint.load_model(run_dir, step=step)
+        mean, std = direct_score_stats(model, train_rows)
+        assert meta["reward_normalization"]["mean"] == pytest.approx(mean, abs=1e-4)
+        assert meta["reward_normalization"]["std"] == pytest.approx(std, rel=1e-4)
+        seen.append(meta["reward_normalization"]["std"])
+    assert seen[0] != seen[1] and min(seen) > 0  # each checkpoint its own parameters' numbers
 
 
 def test_resume_is_bit_exact(trained, tmp_path):

@@ -187,3 +187,18 @@ def test_final_checkpoint_survives_a_failing_eval_and_resume_ignores_init_from(s
         assert trainer.start_step == 2 and trainer.meta["init_from"] == meta["init_from"]
         now = nnx.to_pure_dict(jax.device_get(trainer.state["params"]))
         jax.tree.map(np.testing.assert_array_equal, now, params)
+
+
+def test_checkpoint_meta_is_computed_from_the_saved_parameters(tmp_path):
+    """Objective.checkpoint_meta(model) lands in each checkpoint's meta, computed from that checkpoint's parameters
+    (the final one included, which train() saves before anything else could score it)."""
+    config = make_config(train__steps=4, train__eval_every=0)
+    embed_sum = lambda model: {"embed_sum": float(jnp.sum(model.embed[...]))}
+    loop.train(config, tmp_path, toy_objective(config, checkpoint_meta=embed_sum))
+    sums = []
+    for step in (2, 4):
+        params, meta = params_of(tmp_path, step)
+        assert meta["step"] == step and meta["objective"] == "toy"
+        assert meta["embed_sum"] == pytest.approx(float(np.sum(np.asarray(params["embed"]), dtype=np.float64)), rel=1e-5)
+        sums.append(meta["embed_sum"])
+    assert sums[0] != sums[1]

@@ -2,7 +2,8 @@
 a hidden programmatic gold reward labels pairs of the base policy's own answers, a proxy reward model learns from N
 of them, PPO optimises the proxy, and every update logs proxy score, gold score and KL to the base policy.
 
-    python -m lm.train.hacking --workdir=W [--config=configs/ppo_tiny.py:hacking] [--config.hacking.seeds=0,1]
+    python -m lm.train.hacking --workdir=W                                             # the probe (lm.main's)
+    python -m lm.train.hacking --workdir=W --config=configs/ppo_tiny.py:hacking_study  # 3 seeds, interventions
 
 Writes W/hacking/: hacking_report.json, hacking.png (proxy and gold gain over the base policy vs sqrt(KL), one
 panel per setting, every seed, best-of-n as the comparison curve), and the runs (proxy_<N>_s<seed>/,
@@ -22,7 +23,8 @@ setting for every seed (the seed draws the pairs, the labels, the proxy's head a
 the same proxy is drawn from the base policy: KL = log n - (n - 1) / n (rl_math.best_of_n_kl).
 
 The gold peak of a run is the maximum of its gold curve smoothed over `smooth` rollouts; the report states per
-setting when gold peaked (rollout and sqrt(KL), mean over seeds) and what it did after.
+setting when gold peaked (rollout and sqrt(KL), mean over seeds) and what it did after, and ("delays") how many
+rollouts later each intervention's gold peaked than the base setting's, seed by seed.
 """
 import json
 import math
@@ -214,6 +216,23 @@ def describe(name: str, peaks: list[dict], rollouts: int) -> str:
     return line
 
 
+def delays(runs: list[dict]) -> dict:
+    """Each intervention against the base setting, seed by seed: how many rollouts later its gold peaked (a run
+    still rising at its end counts its last rollout: a lower bound on the delay) and the gold it reached."""
+    base = {r["seed"]: r["peak"] for r in runs if r["setting"] == "base"}
+    out = {}
+    for name in dict.fromkeys(r["setting"] for r in runs if r["setting"] != "base"):
+        pairs = [(r["peak"], base[r["seed"]]) for r in runs if r["setting"] == name and r["seed"] in base]
+        later = [p["rollout"] - b["rollout"] for p, b in pairs]
+        out[name] = dict(delay_per_seed=later, mean_delay=float(np.mean(later)), later_in=sum(d > 0 for d in later),
+                         seeds=len(later), gold_peak_gain=float(np.mean([p["gold_at_peak"] - b["gold_at_peak"]
+                                                                         for p, b in pairs])))
+        out[name]["line"] = (f"{name} vs base: gold peaked {out[name]['mean_delay']:+.1f} rollouts later on average "
+                             f"(per seed {later}; later in {out[name]['later_in']} of {len(later)} seeds), peak gold "
+                             f"{out[name]['gold_peak_gain']:+.3f}")
+    return out
+
+
 def plot(path, settings: dict, runs: list[dict], bon: dict) -> None:
     """Proxy and gold gain over the first rollout vs sqrt(KL), one panel per setting; best-of-n in black."""
     import matplotlib
@@ -302,15 +321,17 @@ def run(config, workdir) -> dict:
             logging.info("hacking %s seed %d: %s", name, seed, runs[-1]["peak"])
     rollouts = int(hacking.rollouts)
     lines = {name: describe(name, [r["peak"] for r in runs if r["setting"] == name], rollouts) for name in settings}
+    compared = delays(runs)
     png = out_dir / "hacking.png"
     plot(png, settings, runs, bon)
     report = dict(settings=settings, seeds=seeds, rollouts=rollouts, prompts=prompt_stats, summary=lines,
+                  delays=compared, lr=float(config.train.lr),
                   gold_reward=gold_reward.__doc__, plot=str(png), best_of_n=bon,
                   runs=runs, samples=_samples(out_dir, runs, seeds[0]),
                   proxies={f"{n}_s{s}": dict(held_out=p["held_out"], pairs=p.get("pairs"))
                            for (n, s), p in proxies.items()})
     (out_dir / "hacking_report.json").write_text(json.dumps(report, indent=2, default=str))
-    for line in lines.values():
+    for line in [*lines.values(), *(d["line"] for d in compared.values())]:
         print(line)
     return report
 

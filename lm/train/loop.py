@@ -64,6 +64,8 @@ class Objective:
         (every config.train.eval_every steps and at the last), logged as "<name>/<key>".
     flops_per_token: model FLOPs per processed token (forward + backward), for MFU.
     meta: JSON-able facts saved with every checkpoint (objective name, tokenizer hash and dir, data seed, ...).
+    checkpoint_meta: model -> {key: JSON-able}: facts about the parameters being saved, computed from the live model
+        at each checkpoint and added to that checkpoint's meta (e.g. a reward model's score mean / std).
     init_from: a run directory or checkpoints directory whose parameters (checkpoint init_step, default the latest)
         start a fresh run: shapes must match; parameters of the model that the checkpoint lacks must lie under a
         path prefix in init_fresh (e.g. ("scalar_head",)). Ignored when the run has checkpoints of its own (it
@@ -80,6 +82,7 @@ class Objective:
     init_from: str | pathlib.Path | None = None
     init_step: int | None = None
     init_fresh: tuple = ()
+    checkpoint_meta: Callable[[Any], dict] | None = None
 
 
 # --- Steps ---------------------------------------------------------------------------------------------------------
@@ -395,9 +398,13 @@ class Trainer:
         return out
 
     def save(self) -> None:
-        """Starts an async save of the state at the current step (with `meta`); `close()` waits for it."""
+        """Starts an async save of the state at the current step (with `meta`, and the objective's checkpoint_meta of
+        the current model); `close()` waits for it."""
         if self.current_step != self._saved_step:
-            self.checkpoints.save(self.current_step, self.state, self.meta)
+            meta = self.meta
+            if self.objective.checkpoint_meta is not None:
+                meta = dict(meta, **self.objective.checkpoint_meta(self.current_model()))
+            self.checkpoints.save(self.current_step, self.state, meta)
             self._saved_step = self.current_step
 
     def summary(self) -> dict:

@@ -14,11 +14,10 @@ rejected go through the model as one batch of 2B rows. Loss: rl_math.bradley_ter
 `center_coef`; metrics pairwise accuracy and reward margin, on the training batches and (as val_*) on the held-out
 pairs at every eval.
 
-Normalisation for RL: after training, the mean and std of the final model's scores over both sides of the training
-pairs are written to <workdir>/reward/reward_report.json ("normalization"). `load_reward_model` returns them with
-the model; RL divides by them so a reward of 1 is one std of the reward model's own scale. (The checkpoint meta
-cannot hold them yet: the loop saves the final checkpoint before anything can score the final parameters;
-`load_reward_model` reads meta["reward_normalization"] first, for when it can.)
+Normalisation for RL: every checkpoint's meta holds "reward_normalization": {"mean", "std"} of that checkpoint's
+scores over both sides of the training pairs (computed at save time through the Objective's checkpoint_meta), also
+copied into <workdir>/reward/reward_report.json. `load_reward_model` returns them with the model; RL divides by
+them so a reward of 1 is one std of the reward model's own scale.
 
 The helpers `source_run`, `setup_from_source`, `preference_data` and `pair_batch` are shared by DPO and PPO.
 """
@@ -43,6 +42,7 @@ from lm.train.pretrain import resolve_vocab
 
 RUN_DIR = "reward"
 REPORT = "reward_report.json"
+NORMALIZATION = "reward_normalization"  # checkpoint meta key: {"mean", "std"} of the scores on the training pairs
 SYNTHETIC_KINDS = ("repeated", "rambling", "wrong")
 FILLER = ("let me think about the weather", "numbers are fun and so is tea", "I like long walks and lists",
           "by the way the sky is blue", "also here is a story about a cat")
@@ -208,6 +208,7 @@ def objective(config, train_rows, held_rows, init_from=None, meta=None) -> loop.
         make_model=lambda: lm_model.TransformerWithScalarHead(config.model, rngs=nnx.Rngs(config.seed)),
         flops_per_token=lm_model.flops_per_token(config.model, train.seq_len),
         meta=dict(objective="reward", data_seed=config.seed, **(meta or {})),
+        checkpoint_meta=lambda model: {NORMALIZATION: score_stats(model, train_rows, train.batch_size)},
         init_from=init_from, init_fresh=("scalar_head",))
 
 
@@ -261,8 +262,8 @@ def train_reward_model(config, run_dir, source, tokenizer, train_rows, held_rows
     summary = loop.train(config, run_dir, obj, stop_after=stop_after)
     if stop_after is not None and summary["steps"] < config.train.steps:
         return summary
-    model, _, _ = lm_checkpoint.load_model(run_dir)
-    stats = score_stats(model, train_rows, batch)
+    model, _, meta = lm_checkpoint.load_model(run_dir)
+    stats = meta[NORMALIZATION]
     # Before training every score is 0 (the head starts at zero): held-out accuracy 0.5, margin 0, by construction.
     report = dict(summary, held_out_before=dict(accuracy=0.5, margin=0.0),
                   held_out=pair_metrics(model, held_rows, batch),
@@ -273,14 +274,12 @@ def train_reward_model(config, run_dir, source, tokenizer, train_rows, held_rows
 
 
 def load_reward_model(run, mesh=None):
-    """(reward model, tokenizer, meta, {"mean", "std"}) of a reward run (its normalisation from the checkpoint meta
-    when present, else its reward_report.json)."""
+    """(reward model, tokenizer, meta, {"mean", "std"}) of a reward run (its normalisation from the checkpoint meta)."""
     model, tokenizer, _, meta = lm_checkpoint.load_run(run, mesh=mesh)
-    stats = meta.get("reward_normalization")
-    if stats is None:
-        report = pathlib.Path(run) / REPORT
-        stats = json.loads(report.read_text())["normalization"] if report.exists() else {"mean": 0.0, "std": 1.0}
-    return model, tokenizer, meta, stats
+    if NORMALIZATION not in meta:
+        raise ValueError(f"{run}: checkpoint step {meta.get('step')} has no {NORMALIZATION!r} in its meta (not a "
+                         f"reward-model run, or one saved before the normalisation moved there: retrain it)")
+    return model, tokenizer, meta, meta[NORMALIZATION]
 
 
 def run(config, workdir, stop_after: int | None = None) -> dict:
