@@ -24,7 +24,7 @@ def get_config(arg: str = "gpt2"):
         init_step=0,               # its checkpoint; 0: the latest
         # the mix: task -> {"n": training conversations, the task's constructor arguments (lm/eval/tasks.py)}
         tasks=ml_collections.ConfigDict(dict(
-            arithmetic=dict(n=8000, n_operands=2, digits=1, ops="+"),
+            arithmetic=dict(n=8000, n_operands=2, digits=1, ops="+", larger_first=True),
             count_letters=dict(n=1500, min_len=3, max_len=6),
             identity=dict(n=300),
             compare_decimals=dict(n=1500, max_whole=20, max_places=2),
