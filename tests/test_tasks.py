@@ -49,6 +49,11 @@ def test_arithmetic_steps_and_answer():
         expression = example.prompt[0]["content"].removeprefix("What is ").removesuffix("?")
         assert int(example.reference) == eval(expression) >= 0      # Python's own precedence as the reference
         assert example.thinking.splitlines()[-1].endswith(f"= {example.reference}")
+    assert tasks.worked_steps([2, 3, 4, 5], ["+", "*", "-"], larger_first=True)[0] == \
+        ["4 * 3 = 12", "12 + 2 = 14", "14 - 5 = 9"]          # - keeps its order: it does not commute
+    for example in tasks.Arithmetic(n_operands=2, digits=1, ops="+", larger_first=True).examples("test", 50):
+        a, b = map(int, example.key.split(" + "))
+        assert example.thinking == f"{max(a, b)} + {min(a, b)} = {a + b}" and example.reference == str(a + b)
     assert tasks.Arithmetic().reward("It is 100", "101") == 0.0
     with pytest.raises(ValueError, match="ops from"):
         tasks.Arithmetic(ops="/")

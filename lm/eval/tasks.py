@@ -99,28 +99,35 @@ class SyntheticTask(Task):
 
 # -- arithmetic with worked steps ------------------------------------------------------------------------------------
 class Arithmetic(SyntheticTask):
-    """"What is 23 + 45 - 12?" The thinking evaluates one operation per line, * before + and -, left to right."""
+    """"What is 23 + 45 - 12?" The thinking evaluates one operation per line, * before + and -, left to right.
+
+    `larger_first` writes each + and * step with the larger operand first ("What is 3 + 8?" -> "8 + 3 = 11"), so the
+    step for a held-out problem "3 + 8" is the same fact as the train problem "8 + 3": the model can answer unseen
+    problems by a rule it learns on all of them (reorder, then recall) instead of having to have seen the pair."""
     name = "arithmetic"
 
-    def __init__(self, n_operands: int = 2, digits: int = 2, ops: str = "+-", allow_negative: bool = False):
+    def __init__(self, n_operands: int = 2, digits: int = 2, ops: str = "+-", allow_negative: bool = False,
+                 larger_first: bool = False):
         if n_operands < 2 or digits < 1 or not ops or set(ops) - set("+-*"):
             raise ValueError(f"Arithmetic(n_operands={n_operands}, digits={digits}, ops={ops!r}): need >= 2 "
                              f"operands, >= 1 digit, ops from '+-*'")
         self.n_operands, self.digits, self.ops, self.allow_negative = n_operands, digits, ops, allow_negative
+        self.larger_first = larger_first
 
     def make(self, rng: random.Random) -> Example:
         while True:
             values = [rng.randrange(10 ** self.digits) for _ in range(self.n_operands)]
             ops = [rng.choice(self.ops) for _ in range(self.n_operands - 1)]
-            steps, result, lowest = worked_steps(values, ops)
+            steps, result, lowest = worked_steps(values, ops, self.larger_first)
             if self.allow_negative or lowest >= 0:
                 break
         expression = " ".join([str(values[0])] + [f"{op} {v}" for op, v in zip(ops, values[1:])])
         return Example(_user(f"What is {expression}?"), str(result), str(result), "\n".join(steps), expression)
 
 
-def worked_steps(values: Sequence[int], ops: Sequence[str]) -> tuple[list[str], int, int]:
-    """(one line per operation, the result, the lowest intermediate value): * first, then + and - left to right."""
+def worked_steps(values: Sequence[int], ops: Sequence[str], larger_first: bool = False) -> tuple[list[str], int, int]:
+    """(one line per operation, the result, the lowest intermediate value): * first, then + and - left to right;
+    with larger_first, a commutative step (+, *) is written with its larger operand first."""
     values, ops, steps = list(values), list(ops), []
     lowest = min(values)
     for wanted in ("*", "+-"):
@@ -129,7 +136,8 @@ def worked_steps(values: Sequence[int], ops: Sequence[str]) -> tuple[list[str], 
             if ops[i] in wanted:
                 a, op, b = values[i], ops[i], values[i + 1]
                 value = a * b if op == "*" else a + b if op == "+" else a - b
-                steps.append(f"{a} {op} {b} = {value}")
+                shown = (max(a, b), min(a, b)) if larger_first and op in "+*" else (a, b)
+                steps.append(f"{shown[0]} {op} {shown[1]} = {value}")
                 values[i:i + 2], lowest = [value], min(lowest, value)
                 del ops[i]
             else:
