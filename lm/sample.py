@@ -507,17 +507,29 @@ FLAGS = flags.FLAGS
 SHOW_TOP = 5  # candidates --show_probs prints per step
 
 
+def define_sampling_flags(max_new_tokens_default: str) -> None:
+    """--temperature, --top_k, --top_p (None: the run's config.sample), --max_new_tokens (None: the program's
+    default, named by `max_new_tokens_default`) and --seed: every sampling program's flags (lm.sample, lm.chat)."""
+    flags.DEFINE_float("temperature", None, "0 is greedy (default: config.sample.temperature).")
+    flags.DEFINE_integer("top_k", None, "Keep the k most probable tokens; 0 keeps all (default: config).")
+    flags.DEFINE_float("top_p", None, "Keep the smallest set with this much probability (default: config).")
+    flags.DEFINE_integer("max_new_tokens", None, f"Tokens to generate at most (default: {max_new_tokens_default}).")
+    flags.DEFINE_integer("seed", 0, "PRNG seed: the same seed gives the same text.")
+
+
+def sampling_from_flags(config) -> Sampling:
+    """The run's config.sample with the sampling flags that are set on top (define_sampling_flags)."""
+    return Sampling.from_config(config.get("sample") or {}, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
+                                top_p=FLAGS.top_p)
+
+
 def define_flags():
     """Flags exist only when run as a program, so importing this module never clashes with another's flags."""
     flags.DEFINE_string("workdir", None, "Run directory with checkpoints/ and tokenizer/.", required=True)
     flags.DEFINE_multi_string("prompt", [], "Prompt text (repeat the flag for a batch). Default: read stdin.")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-    flags.DEFINE_float("temperature", None, "0 is greedy (default: config.sample.temperature).")
-    flags.DEFINE_integer("top_k", None, "Keep the k most probable tokens; 0 keeps all (default: config).")
-    flags.DEFINE_float("top_p", None, "Keep the smallest set with this much probability (default: config).")
+    define_sampling_flags("config.sample.max_new_tokens")
     flags.DEFINE_integer("num_samples", None, "Samples per prompt (default: config.sample.num_samples).")
-    flags.DEFINE_integer("max_new_tokens", None, "Tokens to generate at most (default: config.sample).")
-    flags.DEFINE_integer("seed", 0, "PRNG seed: the same seed gives the same text.")
     flags.DEFINE_multi_string("stop", [], "Stop string (repeatable); end-of-text always stops.")
     flags.DEFINE_bool("show_probs", False, "Also print, per step, the chosen token and the most probable ones "
                       "with the model's probabilities (temperature 1, before top-k / top-p).")
@@ -531,8 +543,7 @@ def main(argv):
     lm_mesh.initialize_distributed()
     model, tok, config, meta = checkpoint.load_run(FLAGS.workdir, step=FLAGS.step)
     sample_config = config.get("sample") or {}
-    sampling = Sampling.from_config(sample_config, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
-                                    top_p=FLAGS.top_p)
+    sampling = sampling_from_flags(config)
     num_samples = FLAGS.num_samples or int(sample_config.get("num_samples", 1))
     if sampling.greedy and num_samples > 1:
         logging.warning("temperature 0 is greedy: the %d samples per prompt would be identical; printing one",
