@@ -217,6 +217,38 @@ def test_concurrent_streams_are_batched_and_equal_each_alone(client, server):
     assert health["batches"] - before < 8 and health["largest_batch"] > 1    # they shared decodes
 
 
+def test_a_short_request_joins_a_long_decode_and_finishes_first(client, server, sft_model, tok):
+    """Continuous batching: a short request sent while a long one decodes joins its decode at the next step and
+    ends first; neither answer changes (each equals lm.sample's greedy decode alone)."""
+    story = [{"role": "user", "content": "tell me a story"}]
+    long_tokens = MAX_LEN - 2 * len(template.render_for_completion(tok, story))
+    expected_long = greedy_chat(sft_model, tok, story, long_tokens)[0]
+    expected_short = greedy_chat(sft_model, tok, HI, 4)[0]
+    before = httpx.get(server.url + "/health").json()["batches"]
+    started, finished = concurrent.futures.Future(), {}
+
+    def long_request():
+        content = ""
+        for chunk in client.chat.completions.create(model="sft", messages=story, temperature=0,
+                                                    max_tokens=long_tokens, stream=True):
+            if chunk.choices:
+                content += chunk.choices[0].delta.content or ""
+            if content and not started.done():
+                started.set_result(time.monotonic())
+        finished["long"] = time.monotonic()
+        return content
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        long_answer = pool.submit(long_request)
+        started.result(timeout=120)          # the long one is decoding
+        short = client.chat.completions.create(model="sft", messages=HI, temperature=0, max_tokens=4)
+        finished["short"] = time.monotonic()
+        assert "long" not in finished        # the short one did not wait for it
+        assert long_answer.result(timeout=120) == expected_long
+    assert short.choices[0].message.content == expected_short and finished["short"] < finished["long"]
+    assert httpx.get(server.url + "/health").json()["batches"] == before + 1    # one decode held both
+
+
 def test_drop_oldest_turns_fits_a_long_conversation(server, tok):
     turn = [{"role": "user", "content": "a question " * 4}, {"role": "assistant", "content": "an answer " * 4}]
     messages = [{"role": "system", "content": "be brief"}] + turn * 6 + HI
