@@ -426,10 +426,11 @@ class Slots:
         emitted = slots.step()          # dispatched, not waited for: every slot's next token (fetch(emitted))
         slots.release(rows[0])          # its slot is free for the next add
 
-    One KV cache of the model's whole context; every slot writes at the same cursor. `add` prefills new prompts
-    (each into a free slot, the cache growing to a power of two of rows up to max_rows) so that they end at the
-    cursor (a prompt must not be longer than the columns before it), the rest of their row masked out, and chooses
-    their token 0; then `step` moves every slot on. A row's
+    One KV cache; every slot writes at the same cursor. `add` prefills new prompts (each into a free slot) so that
+    they end at the cursor (a prompt must not be longer than the columns before it), the rest of their row masked
+    out, and chooses their token 0; then `step` moves every slot on. The cache grows (rows kept) to a power of two of
+    rows, up to max_rows, and of columns, up to the model's context, as the rows added need (few compiles, and
+    attention reads no more columns than the rows need). A row's
     key folds its own step count, so its tokens are the ones `stream` gives it alone, whatever else is decoding.
     Temperatures are per row (0: greedy); the filters (top-k, top-p) and stop ids are the decode's.
     """
@@ -442,13 +443,14 @@ class Slots:
         self.static = dict(graphdef=graphdef, sampling=dataclasses.replace(sampling, temperature=1.0),
                            vocab_size=vocab_size or model.spec.vocab_size, top_candidates=0, mesh=None)
         self.sampling = sampling
+        self.greedy = np.zeros(0, bool)  # per slot: its row is greedy (a step of greedy rows only skips sampling)
         self.busy = np.zeros(0, bool)
         self.carry = self.rows = None   # the decode's state and its rows' (key data, temperature, greedy)
         self.index = 0      # the cursor: cache columns written so far
 
     def can_add(self, rows: int, longest: int, max_new_tokens: int) -> bool:
-        """Whether `rows` prompts (the longest `longest` tokens) fit now: free or growable slots, their padded
-        prompt before the cursor and max_new_tokens after it. An idle decode takes anything that fits the context."""
+        """Whether `rows` prompts (the longest `longest` tokens) fit now: free or growable slots, the prompts before
+        the cursor and max_new_tokens after it, in the context. An idle decode takes anything that fits the context."""
         if not self.busy.any():
             return rows <= self.max_rows and longest + max_new_tokens <= self.max_len
         free = (~self.busy).sum() + self.max_rows - len(self.busy)
@@ -464,11 +466,12 @@ class Slots:
                               self.sampling, self.stop_ids, (), self.static["vocab_size"], 0, None, pad(temperatures))
         length = request.tokens.shape[1]
         if not self.busy.any():   # idle: start afresh, the cursor after the padded prompt where the context allows
-            self.busy, self.carry = np.zeros(0, bool), None
+            self.busy, self.greedy, self.carry = np.zeros(0, bool), np.zeros(0, bool), None
             self.index = min(length, self.max_len - max_new_tokens)
-        self._make_room(n)
+        self._make_room(n, min(next_power_of_two(self.index + max_new_tokens), self.max_len))
         slots = [int(i) for i in np.flatnonzero(~self.busy)[:n]]
         self.busy[slots] = True
+        self.greedy[slots] = np.asarray(temperatures) == 0
         row_data = (jax.random.key_data(request.row_keys), request.temperature, request.greedy_rows)
         new, emitted = _stream_start(self.state, request.tokens, request.positions, request.row_keys, self.stops,
                                      request.temperature, request.greedy_rows, cache_len=length, **self.static)
@@ -479,11 +482,14 @@ class Slots:
 
     def step(self) -> dict:
         """Dispatch every slot's next token; returns the device arrays of what it emits (`fetch` waits for them)."""
-        if self.index >= self.max_len:
-            raise ValueError(f"the decode's cursor is at the context's end ({self.max_len})")
+        if self.index >= self.columns:
+            raise ValueError(f"the decode's cursor is at the end of its {self.columns} cache columns")
         key_data, temperature, greedy_rows = self.rows
+        static = self.static
+        if self.greedy[self.busy].all():
+            static = dict(static, sampling=dataclasses.replace(static["sampling"], temperature=0.0))
         self.carry, emitted = _stream_step(self.state, self.carry, jax.random.wrap_key_data(key_data), self.stops,
-                                           temperature, greedy_rows, **self.static)
+                                           temperature, greedy_rows, **static)
         self.index += 1
         return emitted
 
@@ -498,16 +504,20 @@ class Slots:
     def size(self) -> int:
         return len(self.busy)
 
-    def _make_room(self, n: int) -> None:
-        """Grow the cache (every row kept) to the power of two of rows that leaves n slots free."""
-        rows = min(next_power_of_two(int(self.busy.sum()) + n), self.max_rows)
-        if rows <= len(self.busy) and (~self.busy).sum() >= n:
-            return
+    def _make_room(self, n: int, columns: int) -> None:
+        """Grow the cache (every row kept) to leave n slots free (a power of two of rows) and hold `columns`."""
+        rows = len(self.busy) if (~self.busy).sum() >= n else min(next_power_of_two(int(self.busy.sum()) + n),
+                                                                    self.max_rows)
         if self.carry is None:
-            self.carry, self.rows = _idle(self.model, rows, self.max_len, self.stops.shape[1], self.index)
-        else:
-            self.carry, self.rows = _grow(self.carry, self.rows, rows=rows)
+            self.carry, self.rows = _idle(self.model, rows, columns, self.stops.shape[1], self.index)
+        elif rows > len(self.busy) or columns > self.columns:
+            self.carry, self.rows = _grow(self.carry, self.rows, rows=rows, columns=max(columns, self.columns))
         self.busy = np.concatenate([self.busy, np.zeros(rows - len(self.busy), bool)])
+        self.greedy = np.concatenate([self.greedy, np.ones(rows - len(self.greedy), bool)])
+
+    @property
+    def columns(self) -> int:
+        return self.carry["cache"]["pos"].shape[1]
 
 
 def _idle(model, rows, cache_len, window, index):
@@ -520,17 +530,21 @@ def _idle(model, rows, cache_len, window, index):
     return carry, (key_data, jnp.ones(rows, jnp.float32), jnp.ones(rows, bool))
 
 
-@functools.partial(jax.jit, static_argnames="rows")
-def _grow(carry, row_arrays, *, rows):
-    """The carry and row arrays with free slots appended up to `rows` (the cache's rows axis is 1, others 0)."""
-    def pad(x, axis=0, value=0):
+@functools.partial(jax.jit, static_argnames=("rows", "columns"))
+def _grow(carry, row_arrays, *, rows, columns):
+    """The carry and row arrays with free slots appended up to `rows`, and cache columns up to `columns` (empty:
+    position -1). The cache's rows axis is 1 (k, v) or 0 (pos), every other array's 0."""
+    def pad(x, axis=0, value=0, column_axis=None):
         widths = [(0, 0)] * x.ndim
         widths[axis] = (0, rows - x.shape[axis])
+        if column_axis is not None:
+            widths[column_axis] = (0, columns - x.shape[column_axis])
         return jnp.pad(x, widths, constant_values=value)
     cache = carry["cache"]
     grown = dict(carry, step=pad(carry["step"]), token=pad(carry["token"]), position=pad(carry["position"]),
                  done=pad(carry["done"], value=True), window=pad(carry["window"], value=NOT_YET),
-                 cache=dict(cache, k=pad(cache["k"], 1), v=pad(cache["v"], 1), pos=pad(cache["pos"], value=-1)))
+                 cache=dict(cache, k=pad(cache["k"], 1, column_axis=3), v=pad(cache["v"], 1, column_axis=3),
+                            pos=pad(cache["pos"], value=-1, column_axis=1)))
     key_data, temperature, greedy_rows = row_arrays
     return grown, (pad(key_data), pad(temperature, value=1.0), pad(greedy_rows, value=True))
 

@@ -326,12 +326,13 @@ def test_per_row_temperatures_mix_greedy_and_sampled_rows(models, prompts, greed
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_rows_joining_a_running_decode_equal_each_alone(models, family):
     """Slots (continuous batching): rows join a running decode at later steps, into slots other rows left, with
-    prompts shorter and longer than their padded length before the cursor; each row's tokens and log-probs are
-    the ones generate_ids gives it alone (greedy and sampled rows, shared top-k / top-p)."""
+    prompts shorter and longer than their padded length before the cursor, the cache growing in rows and columns;
+    each row's tokens and log-probs are the ones generate_ids gives it alone (greedy and sampled rows, shared top-k
+    / top-p)."""
     model = models[family]
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 500, n).tolist() for n in (3, 12, 20, 5)]
-    new, temperatures = [30, 4, 20, 15], [0.0, 1.0, 0.0, 0.8]
+    new, temperatures = [30, 4, 20, 40], [0.0, 1.0, 0.0, 0.8]
     keys = jax.random.split(jax.random.key(3), len(prompts))
     sampling = sample.Sampling(top_k=20, top_p=0.9)
     alone = [sample.generate_ids(model, [p], keys[i:i + 1], new[i], sampling, temperatures=[temperatures[i]])
@@ -345,6 +346,7 @@ def test_rows_joining_a_running_decode_equal_each_alone(models, family):
         tokens[i], logprobs[i] = [int(first.tokens[0])], [float(first.logprobs[0])]
 
     add(0, 0)
+    assert (slots.size, slots.columns) == (1, 64)   # 16 prompt columns + 30 tokens, rounded up
     step = 0
     while owner:
         step += 1
@@ -361,6 +363,7 @@ def test_rows_joining_a_running_decode_equal_each_alone(models, family):
                 slots.release(slot)
                 del owner[slot]
     assert slots.size == 2 and joined[3] == joined[2] + new[2] - 1   # row 3 waited for row 2's slot
+    assert slots.columns == 96                      # it needed more columns: grown to the context
     for i, out in enumerate(alone):
         assert tokens[i] == out.tokens[0].tolist(), i
         np.testing.assert_allclose(logprobs[i], out.logprobs[0], atol=1e-5)
