@@ -186,7 +186,8 @@ class Engine:
         self.batch_rows: list[int] = []
         self._decode: sample.Slots | None = None
         self._decode_model: str | None = None
-        self._owners: list = []             # per slot: (job, row, tokens so far) or None when free
+        self._owners: list = []             # per slot: [job, row, tokens so far] or None when free
+        self._joining: Job | None = None    # the job being prefilled (it fails too if that fails)
         self._thread = threading.Thread(target=self._loop, name="lm.serve engine", daemon=True)
         self._thread.start()
 
@@ -235,9 +236,9 @@ class Engine:
                 self._run()
             except Exception as error:  # a failed decode fails its requests, never the server
                 logging.error("decode failed: %s", traceback.format_exc())
-                for job in {owner[0] for owner in self._owners if owner}:
+                for job in {owner[0] for owner in self._owners if owner} | {self._joining} - {None}:
                     job.emit([("error", f"{type(error).__name__}: {error}")])
-                self._decode, self._owners = None, []
+                self._decode, self._owners, self._joining = None, [], None
 
     def _run(self) -> None:
         """One decode from idle to idle: admit, dispatch a step, hand out the previous one's tokens, again."""
@@ -271,8 +272,9 @@ class Engine:
                     self.batch_rows.append(0)
                 elif not self._can_join(job):
                     return
-                self._waiting.popleft()
+                self._joining = self._waiting.popleft()
             self._join(job)
+            self._joining = None
 
     def _can_join(self, job: Job) -> bool:
         """Same model and stop ids as the running decode, its top-p if the job samples (greedy rows ignore the
@@ -305,8 +307,8 @@ class Engine:
         slots = range(len(owners)) if slots is None else slots
         events = collections.defaultdict(list)
         for i, (slot, owner) in enumerate(zip(slots, owners)):
-            if owner is None or self._owners[slot] is not owner:
-                continue
+            if owner is None or slot >= len(self._owners) or self._owners[slot] is not owner:
+                continue    # a free slot, or its row left (or its decode ended) after the step was dispatched
             job, row, count = owner
             if job.cancelled.is_set() or row in job.ended_rows:
                 self._free(slot)    # its consumer needs nothing more
