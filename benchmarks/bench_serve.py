@@ -49,7 +49,7 @@ _VOCAB = flags.DEFINE_integer("vocab_size", 1024, "Vocabulary of the BPE trained
 _CLIENTS = flags.DEFINE_list("clients", ["1", "4", "16"], "Concurrent clients per measurement.")
 _NEW = flags.DEFINE_integer("new_tokens", 64, "max_tokens of every request.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Timed rounds per client count (the median is reported).")
-_WARMUP = flags.DEFINE_integer("warmup_rounds", 2, "Untimed rounds first (compiles the shapes the rounds use).")
+_WARMUP = flags.DEFINE_integer("warmup_rounds", 3, "Untimed rounds first (compiles the shapes the rounds use).")
 _TORCH_THREADS = flags.DEFINE_integer("torch_threads", 1, "torch.set_num_threads for HF generate.")
 _OUTPUT = flags.DEFINE_string("output", str(RESULTS), "Results JSON (written only when the run is not contended).")
 

@@ -430,8 +430,8 @@ class Slots:
     they end at the cursor (a prompt must not be longer than the columns before it), the rest of their row masked
     out, and chooses their token 0; then `step` moves every slot on. The cache grows (rows kept) to a power of two of
     rows, up to max_rows, and of columns, up to the model's context, as the rows added need (few compiles, and
-    attention reads no more columns than the rows need). A row's
-    key folds its own step count, so its tokens are the ones `stream` gives it alone, whatever else is decoding.
+    attention reads no more columns than the rows need). A row's key folds its own step count, so its tokens are
+    the ones `stream` gives it alone, whatever else is decoding.
     Temperatures are per row (0: greedy); the filters (top-k, top-p) and stop ids are the decode's.
     """
 
@@ -475,8 +475,7 @@ class Slots:
         row_data = (jax.random.key_data(request.row_keys), request.temperature, request.greedy_rows)
         new, emitted = _stream_start(self.state, request.tokens, request.positions, request.row_keys, self.stops,
                                      request.temperature, request.greedy_rows, cache_len=length, **self.static)
-        self.carry, self.rows = _splice(self.carry, self.rows, new, row_data, jnp.asarray(pad(slots)),
-                                        self.index - length)
+        self.carry, self.rows = _splice(self.carry, self.rows, new, row_data, jnp.asarray(pad(slots)), self.index)
         first = jax.device_get(emitted)
         return slots, Step(0, **{name: np.asarray(value)[:n] for name, value in first.items()})
 
@@ -550,15 +549,19 @@ def _grow(carry, row_arrays, *, rows, columns):
 
 
 @functools.partial(jax.jit, donate_argnums=(0, 1))
-def _splice(carry, row_arrays, new, new_rows, slots, shift):
+def _splice(carry, row_arrays, new, new_rows, slots, index):
     """`new` (the carry of freshly prefilled rows, their cache `length` columns long) written into `slots` of
-    `carry`: its cache columns moved right by `shift` (the prompts end at the cursor), the rest of those rows
-    masked (position -1). A negative shift wraps left padding round to the end, where it is still padding."""
-    def columns(x, fill):   # [L, n, K, length, D] or [n, length] -> the whole context's columns
+    `carry`, its cache columns moved so that the prompts end at the cursor `index`, the rest of those rows masked
+    (position -1). Left padding may wrap round to the end, or be cut where it is longer than the cache: either way
+    it stays padding (a prompt itself is never longer than `index`)."""
+    size = carry["cache"]["pos"].shape[1]
+
+    def columns(x, fill):   # [L, n, K, length, D] or [n, length] -> the cache's columns
         axis = 3 if x.ndim == 5 else 1
+        x = jax.lax.slice_in_dim(x, max(0, x.shape[axis] - size), x.shape[axis], axis=axis)
         widths = [(0, 0)] * x.ndim
-        widths[axis] = (0, carry["cache"]["pos"].shape[1] - x.shape[axis])
-        return jnp.roll(jnp.pad(x, widths, constant_values=fill), shift, axis=axis)
+        widths[axis] = (0, size - x.shape[axis])
+        return jnp.roll(jnp.pad(x, widths, constant_values=fill), index - x.shape[axis], axis=axis)
     cache, fresh = carry["cache"], new["cache"]
     out = dict(carry, cache=dict(cache, k=cache["k"].at[:, slots].set(columns(fresh["k"], 0)),
                                  v=cache["v"].at[:, slots].set(columns(fresh["v"], 0)),
