@@ -1,17 +1,17 @@
-"""Chat latency at batch 1: time to first token (TTFT) and tokens/s of lm.sample.stream (what lm.chat and lm.serve
-use: a prefill call, then one jitted step per token driven from Python) against lm.sample.generate_ids (the whole
-decode in one while_loop program, nothing seen before it returns), same random weights, greedy: the cost of
-streaming.
+"""Chat latency at batch 1: time to first token (TTFT) and tokens/s of lm.sample.stream (what lm.chat uses: a prefill
+call, then one jitted step per token driven from Python) against lm.sample.generate_ids (the whole decode in one
+while_loop program, nothing seen before it returns), same random weights, greedy: the cost of streaming.
 
-    python benchmarks/bench_chat.py [--configs=configs/tiny.py,configs/gpt2_124m.py --prompt_len=64
-        --new_tokens=128 --repeats=3]
-
+    ../shared/tools/quiet-run -- python benchmarks/bench_chat.py                 # the result (alone on the machine)
+    python benchmarks/bench_chat.py --configs=configs/tiny.py --new_tokens=32 --repeats=1 --output=/tmp/chat.json
+                                                                                 # a smoke run
 TTFT = seconds from the call until the first token is in the caller's hands (generate_ids: the whole call).
 tokens/s = new_tokens / seconds of the whole call. No stop tokens, so every row generates new_tokens. Compilation is
 excluded (each path runs once untimed); the paths take turns so a load change on a shared machine hits them alike.
-Also checks that both give the same tokens. Writes benchmarks/results/chat.json.
+Also checks that both give the same tokens. The foreign CPU load over the timed runs is recorded
+(benchmarks/cpu_load.py); above --max_foreign_load cores (or under 2 s timed) the run is CONTENDED (TOO-SHORT):
+printed with that verdict, --output (benchmarks/results/chat.json) not written, exit code 3.
 """
-import json
 import os
 import pathlib
 import platform
@@ -21,10 +21,11 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks import cpu_load  # noqa: E402
 from lm import config as lm_config  # noqa: E402
 from lm import sample  # noqa: E402
 from lm.model import Transformer, param_count  # noqa: E402
@@ -37,7 +38,7 @@ _VOCAB = flags.DEFINE_integer("vocab_size", 2048, "Vocabulary size when a config
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 64, "Prompt tokens.")
 _NEW = flags.DEFINE_integer("new_tokens", 128, "Tokens generated.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per path (the median is reported).")
-_OUTPUT = flags.DEFINE_string("output", str(RESULTS), "Where to write the JSON results.")
+_OUTPUT = flags.DEFINE_string("output", str(RESULTS), "Results JSON (written only when the run is not contended).")
 
 
 def streamed(model, prompt, new_tokens):
@@ -99,17 +100,13 @@ def bench_config(path: str) -> dict:
 
 def main(argv):
     del argv
-    rows = [bench_config(path) for path in _CONFIGS.value]
-    run = dict(results=rows, repeats=_REPEATS.value,
-               machine=dict(platform=platform.platform(), cpus=os.cpu_count(), jax=jax.__version__,
-                            backend=jax.default_backend(), devices=str(jax.devices()[0]),
-                            load_average_1min=round(os.getloadavg()[0], 2)))  # the machine may be shared
-    path = pathlib.Path(_OUTPUT.value)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(dict(benchmark="chat latency at batch 1: lm.sample.stream vs generate_ids",
-                                    command="python benchmarks/bench_chat.py [--configs=...]", run=run),
-                               indent=1) + "\n")
-    logging.info("written %s", path)
+    with cpu_load.ForeignLoad() as load:
+        rows = [bench_config(path) for path in _CONFIGS.value]
+    cpu_load.write_unless_contended(dict(
+        benchmark="chat latency at batch 1: lm.sample.stream vs generate_ids",
+        command="python benchmarks/bench_chat.py " + " ".join(sys.argv[1:]), results=rows, repeats=_REPEATS.value,
+        machine=dict(platform=platform.platform(), cpus=os.cpu_count(), jax=jax.__version__,
+                     backend=jax.default_backend(), devices=str(jax.devices()[0]))), load, _OUTPUT.value)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,21 @@
 """lm.serve under concurrent clients: generated tokens/s and time to first token (TTFT) at 1, 4 and 16 clients, against
-a plain loop that serves the same requests one at a time with lm.sample.generate_ids, same model shape (random
-weights), same prompts, greedy.
+the same requests served one at a time by HF transformers `generate` and by a plain loop over
+lm.sample.generate_ids; same model shape (random weights, GPT-2 family), same prompts, greedy.
 
-    python benchmarks/bench_serve.py [--config=configs/tiny.py --clients=1,4,16 --new_tokens=64 --rounds=3]
+    ../shared/tools/quiet-run -- python benchmarks/bench_serve.py              # the result (alone on the machine)
+    python benchmarks/bench_serve.py --clients=1,4 --new_tokens=16 --rounds=1 --output=/tmp/serve.json   # smoke
 
-The server is a real `python -m lm.serve` subprocess on a free loopback port; each client is a thread streaming
-/v1/chat/completions over HTTP (stream_options.include_usage, so the tokens counted are the server's usage). A round
-sends one request per client at once; tokens/s = completion tokens of the round / its wall time; TTFT = from the
-round's start to a request's first streamed token (the loop: to the end of its generate_ids call, since it returns
-every token at once and the requests wait their turn). Compilation is excluded: the server warms up every batch size
-(--warmup_tokens) and three untimed rounds run first. Medians over rounds. Writes benchmarks/results/serve.json. Run it on a quiet machine
-(../shared/tools/quiet-run); the 1-minute load average is recorded.
+The server is a real `python -m lm.serve` subprocess on a free loopback port (continuous batching: a request joins
+the running decode at the next step); each client is a thread streaming /v1/chat/completions over HTTP
+(stream_options.include_usage, so the tokens counted are the server's usage). A round sends one request per client
+at once; tokens/s = completion tokens of the round / its wall time; TTFT = from the round's start to a request's
+first streamed token (the one-at-a-time peers: to the end of its call, since they return every token at once and
+the requests wait their turn). Compilation is excluded: the server warms up every batch size (--warmup_tokens) and
+untimed rounds run first. Medians over rounds.
+
+The foreign CPU load over the timed rounds is recorded (benchmarks/cpu_load.py: busy CPU less this process's and
+the server's). Above --max_foreign_load cores the run is CONTENDED (or TOO-SHORT under 2 s): the figures are
+printed with that verdict, --output is not written and the exit code is 3.
 """
 import concurrent.futures
 import json
@@ -30,9 +35,10 @@ from flax import nnx
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks import cpu_load  # noqa: E402
 from lm import checkpoint, sample  # noqa: E402
 from lm import config as lm_config  # noqa: E402
-from lm.model import Transformer, param_count  # noqa: E402
+from lm.model import Transformer, hf, param_count  # noqa: E402
 from lm.tokenizer import chat as template  # noqa: E402
 from lm.tokenizer import train as tokenizer_train  # noqa: E402
 
@@ -43,7 +49,9 @@ _VOCAB = flags.DEFINE_integer("vocab_size", 1024, "Vocabulary of the BPE trained
 _CLIENTS = flags.DEFINE_list("clients", ["1", "4", "16"], "Concurrent clients per measurement.")
 _NEW = flags.DEFINE_integer("new_tokens", 64, "max_tokens of every request.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Timed rounds per client count (the median is reported).")
-_OUTPUT = flags.DEFINE_string("output", str(RESULTS), "Where to write the JSON results.")
+_WARMUP = flags.DEFINE_integer("warmup_rounds", 3, "Untimed rounds first (compiles the shapes the rounds use).")
+_TORCH_THREADS = flags.DEFINE_integer("torch_threads", 1, "torch.set_num_threads for HF generate.")
+_OUTPUT = flags.DEFINE_string("output", str(RESULTS), "Results JSON (written only when the run is not contended).")
 
 
 def make_workdir(directory: pathlib.Path):
@@ -121,8 +129,33 @@ def loop_round(model, tok, clients, new_tokens):
     return time.perf_counter() - start, firsts, tokens
 
 
-def measure(run_round, clients, rounds, warmup=3):
-    for _ in range(warmup):  # compiles the shapes rounds use (requests may split into batches differently each time)
+def hf_peer(model, config, directory):
+    """The same weights as an HF transformers model (exported by lm.model.hf, read by from_pretrained)."""
+    import torch
+    import transformers
+    torch.set_num_threads(_TORCH_THREADS.value)
+    hf.export_hf(model, config.model, directory)
+    return transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+
+
+def hf_round(torch_model, tok, clients, new_tokens):
+    """The same requests served one at a time by HF generate (greedy, KV cache, stops at the chat's end ids)."""
+    import torch
+    stops = [tok.token_id(template.ASSISTANT_END), tok.eot_id]
+    start = time.perf_counter()
+    firsts, tokens = [], 0
+    for client in range(clients):
+        ids = torch.tensor([template.render_for_completion(tok, messages_for(client))])
+        with torch.inference_mode():
+            out = torch_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                       do_sample=False, eos_token_id=stops, pad_token_id=tok.eot_id)
+        firsts.append(time.perf_counter() - start)
+        tokens += out.shape[1] - ids.shape[1]
+    return time.perf_counter() - start, firsts, tokens
+
+
+def measure(run_round, clients, rounds):
+    for _ in range(_WARMUP.value):  # compiles the shapes the rounds use (requests may join at other steps)
         run_round(clients)
     timed = [run_round(clients) for _ in range(rounds)]
     return dict(tokens_per_s=statistics.median(t / s for s, _, t in timed),
@@ -139,31 +172,37 @@ def main(argv):
         workdir = pathlib.Path(directory)
         tok, config = make_workdir(workdir)
         model = checkpoint.load_run(workdir / "sft")[0]
-        log_path = workdir / "serve.log"
-        with open(log_path, "w") as log:
+        torch_model = hf_peer(model, config, workdir / "hf")
+        with open(workdir / "serve.log", "w") as log:
             process, url = start_server(workdir, max(clients), _NEW.value, log)
             try:
-                for n in clients:
-                    served = measure(lambda c: server_round(url, c, _NEW.value), n, _ROUNDS.value)
-                    looped = measure(lambda c: loop_round(model, tok, c, _NEW.value), n, _ROUNDS.value)
-                    row = dict(clients=n, serve=served, generate_ids_loop=looped,
-                               throughput_ratio=served["tokens_per_s"] / looped["tokens_per_s"],
-                               ttft_ratio=served["ttft_median_s"] / looped["ttft_median_s"])
-                    rows.append(row)
-                    print(f"{n:3d} clients: serve {served['tokens_per_s']:9.1f} tok/s, TTFT median "
-                          f"{served['ttft_median_s'] * 1e3:8.1f} ms | generate_ids loop "
-                          f"{looped['tokens_per_s']:9.1f} tok/s, TTFT median {looped['ttft_median_s'] * 1e3:8.1f} ms"
-                          f" | throughput x{row['throughput_ratio']:.2f}", flush=True)
+                with cpu_load.ForeignLoad(pids=[process.pid]) as load:
+                    for n in clients:
+                        rows.append(measure_clients(n, url, model, torch_model, tok))
             finally:
                 process.kill()
                 process.wait(timeout=30)
-    run = dict(results=rows, config=_CONFIG.value, params=param_count(config.model), vocab_size=tok.n_vocab,
-               new_tokens=_NEW.value, rounds=_ROUNDS.value,
-               machine=dict(platform=platform.platform(), devices=str(jax.devices()), cpus=os.cpu_count(),
-                            load_average_1min=round(os.getloadavg()[0], 2)))  # the machine may be shared
-    pathlib.Path(_OUTPUT.value).parent.mkdir(parents=True, exist_ok=True)
-    pathlib.Path(_OUTPUT.value).write_text(json.dumps(run, indent=2) + "\n")
-    print(f"wrote {_OUTPUT.value}")
+    cpu_load.write_unless_contended(dict(
+        benchmark="lm.serve (continuous batching) vs one request at a time (HF generate, generate_ids loop)",
+        command="python benchmarks/bench_serve.py " + " ".join(sys.argv[1:]), results=rows, config=_CONFIG.value,
+        params=param_count(config.model), vocab_size=tok.n_vocab, new_tokens=_NEW.value, rounds=_ROUNDS.value,
+        machine=dict(platform=platform.platform(), devices=str(jax.devices()), cpus=os.cpu_count())),
+        load, _OUTPUT.value)
+
+
+def measure_clients(n, url, model, torch_model, tok) -> dict:
+    new = _NEW.value
+    served = measure(lambda c: server_round(url, c, new), n, _ROUNDS.value)
+    peers = dict(hf_generate_loop=measure(lambda c: hf_round(torch_model, tok, c, new), n, _ROUNDS.value),
+                 generate_ids_loop=measure(lambda c: loop_round(model, tok, c, new), n, _ROUNDS.value))
+    row = dict(clients=n, serve=served, **peers)
+    for name, peer in peers.items():
+        row[f"throughput_vs_{name}"] = round(served["tokens_per_s"] / peer["tokens_per_s"], 3)
+        row[f"ttft_vs_{name}"] = round(served["ttft_median_s"] / peer["ttft_median_s"], 3)
+    print(f"{n:3d} clients: serve {served['tokens_per_s']:8.1f} tok/s, TTFT median {served['ttft_median_s'] * 1e3:7.1f}"
+          " ms | " + " | ".join(f"{name} {peer['tokens_per_s']:8.1f} tok/s, TTFT {peer['ttft_median_s'] * 1e3:7.1f} ms"
+                                for name, peer in peers.items()), flush=True)
+    return row
 
 
 if __name__ == "__main__":

@@ -77,38 +77,31 @@ def _has_checkpoints(path: pathlib.Path) -> bool:
 
 
 class AnswerWriter:
-    """Writes generated ids as text while they arrive: thinking apart from the answer (dimmed when `styled`),
-    multi-byte characters whole (the tokenizer's stream decoder), stop tokens not shown."""
+    """Writes generated ids as text while they arrive: thinking apart from the answer (dimmed when `styled`), as
+    lm.tokenizer.chat.CompletionStream splits them (multi-byte characters whole, stop tokens not shown)."""
 
     def __init__(self, tokenizer, out, styled: bool, hidden_ids=()):
         self.out, self.styled = out, styled
-        self.decoder = tokenizer.stream_decoder()
-        self.think_start = tokenizer.token_id(template.THINK_START)
-        self.think_end = tokenizer.token_id(template.THINK_END)
-        self.hidden_ids = set(hidden_ids)
-        self.thinking = False
+        self.parts = template.CompletionStream(tokenizer, hidden_ids)
         self.column = 0  # characters written on the current line (to end the answer on a fresh line)
 
     def feed(self, token_id: int) -> None:
-        if token_id in self.hidden_ids:
-            return
-        if token_id == self.think_start and not self.thinking:
-            self._write(self.decoder.flush())
-            self.thinking = True
+        was_thinking = self.parts.thinking
+        pieces = self.parts.feed(token_id)
+        if self.parts.thinking and not was_thinking:
             self._write(DIM if self.styled else "(thinking) ")
-        elif token_id == self.think_end and self.thinking:
-            self._write(self.decoder.flush())
-            self.thinking = False
+        for _, text in pieces:
+            self._write(text)
+        if was_thinking and not self.parts.thinking:
             self._write(RESET_STYLE if self.styled else "")
             self._write("\n" if self.column else "")
-        else:
-            self._write(self.decoder.feed(token_id))
         self.out.flush()
 
     def close(self) -> None:
         """End the answer: flush a held-back partial character, undo the dim style, end the line."""
-        self._write(self.decoder.flush())
-        if self.thinking and self.styled:
+        for _, text in self.parts.close():
+            self._write(text)
+        if self.parts.thinking and self.styled:
             self._write(RESET_STYLE)
         self._write("\n")
         self.out.flush()
@@ -259,11 +252,7 @@ def define_flags():
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
     flags.DEFINE_string("message", None, "Answer this one message and exit (no interactive session).")
     flags.DEFINE_string("system", None, "System prompt.")
-    flags.DEFINE_float("temperature", None, "0 is greedy (default: config.sample.temperature).")
-    flags.DEFINE_integer("top_k", None, "Keep the k most probable tokens; 0 keeps all (default: config).")
-    flags.DEFINE_float("top_p", None, "Keep the smallest set with this much probability (default: config).")
-    flags.DEFINE_integer("max_new_tokens", None, "Tokens per answer at most (default: min(512, max_len / 2)).")
-    flags.DEFINE_integer("seed", 0, "PRNG seed: the same seed and messages give the same answers.")
+    sample.define_sampling_flags("min(512, max_len / 2) per answer")
 
 
 def main(argv):
@@ -276,8 +265,7 @@ def main(argv):
         logging.warning("%s is the base model, not chat-tuned: it continues text and rarely ends its turn "
                         "(train sft first, or pick a run with --run)", path)
     model, tokenizer, config, meta = checkpoint.load_run(path, step=FLAGS.step)
-    sampling = sample.Sampling.from_config(config.get("sample") or {}, temperature=FLAGS.temperature,
-                                           top_k=FLAGS.top_k, top_p=FLAGS.top_p)
+    sampling = sample.sampling_from_flags(config)
     max_new_tokens = FLAGS.max_new_tokens or min(512, model.spec.max_len // 2)
     session = Chat(model, tokenizer, sampling, max_new_tokens, system=FLAGS.system, seed=FLAGS.seed)
     styled = sys.stdout.isatty()

@@ -327,7 +327,8 @@ def _choose_next(step, logits, done, window, row_keys, stops, temperature, greed
     Rows that are already `done` emit NO_TOKEN / 0 (their token is still fed back: the model needs a valid id).
     """
     logits = logits.at[:, vocab_size:].set(-jnp.inf) if vocab_size < logits.shape[-1] else logits
-    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
+    # step: one for all rows, or one per row (Slots: rows that joined later count their own steps)
+    keys = jax.vmap(jax.random.fold_in)(row_keys, jnp.broadcast_to(step, row_keys.shape))
     token = choose(logits / temperature[:, None], keys, sampling, greedy_rows)
     window = jnp.concatenate([window[:, 1:], token[:, None]], axis=1)
     hit = ((window[:, None, :] == stops[None]) | (stops[None] == ANY)).all(-1).any(-1)
@@ -412,6 +413,167 @@ def _place_cache(cache, mesh):
     if mesh is None:
         return cache
     return jax.lax.with_sharding_constraint(cache, lm_model.cache_shardings(cache, mesh))
+
+
+# ------------------------------------------------------------------------------------------------ continuous batching
+
+
+class Slots:
+    """A decode whose rows (slots) are filled while it runs: continuous batching, for lm.serve.
+
+        slots = Slots(model, max_rows=16, sampling=Sampling(top_p=0.9), stop_ids=[end_id], vocab_size=tok.n_vocab)
+        rows, first = slots.add([ids], keys, temperatures=[0.7], max_new_tokens=64)   # token 0 of the new rows
+        emitted = slots.step()          # dispatched, not waited for: every slot's next token (fetch(emitted))
+        slots.release(rows[0])          # its slot is free for the next add
+
+    One KV cache; every slot writes at the same cursor. `add` prefills new prompts (each into a free slot) so that
+    they end at the cursor (a prompt must not be longer than the columns before it), the rest of their row masked
+    out, and chooses their token 0; then `step` moves every slot on. The cache grows (rows kept) to a power of two of
+    rows, up to max_rows, and of columns, up to the model's context, as the rows added need (few compiles, and
+    attention reads no more columns than the rows need). A row's key folds its own step count, so its tokens are
+    the ones `stream` gives it alone, whatever else is decoding.
+    Temperatures are per row (0: greedy); the filters (top-k, top-p) and stop ids are the decode's.
+    """
+
+    def __init__(self, model, max_rows: int, sampling: Sampling = Sampling(), stop_ids=(), vocab_size=None):
+        self.model, self.max_rows, self.max_len = model, max_rows, model.spec.max_len
+        graphdef, self.state = nnx.split(model)
+        self.stop_ids, self.stops = tuple(stop_ids), _stop_table(stop_ids, ())
+        # one program for greedy and sampled rows: the greedy ones take the argmax (greedy_rows)
+        self.static = dict(graphdef=graphdef, sampling=dataclasses.replace(sampling, temperature=1.0),
+                           vocab_size=vocab_size or model.spec.vocab_size, top_candidates=0, mesh=None)
+        self.sampling = sampling
+        self.greedy = np.zeros(0, bool)  # per slot: its row is greedy (a step of greedy rows only skips sampling)
+        self.busy = np.zeros(0, bool)
+        self.carry = self.rows = None   # the decode's state and its rows' (key data, temperature, greedy)
+        self.index = 0      # the cursor: cache columns written so far
+
+    def can_add(self, rows: int, longest: int, max_new_tokens: int) -> bool:
+        """Whether `rows` prompts (the longest `longest` tokens) fit now: free or growable slots, the prompts before
+        the cursor and max_new_tokens after it, in the context. An idle decode takes anything that fits the context."""
+        if not self.busy.any():
+            return rows <= self.max_rows and longest + max_new_tokens <= self.max_len
+        free = (~self.busy).sum() + self.max_rows - len(self.busy)
+        return rows <= free and longest <= self.index and self.index + max_new_tokens <= self.max_len
+
+    def add(self, prompts, keys, temperatures, max_new_tokens: int) -> tuple[list[int], Step]:
+        """(the slots the prompts took, their token 0 as a Step over those rows); call can_add first."""
+        n = len(prompts)
+        width = next_power_of_two(n)                  # few programs: pad the new rows to a power of two
+        pad = lambda rows: list(rows) + [rows[0]] * (width - n)  # noqa: E731
+        keys = _row_keys(keys, n)[jnp.asarray(pad(range(n)))]
+        request, _ = _request(self.model, pad(prompts), keys, max_new_tokens,
+                              self.sampling, self.stop_ids, (), self.static["vocab_size"], 0, None, pad(temperatures))
+        length = request.tokens.shape[1]
+        if not self.busy.any():   # idle: start afresh, the cursor after the padded prompt where the context allows
+            self.busy, self.greedy, self.carry = np.zeros(0, bool), np.zeros(0, bool), None
+            self.index = min(length, self.max_len - max_new_tokens)
+        self._make_room(n, min(next_power_of_two(self.index + max_new_tokens), self.max_len))
+        slots = [int(i) for i in np.flatnonzero(~self.busy)[:n]]
+        self.busy[slots] = True
+        self.greedy[slots] = np.asarray(temperatures) == 0
+        row_data = (jax.random.key_data(request.row_keys), request.temperature, request.greedy_rows)
+        new, emitted = _stream_start(self.state, request.tokens, request.positions, request.row_keys, self.stops,
+                                     request.temperature, request.greedy_rows, cache_len=length, **self.static)
+        self.carry, self.rows = _splice(self.carry, self.rows, new, row_data, jnp.asarray(pad(slots)), self.index)
+        first = jax.device_get(emitted)
+        return slots, Step(0, **{name: np.asarray(value)[:n] for name, value in first.items()})
+
+    def step(self) -> dict:
+        """Dispatch every slot's next token; returns the device arrays of what it emits (`fetch` waits for them)."""
+        if self.index >= self.columns:
+            raise ValueError(f"the decode's cursor is at the end of its {self.columns} cache columns")
+        key_data, temperature, greedy_rows = self.rows
+        static = self.static
+        if self.greedy[self.busy].all():
+            static = dict(static, sampling=dataclasses.replace(static["sampling"], temperature=0.0))
+        self.carry, emitted = _stream_step(self.state, self.carry, jax.random.wrap_key_data(key_data), self.stops,
+                                           temperature, greedy_rows, **static)
+        self.index += 1
+        return emitted
+
+    @staticmethod
+    def fetch(emitted) -> Step:
+        return Step(-1, **{name: np.asarray(value) for name, value in jax.device_get(emitted).items()})
+
+    def release(self, slot: int) -> None:
+        self.busy[slot] = False
+
+    @property
+    def size(self) -> int:
+        return len(self.busy)
+
+    def _make_room(self, n: int, columns: int) -> None:
+        """Grow the cache (every row kept) to leave n slots free (a power of two of rows) and hold `columns`."""
+        rows = len(self.busy) if (~self.busy).sum() >= n else min(next_power_of_two(int(self.busy.sum()) + n),
+                                                                    self.max_rows)
+        if self.carry is None:
+            self.carry, self.rows = _idle(self.model, rows, columns, self.stops.shape[1], self.index)
+        elif rows > len(self.busy) or columns > self.columns:
+            self.carry, self.rows = _grow(self.carry, self.rows, rows=rows, columns=max(columns, self.columns))
+        self.busy = np.concatenate([self.busy, np.zeros(rows - len(self.busy), bool)])
+        self.greedy = np.concatenate([self.greedy, np.ones(rows - len(self.greedy), bool)])
+
+    @property
+    def columns(self) -> int:
+        return self.carry["cache"]["pos"].shape[1]
+
+
+def _idle(model, rows, cache_len, window, index):
+    """The carry of `rows` free slots (done, nothing cached) with the cursor at `index`, and their row arrays."""
+    cache = dict(model.init_cache(rows, cache_len), index=jnp.int32(index))
+    carry = dict(step=jnp.zeros(rows, jnp.int32), token=jnp.zeros(rows, jnp.int32),
+                 position=jnp.zeros(rows, jnp.int32), cache=cache, done=jnp.ones(rows, bool),
+                 window=jnp.full((rows, window), NOT_YET, jnp.int32))
+    key_data = jax.random.key_data(_row_keys(jax.random.key(0), rows))
+    return carry, (key_data, jnp.ones(rows, jnp.float32), jnp.ones(rows, bool))
+
+
+@functools.partial(jax.jit, static_argnames=("rows", "columns"))
+def _grow(carry, row_arrays, *, rows, columns):
+    """The carry and row arrays with free slots appended up to `rows`, and cache columns up to `columns` (empty:
+    position -1). The cache's rows axis is 1 (k, v) or 0 (pos), every other array's 0."""
+    def pad(x, axis=0, value=0, column_axis=None):
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, rows - x.shape[axis])
+        if column_axis is not None:
+            widths[column_axis] = (0, columns - x.shape[column_axis])
+        return jnp.pad(x, widths, constant_values=value)
+    cache = carry["cache"]
+    grown = dict(carry, step=pad(carry["step"]), token=pad(carry["token"]), position=pad(carry["position"]),
+                 done=pad(carry["done"], value=True), window=pad(carry["window"], value=NOT_YET),
+                 cache=dict(cache, k=pad(cache["k"], 1, column_axis=3), v=pad(cache["v"], 1, column_axis=3),
+                            pos=pad(cache["pos"], value=-1, column_axis=1)))
+    key_data, temperature, greedy_rows = row_arrays
+    return grown, (pad(key_data), pad(temperature, value=1.0), pad(greedy_rows, value=True))
+
+
+@functools.partial(jax.jit, donate_argnums=(0, 1))
+def _splice(carry, row_arrays, new, new_rows, slots, index):
+    """`new` (the carry of freshly prefilled rows, their cache `length` columns long) written into `slots` of
+    `carry`, its cache columns moved so that the prompts end at the cursor `index`, the rest of those rows masked
+    (position -1). Left padding may wrap round to the end, or be cut where it is longer than the cache: either way
+    it stays padding (a prompt itself is never longer than `index`)."""
+    size = carry["cache"]["pos"].shape[1]
+
+    def columns(x, fill):   # [L, n, K, length, D] or [n, length] -> the cache's columns
+        axis = 3 if x.ndim == 5 else 1
+        x = jax.lax.slice_in_dim(x, max(0, x.shape[axis] - size), x.shape[axis], axis=axis)
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, size - x.shape[axis])
+        return jnp.roll(jnp.pad(x, widths, constant_values=fill), index - x.shape[axis], axis=axis)
+    cache, fresh = carry["cache"], new["cache"]
+    out = dict(carry, cache=dict(cache, k=cache["k"].at[:, slots].set(columns(fresh["k"], 0)),
+                                 v=cache["v"].at[:, slots].set(columns(fresh["v"], 0)),
+                                 pos=cache["pos"].at[slots].set(columns(fresh["pos"], -1))))
+    out["step"] = carry["step"].at[slots].set(new["step"])
+    for name in ("token", "position", "done", "window"):
+        out[name] = carry[name].at[slots].set(new[name])
+    return out, tuple(old.at[slots].set(value) for old, value in zip(row_arrays, new_rows))
+
+
+def next_power_of_two(n: int) -> int:
+    return 1 << (n - 1).bit_length()
 
 
 # ------------------------------------------------------------------------------------------------ text in, text out
@@ -507,17 +669,29 @@ FLAGS = flags.FLAGS
 SHOW_TOP = 5  # candidates --show_probs prints per step
 
 
+def define_sampling_flags(max_new_tokens_default: str) -> None:
+    """--temperature, --top_k, --top_p (None: the run's config.sample), --max_new_tokens (None: the program's
+    default, named by `max_new_tokens_default`) and --seed: every sampling program's flags (lm.sample, lm.chat)."""
+    flags.DEFINE_float("temperature", None, "0 is greedy (default: config.sample.temperature).")
+    flags.DEFINE_integer("top_k", None, "Keep the k most probable tokens; 0 keeps all (default: config).")
+    flags.DEFINE_float("top_p", None, "Keep the smallest set with this much probability (default: config).")
+    flags.DEFINE_integer("max_new_tokens", None, f"Tokens to generate at most (default: {max_new_tokens_default}).")
+    flags.DEFINE_integer("seed", 0, "PRNG seed: the same seed gives the same text.")
+
+
+def sampling_from_flags(config) -> Sampling:
+    """The run's config.sample with the sampling flags that are set on top (define_sampling_flags)."""
+    return Sampling.from_config(config.get("sample") or {}, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
+                                top_p=FLAGS.top_p)
+
+
 def define_flags():
     """Flags exist only when run as a program, so importing this module never clashes with another's flags."""
     flags.DEFINE_string("workdir", None, "Run directory with checkpoints/ and tokenizer/.", required=True)
     flags.DEFINE_multi_string("prompt", [], "Prompt text (repeat the flag for a batch). Default: read stdin.")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-    flags.DEFINE_float("temperature", None, "0 is greedy (default: config.sample.temperature).")
-    flags.DEFINE_integer("top_k", None, "Keep the k most probable tokens; 0 keeps all (default: config).")
-    flags.DEFINE_float("top_p", None, "Keep the smallest set with this much probability (default: config).")
+    define_sampling_flags("config.sample.max_new_tokens")
     flags.DEFINE_integer("num_samples", None, "Samples per prompt (default: config.sample.num_samples).")
-    flags.DEFINE_integer("max_new_tokens", None, "Tokens to generate at most (default: config.sample).")
-    flags.DEFINE_integer("seed", 0, "PRNG seed: the same seed gives the same text.")
     flags.DEFINE_multi_string("stop", [], "Stop string (repeatable); end-of-text always stops.")
     flags.DEFINE_bool("show_probs", False, "Also print, per step, the chosen token and the most probable ones "
                       "with the model's probabilities (temperature 1, before top-k / top-p).")
@@ -531,8 +705,7 @@ def main(argv):
     lm_mesh.initialize_distributed()
     model, tok, config, meta = checkpoint.load_run(FLAGS.workdir, step=FLAGS.step)
     sample_config = config.get("sample") or {}
-    sampling = Sampling.from_config(sample_config, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
-                                    top_p=FLAGS.top_p)
+    sampling = sampling_from_flags(config)
     num_samples = FLAGS.num_samples or int(sample_config.get("num_samples", 1))
     if sampling.greedy and num_samples > 1:
         logging.warning("temperature 0 is greedy: the %d samples per prompt would be identical; printing one",

@@ -88,3 +88,89 @@ def records(folder: pathlib.Path) -> list:
         with gzip.open(path, "rt") as f:
             out += [json.loads(line) for line in f]
     return out
+
+
+# ------------------------------------------------------------------------------------------------ chat and serve
+# A tiny BPE, the tiny config at a 128-token context, and random-weight runs saved as the pipeline saves them
+# (tests/test_chat.py, test_serve.py, test_serve_browser.py). Module-scoped: each module gets its own workdir.
+
+CHAT_MAX_LEN = 128
+SCRIPT_THINKING, SCRIPT_ANSWER = "hmm, ü", "ok 👋 é"   # what scripted_model writes
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from pydoc_data.topics import topics
+
+    from lm.tokenizer import train as tokenizer_train
+    return tokenizer_train.train(list(topics.values())[:40], 512)
+
+
+@pytest.fixture(scope="module")
+def config(tok):
+    from lm import config as lm_config
+    return lm_config.load("configs/tiny.py", {"model.vocab_size": tok.n_vocab, "model.max_len": CHAT_MAX_LEN,
+                                              "train.seq_len": 64})
+
+
+def save_run(run_dir, config, tok, seed=0, model=None):
+    """Checkpoint step 1 of `model` (default: a random Transformer from `seed`) in run_dir; returns the model."""
+    from flax import nnx
+
+    from lm import checkpoint
+    from lm.model import Transformer
+    model = model or Transformer(config.model, rngs=nnx.Rngs(seed))
+    checkpoints = checkpoint.Checkpoints(checkpoint.checkpoint_dir(run_dir))
+    checkpoints.save(1, {"params": nnx.split(model, nnx.Param, ...)[1]},
+                     {"config": config.to_dict(), "tokenizer_hash": tok.hash})
+    checkpoints.close()
+    return model
+
+
+@pytest.fixture(scope="module")
+def chat_workdir(tmp_path_factory, tok, config):
+    """A workdir as the pipeline leaves it: tokenizer/, a base model in checkpoints/ and an sft/ run (random)."""
+    workdir = tmp_path_factory.mktemp("work")
+    tok.save(workdir / "tokenizer")
+    save_run(workdir, config, tok, seed=0)
+    save_run(workdir / "sft", config, tok, seed=1)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def sft_model(chat_workdir):
+    from lm import checkpoint
+    return checkpoint.load_run(chat_workdir / "sft")[0]
+
+
+@pytest.fixture(scope="module")
+def base_model(chat_workdir):
+    from lm import checkpoint
+    return checkpoint.load_run(chat_workdir)[0]
+
+
+def scripted_model(config, tok, prompt_len):
+    """A GPT-2 whose blocks add nothing, so the logits at position p favour the token whose (unit, centred)
+    embedding pos_embed[p] points at: at the prompt's end it writes a think block, an answer, <|assistant_end|>."""
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from lm.model import Transformer
+    from lm.tokenizer import chat as template
+    model = Transformer(config.model, rngs=nnx.Rngs(0))
+    for block in model.blocks:
+        for module, names in ((block.attn, ("o", "o_bias")), (block.mlp, ("down", "down_bias"))):
+            for name in names:
+                getattr(module, name)[...] = jnp.zeros_like(getattr(module, name)[...])
+    embed = np.random.default_rng(0).normal(size=model.embed[...].shape)
+    embed -= embed.mean(1, keepdims=True)
+    embed /= np.linalg.norm(embed, axis=1, keepdims=True)
+    script = [tok.token_id(template.THINK_START), *tok.encode(SCRIPT_THINKING), tok.token_id(template.THINK_END),
+              *tok.encode(SCRIPT_ANSWER), tok.token_id(template.ASSISTANT_END)]
+    positions = np.zeros(model.pos_embed[...].shape)
+    positions[prompt_len - 1:prompt_len - 1 + len(script)] = 100 * embed[script]
+    model.embed[...] = jnp.asarray(embed, jnp.float32)
+    model.pos_embed[...] = jnp.asarray(positions, jnp.float32)
+    model.final_norm.scale[...] = jnp.full_like(model.final_norm.scale[...], 10.0)  # sharp: sampling picks it too
+    return model, script

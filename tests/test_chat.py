@@ -11,62 +11,16 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
-from flax import nnx
 
-from lm import chat, checkpoint, sample
-from lm import config as lm_config
-from lm.model import Transformer
+from lm import chat, sample
 from lm.tokenizer import chat as template
-from lm.tokenizer import train as tokenizer_train
+from tests.conftest import CHAT_MAX_LEN as MAX_LEN
+from tests.conftest import SCRIPT_ANSWER, SCRIPT_THINKING, scripted_model
 
-MAX_LEN = 128
 NEW = 24
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LENGTH_NOTICE = "[stopped at the length limit"
-
-
-@pytest.fixture(scope="module")
-def tok():
-    from pydoc_data.topics import topics
-    return tokenizer_train.train(list(topics.values())[:40], 512)
-
-
-@pytest.fixture(scope="module")
-def config(tok):
-    return lm_config.load("configs/tiny.py", {"model.vocab_size": tok.n_vocab, "model.max_len": MAX_LEN,
-                                              "train.seq_len": 64})
-
-
-def save_run(run_dir, config, tok, seed):
-    model = Transformer(config.model, rngs=nnx.Rngs(seed))
-    _, params, _ = nnx.split(model, nnx.Param, ...)
-    checkpoints = checkpoint.Checkpoints(checkpoint.checkpoint_dir(run_dir))
-    checkpoints.save(1, {"params": params}, {"config": config.to_dict(), "tokenizer_hash": tok.hash})
-    checkpoints.close()
-    return model
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory, tok, config):
-    """A workdir as the pipeline leaves it: tokenizer/, a base model in checkpoints/ and an sft/ run (random)."""
-    workdir = tmp_path_factory.mktemp("work")
-    tok.save(workdir / "tokenizer")
-    save_run(workdir, config, tok, seed=0)
-    save_run(workdir / "sft", config, tok, seed=1)
-    return workdir
-
-
-@pytest.fixture(scope="module")
-def sft_model(workdir):
-    return checkpoint.load_run(workdir / "sft")[0]
-
-
-@pytest.fixture(scope="module")
-def base_model(workdir):
-    return checkpoint.load_run(workdir)[0]
 
 
 def greedy_answer(model, tok, messages, max_new_tokens=NEW):
@@ -112,8 +66,8 @@ def test_find_chat_run_prefers_the_most_trained_stage(tmp_path):
 # ------------------------------------------------------------------------------------------------ the CLI
 
 
-def test_message_answers_once_with_the_greedy_tokens_and_exits(workdir, sft_model, tok):
-    result = run_chat(f"--workdir={workdir}", "--message=hi", "--temperature=0", f"--max_new_tokens={NEW}")
+def test_message_answers_once_with_the_greedy_tokens_and_exits(chat_workdir, sft_model, tok):
+    result = run_chat(f"--workdir={chat_workdir}", "--message=hi", "--temperature=0", f"--max_new_tokens={NEW}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout == greedy_answer(sft_model, tok, [{"role": "user", "content": "hi"}]) + "\n"
     assert f"[stopped at the length limit: max_new_tokens={NEW}]" in result.stderr
@@ -180,9 +134,9 @@ def answer_in(text: str, line: str) -> str:
     return after[:-len("\n" + LENGTH_NOTICE)]
 
 
-def test_interactive_session_on_a_terminal(workdir, base_model, tok):
+def test_interactive_session_on_a_terminal(chat_workdir, base_model, tok):
     """--run=base: the base model, with a warning; every command, streaming, and answers equal to lm.sample's."""
-    term = Terminal(f"--workdir={workdir}", "--run=base", f"--max_new_tokens={NEW}")
+    term = Terminal(f"--workdir={chat_workdir}", "--run=base", f"--max_new_tokens={NEW}")
     try:
         assert "not chat-tuned" in term.read_until("/help for commands]")
         term.read_until("> ")
@@ -251,30 +205,6 @@ def test_oldest_turns_are_dropped_when_the_context_is_full(sft_model, tok):
     with pytest.raises(chat.MessageTooLong, match="message too long"):
         session.reply("word " * MAX_LEN, io.StringIO())
     assert session.turns == kept_before and session.replies == 0
-
-
-SCRIPT_THINKING, SCRIPT_ANSWER = "hmm, ü", "ok 👋 é"
-
-
-def scripted_model(config, tok, prompt_len):
-    """A GPT-2 whose blocks add nothing, so the logits at position p favour the token whose (unit, centred)
-    embedding pos_embed[p] points at: at the prompt's end it writes a think block, an answer, <|assistant_end|>."""
-    model = Transformer(config.model, rngs=nnx.Rngs(0))
-    for block in model.blocks:
-        for module, names in ((block.attn, ("o", "o_bias")), (block.mlp, ("down", "down_bias"))):
-            for name in names:
-                getattr(module, name)[...] = jnp.zeros_like(getattr(module, name)[...])
-    embed = np.random.default_rng(0).normal(size=model.embed[...].shape)
-    embed -= embed.mean(1, keepdims=True)
-    embed /= np.linalg.norm(embed, axis=1, keepdims=True)
-    script = [tok.token_id(template.THINK_START), *tok.encode(SCRIPT_THINKING), tok.token_id(template.THINK_END),
-              *tok.encode(SCRIPT_ANSWER), tok.token_id(template.ASSISTANT_END)]
-    positions = np.zeros(model.pos_embed[...].shape)
-    positions[prompt_len - 1:prompt_len - 1 + len(script)] = 100 * embed[script]
-    model.embed[...] = jnp.asarray(embed, jnp.float32)
-    model.pos_embed[...] = jnp.asarray(positions, jnp.float32)
-    model.final_norm.scale[...] = jnp.full_like(model.final_norm.scale[...], 10.0)  # sharp: sampling picks it too
-    return model, script
 
 
 @pytest.mark.parametrize("styled", [False, True])

@@ -323,6 +323,53 @@ def test_per_row_temperatures_mix_greedy_and_sampled_rows(models, prompts, greed
         sample.generate_ids(model, prompts, keys, NEW, temperatures=[1.0])
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_rows_joining_a_running_decode_equal_each_alone(models, family):
+    """Slots (continuous batching): rows join a running decode at later steps, into slots other rows left, with
+    prompts shorter and longer than their padded length before the cursor, the cache growing in rows and columns;
+    each row's tokens and log-probs are the ones generate_ids gives it alone (greedy and sampled rows, shared top-k
+    / top-p)."""
+    model = models[family]
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 500, n).tolist() for n in (3, 12, 20, 5)]
+    new, temperatures = [30, 4, 20, 40], [0.0, 1.0, 0.0, 0.8]
+    keys = jax.random.split(jax.random.key(3), len(prompts))
+    sampling = sample.Sampling(top_k=20, top_p=0.9)
+    alone = [sample.generate_ids(model, [p], keys[i:i + 1], new[i], sampling, temperatures=[temperatures[i]])
+             for i, p in enumerate(prompts)]
+    slots = sample.Slots(model, max_rows=2, sampling=sampling)
+    tokens, logprobs, owner, joined = {}, {}, {}, {}
+
+    def add(i, step):
+        [slot], first = slots.add([prompts[i]], keys[i:i + 1], [temperatures[i]], new[i])
+        owner[slot], joined[i] = i, step
+        tokens[i], logprobs[i] = [int(first.tokens[0])], [float(first.logprobs[0])]
+
+    add(0, 0)
+    assert (slots.size, slots.columns) == (1, 64)   # 16 prompt columns + 30 tokens, rounded up
+    step = 0
+    while owner:
+        step += 1
+        if step in (1, 5):   # row 1 (shorter than its padding) at once; row 2 (longer) into the slot row 1 left
+            add(1 if step == 1 else 2, step)
+            assert not slots.can_add(1, slots.index + 1, 1)   # a prompt longer than the columns before the cursor
+        if 2 in joined and 3 not in joined and slots.can_add(1, len(prompts[3]), new[3]):
+            add(3, step)
+        emitted = slots.fetch(slots.step())
+        for slot, i in list(owner.items()):
+            tokens[i].append(int(emitted.tokens[slot]))
+            logprobs[i].append(float(emitted.logprobs[slot]))
+            if len(tokens[i]) == new[i]:
+                slots.release(slot)
+                del owner[slot]
+    assert slots.size == 2 and joined[3] == joined[2] + new[2] - 1   # row 3 waited for row 2's slot
+    assert slots.columns == 96                      # it needed more columns: grown to the context
+    for i, out in enumerate(alone):
+        assert tokens[i] == out.tokens[0].tolist(), i
+        np.testing.assert_allclose(logprobs[i], out.logprobs[0], atol=1e-5)
+    assert len({tuple(t) for t in tokens.values()}) == 4
+
+
 def test_score_tokens_equal_a_forward_pass(models, prompts):
     model = models["gpt2"]
     tokens = np.zeros((len(prompts), 16), np.int32)

@@ -16,11 +16,11 @@ import httpx
 import jax
 import pytest
 
-from lm import checkpoint, sample
+from lm import sample
 from lm.serve import text as serve_text
 from lm.tokenizer import chat as template
-from tests.test_chat import (MAX_LEN, SCRIPT_ANSWER, SCRIPT_THINKING, config, save_run,  # noqa: F401 (fixtures)
-                             scripted_model, tok)
+from tests.conftest import CHAT_MAX_LEN as MAX_LEN
+from tests.conftest import SCRIPT_ANSWER, SCRIPT_THINKING, save_run, scripted_model
 
 openai = pytest.importorskip("openai")
 
@@ -62,20 +62,12 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, tok, config):
-    """tokenizer/, a base model, an sft/ run (both random) and a grpo/ run whose scripted model thinks, then
-    answers "hi" and ends its turn."""
-    workdir = tmp_path_factory.mktemp("serve")
-    tok.save(workdir / "tokenizer")
-    save_run(workdir, config, tok, seed=0)
-    save_run(workdir / "sft", config, tok, seed=1)
+def workdir(chat_workdir, tok, config):
+    """chat_workdir (tokenizer/, a random base model and sft/ run) and a grpo/ run whose scripted model thinks,
+    then answers "hi" and ends its turn."""
     model, _ = scripted_model(config, tok, len(template.render_for_completion(tok, HI)))
-    from flax import nnx
-    checkpoints = checkpoint.Checkpoints(checkpoint.checkpoint_dir(workdir / "grpo"))
-    checkpoints.save(1, {"params": nnx.split(model, nnx.Param, ...)[1]},
-                     {"config": config.to_dict(), "tokenizer_hash": tok.hash})
-    checkpoints.close()
-    return workdir
+    save_run(chat_workdir / "grpo", config, tok, model=model)
+    return chat_workdir
 
 
 @pytest.fixture(scope="module")
@@ -88,16 +80,6 @@ def server(workdir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def sft_model(workdir):
-    return checkpoint.load_run(workdir / "sft")[0]
-
-
-@pytest.fixture(scope="module")
-def base_model(workdir):
-    return checkpoint.load_run(workdir)[0]
 
 
 def greedy_tokens(model, tok, prompt, stops, max_new_tokens=NEW):
@@ -233,6 +215,38 @@ def test_concurrent_streams_are_batched_and_equal_each_alone(client, server):
     assert together == alone
     health = httpx.get(server.url + "/health").json()
     assert health["batches"] - before < 8 and health["largest_batch"] > 1    # they shared decodes
+
+
+def test_a_short_request_joins_a_long_decode_and_finishes_first(client, server, sft_model, tok):
+    """Continuous batching: a short request sent while a long one decodes joins its decode at the next step and
+    ends first; neither answer changes (each equals lm.sample's greedy decode alone)."""
+    story = [{"role": "user", "content": "tell me a story"}]
+    long_tokens = MAX_LEN - 2 * len(template.render_for_completion(tok, story))
+    expected_long = greedy_chat(sft_model, tok, story, long_tokens)[0]
+    expected_short = greedy_chat(sft_model, tok, HI, 4)[0]
+    before = httpx.get(server.url + "/health").json()["batches"]
+    started, finished = concurrent.futures.Future(), {}
+
+    def long_request():
+        content = ""
+        for chunk in client.chat.completions.create(model="sft", messages=story, temperature=0,
+                                                    max_tokens=long_tokens, stream=True):
+            if chunk.choices:
+                content += chunk.choices[0].delta.content or ""
+            if content and not started.done():
+                started.set_result(time.monotonic())
+        finished["long"] = time.monotonic()
+        return content
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        long_answer = pool.submit(long_request)
+        started.result(timeout=120)          # the long one is decoding
+        short = client.chat.completions.create(model="sft", messages=HI, temperature=0, max_tokens=4)
+        finished["short"] = time.monotonic()
+        assert "long" not in finished        # the short one did not wait for it
+        assert long_answer.result(timeout=120) == expected_long
+    assert short.choices[0].message.content == expected_short and finished["short"] < finished["long"]
+    assert httpx.get(server.url + "/health").json()["batches"] == before + 1    # one decode held both
 
 
 def test_drop_oldest_turns_fits_a_long_conversation(server, tok):

@@ -10,7 +10,6 @@ import time
 import httpx
 import pytest
 
-from tests.test_chat import config, save_run, tok  # noqa: F401 (fixtures)
 from tests.test_serve import Server
 
 webdriver = pytest.importorskip("selenium.webdriver")
@@ -31,12 +30,8 @@ def browser_paths():
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tok, config):
-    workdir = tmp_path_factory.mktemp("browser")
-    tok.save(workdir / "tokenizer")
-    save_run(workdir, config, tok, seed=0)
-    save_run(workdir / "sft", config, tok, seed=1)
-    server = Server(workdir, tmp_path_factory.mktemp("log") / "serve.log")
+def server(tmp_path_factory, chat_workdir):
+    server = Server(chat_workdir, tmp_path_factory.mktemp("log") / "serve.log")
     yield server
     server.close()
 

@@ -7,8 +7,9 @@
 Models: every stage run of W with checkpoints (base = W itself, W/sft, W/ppo, W/grpo), named by stage; a request's
 `model` picks one (default: the most trained, as lm.chat picks). The default is loaded at start, the others on their
 first request (--preload: all at start), and a loaded model stays loaded: memory is the sum of the loaded models'
-parameters (float32: 4 bytes per parameter) plus, while a batch decodes, its KV cache (2 x layers x rows x
-(padded prompt + decode length) x kv_heads x head_dim x 4 bytes) and the compiled programs.
+parameters (float32: 4 bytes per parameter) plus, while requests decode, the running decode's KV cache (2 x layers x
+rows x columns x kv_heads x head_dim x 4 bytes; rows a power of two up to --max_batch, columns a power of two up to
+the context, as the requests need) and the compiled programs.
 Only 127.0.0.1 is bound unless --host says otherwise (the API has no authentication).
 """
 import socket
@@ -28,7 +29,8 @@ def define_flags():
     flags.DEFINE_integer("port", 8000, "Port; 0 picks a free one. The URL is printed on stdout when ready.")
     flags.DEFINE_integer("step", None, "Checkpoint step of every model (default: each run's latest).")
     flags.DEFINE_integer("max_batch", 16, "Rows decoded together at most (requests x n).")
-    flags.DEFINE_float("batch_window_ms", 10, "How long the engine waits for more requests before a batch starts.")
+    flags.DEFINE_float("batch_window_ms", 10, "How long an idle engine waits for more requests before a decode starts "
+                       "(later requests join the running decode at its next step).")
     flags.DEFINE_integer("max_n", 8, "Choices per request at most (n).")
     flags.DEFINE_integer("max_tokens", 512, "Tokens per answer when a request sets no max_tokens (at most what "
                          "the context leaves).")

@@ -1,4 +1,4 @@
-"""The models a server offers and the engine thread that batches their requests into `lm.sample.stream`.
+"""The models a server offers and the engine thread that decodes their requests together (continuous batching).
 
     models = Models(workdir)                # finds base/, sft/, ppo/, grpo/ runs; loads each on first use
     engine = Engine(models, max_batch=16, window_s=0.01)
@@ -8,16 +8,18 @@
     engine.close()
 
 One thread runs every decode (JAX work stays on one thread; the web server's event loop never waits on the device).
-It takes the oldest waiting job, waits `window_s` for more to arrive, and decodes every compatible waiting job (same
-model, same top-p and stop tokens, fitting in the context together, at most `max_batch` rows) as ONE `sample.stream`
-batch: per-row temperatures (0: greedy) and one PRNG key per row, `fold_in(key(seed), choice)`, so a row's tokens
-depend on its own request only, never on what it was batched with. Each step's tokens are handed to each job's
-`emit` as a list of events; a job ends row by row (its stop token, its own max_tokens, a stop string its consumer
-found, or its client leaving), and the batch ends when all its rows have. Jobs that arrive meanwhile wait for the
-next batch (no rows join a running batch: lm.sample has no way to add rows to a live KV cache).
+It keeps one running `lm.sample.Slots` decode: a waiting job joins it at the next step when it is compatible (same
+model, same top-p and stop tokens) and fits (free rows up to `max_batch`, its prompt before the decode's cursor and
+its max_tokens before the context's end); its rows' token 0 comes from their prefill, then they move on with every
+other row, one token per step. So a short request never waits for a long one to finish. A row ends on its own (its
+stop token, its job's max_tokens, a stop string its consumer found, or its client leaving) and its slot is free for
+the next job. When the oldest waiting job cannot join (another model, say), no later job joins either: the decode
+drains and the next one starts with that job. A decode that starts from idle first waits `window_s` so that
+requests sent together start together.
 
-Compiles are kept few: the batch is padded with dummy rows to a power of two, and its decode length is rounded up to
-a power of two (within the context), since lm.sample compiles per batch size, prompt bucket and decode length.
+Per-row temperatures (0: greedy) and one PRNG key per row, `fold_in(key(seed), choice)`, folded with the row's own
+step count: a row's tokens depend on its own request only, never on what it was decoded with or when it joined.
+Each step's tokens are handed to each job's `emit` as a list of events.
 """
 import collections
 import dataclasses
@@ -28,7 +30,6 @@ import traceback
 from typing import Callable
 
 import jax
-import numpy as np
 from absl import logging
 
 from lm import chat, checkpoint, sample
@@ -162,20 +163,9 @@ def row_key(seed: int, row: int):
     return jax.random.fold_in(key, row)
 
 
-def next_power_of_two(n: int) -> int:
-    return 1 << (n - 1).bit_length()
-
-
-def decode_length(max_tokens: int, longest: int, max_len: int) -> int:
-    """Steps a batch decodes: max_tokens rounded up to a power of two where the context allows (each distinct
-    length is a compile), else exactly what the context leaves."""
-    rounded = min(next_power_of_two(max_tokens), max_len - sample.bucket(longest))
-    return rounded if rounded >= max_tokens else max_len - longest
-
-
 def default_room(prompt_len: int, max_len: int) -> int:
-    """Tokens a request that sets no max_tokens may get: what the context leaves after the padded prompt (so its
-    decode length is one of few), or after the prompt itself when that is all there is."""
+    """Tokens a request that sets no max_tokens may get: what the context leaves after the padded prompt, or after
+    the prompt itself when that is all there is."""
     return max(max_len - sample.bucket(prompt_len), 0) or max_len - prompt_len
 
 
@@ -183,7 +173,7 @@ def default_room(prompt_len: int, max_len: int) -> int:
 
 
 class Engine:
-    """The decode thread: jobs in (`submit`), batched `sample.stream` decodes, events out (each job's `emit`)."""
+    """The decode thread: jobs in (`submit`), one continuously batched `sample.Slots` decode, events out (`emit`)."""
 
     def __init__(self, models: Models, max_batch: int = 16, window_s: float = 0.01):
         if max_batch < 1:
@@ -192,8 +182,12 @@ class Engine:
         self._waiting: collections.deque[Job] = collections.deque()
         self._condition = threading.Condition()
         self._closed = False
-        self.batches = 0                    # decodes run, and the rows they held (for tests and the log)
+        self.batches = 0                    # decodes started from idle, and the most rows each held at once
         self.batch_rows: list[int] = []
+        self._decode: sample.Slots | None = None
+        self._decode_model: str | None = None
+        self._owners: list = []             # per slot: [job, row, tokens so far] or None when free
+        self._joining: Job | None = None    # the job being prefilled (it fails too if that fails)
         self._thread = threading.Thread(target=self._loop, name="lm.serve engine", daemon=True)
         self._thread.start()
 
@@ -215,6 +209,20 @@ class Engine:
             self._condition.notify()
         self._thread.join(timeout)
 
+    def warm_up(self, name: str, max_tokens: int) -> None:
+        """Compile the decode of model `name` (short prompts) for every number of rows the engine uses, started
+        together and joining one by one, so that the first requests do not wait for compiles (call before serving)."""
+        loaded = self.models.get(name)
+        prompt, key = [loaded.tokenizer.eot_id], jax.random.key(0)
+        steps = min(max_tokens, loaded.max_len - sample.bucket(1))
+        sizes = sorted({min(sample.next_power_of_two(n), self.max_batch) for n in range(1, self.max_batch + 1)})
+        for together in (True, False):
+            for rows in sizes:
+                decode = self._new_decode(loaded, loaded.chat_stop_ids, 1.0)
+                for n in ([rows] if together else [1] * rows):
+                    decode.add([prompt] * n, key, [0.0] * n, steps)
+                    decode.fetch(decode.step())
+
     # -- the thread ------------------------------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
@@ -223,98 +231,96 @@ class Engine:
                     self._condition.wait()
                 if self._closed:
                     return
-            time.sleep(self.window_s)    # let requests sent together arrive, so they share the batch
-            batch = self._take_batch()
-            if batch:
-                self._run_safely(batch)
+            time.sleep(self.window_s)    # let requests sent together arrive, so they start together
+            try:
+                self._run()
+            except Exception as error:  # a failed decode fails its requests, never the server
+                logging.error("decode failed: %s", traceback.format_exc())
+                for job in {owner[0] for owner in self._owners if owner} | {self._joining} - {None}:
+                    job.emit([("error", f"{type(error).__name__}: {error}")])
+                self._decode, self._owners, self._joining = None, [], None
 
-    def warm_up(self, name: str, max_tokens: int) -> None:
-        """Compile the decode of model `name` for every batch size the engine uses (short prompts, `max_tokens`
-        each), so the first requests do not wait for compiles (call before serving)."""
-        loaded = self.models.get(name)
-        prompt = [loaded.tokenizer.eot_id]
-        steps = decode_length(min(max_tokens, loaded.max_len - 1), 1, loaded.max_len)
-        for rows in sorted({min(next_power_of_two(n), self.max_batch) for n in range(1, self.max_batch + 1)}):
-            for temperatures in ([0.0] * rows, [0.0] * (rows - 1) + [1.0]):  # all greedy / not: two programs
-                decode = sample.stream(loaded.model, [prompt] * rows, jax.random.key(0), steps,
-                                       sample.Sampling(temperature=1.0), stop_ids=loaded.chat_stop_ids,
-                                       vocab_size=loaded.tokenizer.n_vocab, temperatures=temperatures)
-                next(decode)    # the prefill and the next step (dispatched before step 0 is handed over) compile
-                decode.close()
+    def _run(self) -> None:
+        """One decode from idle to idle: admit, dispatch a step, hand out the previous one's tokens, again."""
+        pending = None
+        while True:
+            self._admit()
+            if not any(self._owners):
+                break
+            dispatched = (self._decode.step(), list(self._owners))
+            if pending:
+                self._hand_out(*pending)     # while the device works on the step just dispatched
+            pending = dispatched
+        if pending:
+            self._hand_out(*pending)
+        self._decode = None
 
-    def _take_batch(self) -> list[Job]:
-        """The oldest live job and every later waiting job compatible with it; the others stay queued in order."""
-        with self._condition:
-            waiting = [job for job in self._waiting if not job.cancelled.is_set()]
-            self._waiting.clear()
-            if not waiting:
-                return []
-            first = waiting[0]
-            max_len = self.models.get(first.model).max_len
-            batch, rest = [first], []
-            for job in waiting[1:]:
-                (batch if self._fits(batch, job, max_len) else rest).append(job)
-            self._waiting.extend(rest)
-            return batch
-
-    def _fits(self, batch: list[Job], job: Job, max_len: int) -> bool:
-        if job.model != batch[0].model or job.stop_ids != batch[0].stop_ids:
-            return False
-        top_ps = {j.top_p for j in batch + [job] if j.sampled}   # greedy rows ignore the filters
-        if len(top_ps) > 1:
-            return False
-        if sum(len(j.prompts) for j in batch) + len(job.prompts) > self.max_batch:
-            return False
-        return max(j.longest for j in batch + [job]) + max(j.max_tokens for j in batch + [job]) <= max_len
-
-    def _run_safely(self, batch: list[Job]) -> None:
-        try:
-            self._run(batch)
-        except Exception as error:  # a failed decode fails its requests, never the server
-            logging.error("decode failed: %s", traceback.format_exc())
-            for job in batch:
-                job.emit([("error", f"{type(error).__name__}: {error}")])
-
-    def _run(self, batch: list[Job]) -> None:
-        loaded = self.models.get(batch[0].model)
-        rows = [(job, row) for job in batch for row in range(len(job.prompts))]
-        prompts = [job.prompts[row] for job, row in rows]
-        keys = [row_key(job.seed, row) for job, row in rows]
-        temperatures = [job.temperature for job, _ in rows]
-        padding = min(next_power_of_two(len(rows)), self.max_batch) - len(rows)   # dummy greedy rows, never emitted
-        prompts, keys, temperatures = prompts + prompts[:1] * padding, keys + keys[:1] * padding, \
-            temperatures + [0.0] * padding
-        longest = max(map(len, prompts))
-        steps = decode_length(max(job.max_tokens for job in batch), longest, loaded.max_len)
-        top_p = next((job.top_p for job in batch if job.sampled), 1.0)
-        self.batches += 1
-        self.batch_rows.append(len(rows))
-        logging.info("batch %d: %d request(s), %d row(s) (+%d padding), %d steps", self.batches, len(batch),
-                     len(rows), padding, steps)
-        counts = [0] * len(rows)
-        live = [True] * len(rows)
-        decode = sample.stream(loaded.model, prompts, jax.numpy.stack(keys), steps,
-                               sample.Sampling(temperature=1.0, top_p=top_p), stop_ids=batch[0].stop_ids,
-                               vocab_size=loaded.tokenizer.n_vocab, temperatures=temperatures)
-        try:
-            for step in decode:
-                events = collections.defaultdict(list)
-                for i, (job, row) in enumerate(rows):
-                    if not live[i]:
-                        continue
-                    if job.cancelled.is_set() or row in job.ended_rows:
-                        live[i] = False     # its consumer needs nothing more
-                        continue
-                    counts[i] += 1
-                    events[job].append(("token", row, int(step.tokens[i]), float(step.logprobs[i])))
-                    if step.stopped[i] or counts[i] >= job.max_tokens:
-                        events[job].append(("finish", row, "stop" if step.stopped[i] else "length"))
-                        live[i] = False
-                for job, job_events in events.items():
-                    job.emit(job_events)
-                if not any(live):
+    def _admit(self) -> None:
+        """Every waiting job that can join the running decode now, oldest first, up to the first that cannot."""
+        while True:
+            with self._condition:
+                while self._waiting and self._waiting[0].cancelled.is_set():
+                    self._waiting.popleft()
+                if not self._waiting or self._closed:
                     return
-            for job, row in (rows[i] for i in range(len(rows)) if live[i]):  # not reached: steps >= max_tokens
-                job.emit([("finish", row, "length")])
-        finally:
-            decode.close()
+                job = self._waiting[0]
+                if not any(self._owners):   # idle: a new decode for this job's model, stop ids and top-p
+                    loaded = self.models.get(job.model)
+                    self._decode = self._new_decode(loaded, job.stop_ids, job.top_p if job.sampled else 1.0)
+                    self._decode_model, self._owners = job.model, []
+                    self.batches += 1
+                    self.batch_rows.append(0)
+                elif not self._can_join(job):
+                    return
+                self._joining = self._waiting.popleft()
+            self._join(job)
+            self._joining = None
+
+    def _can_join(self, job: Job) -> bool:
+        """Same model and stop ids as the running decode, its top-p if the job samples (greedy rows ignore the
+        filters), and room for it now."""
+        decode = self._decode
+        return job.model == self._decode_model and job.stop_ids == decode.stop_ids and \
+            (not job.sampled or job.top_p == decode.sampling.top_p) and \
+            decode.can_add(len(job.prompts), job.longest, job.max_tokens)
+
+    def _new_decode(self, loaded: LoadedModel, stop_ids: tuple, top_p: float) -> sample.Slots:
+        return sample.Slots(loaded.model, self.max_batch, sample.Sampling(temperature=1.0, top_p=top_p),
+                            stop_ids=stop_ids, vocab_size=loaded.tokenizer.n_vocab)
+
+    def _join(self, job: Job) -> None:
+        """Prefill the job's rows into free slots and hand out their token 0."""
+        n = len(job.prompts)
+        keys = jax.numpy.stack([row_key(job.seed, row) for row in range(n)])
+        slots, first = self._decode.add(job.prompts, keys, [job.temperature] * n, job.max_tokens)
+        self._owners += [None] * (self._decode.size - len(self._owners))
+        for slot, row in zip(slots, range(n)):
+            self._owners[slot] = [job, row, 0]
+        self.batch_rows[-1] = max(self.batch_rows[-1], sum(map(bool, self._owners)))
+        logging.info("decode %d: a job of %d row(s) joins at column %d; %d of %d slots busy", self.batches, n,
+                     self._decode.index, sum(map(bool, self._owners)), self._decode.size)
+        self._hand_out(first, [self._owners[slot] for slot in slots], slots)
+
+    def _hand_out(self, emitted, owners, slots=None) -> None:
+        """Each live row's token of one step to its job (rows that left since the step was dispatched are skipped)."""
+        step = emitted if isinstance(emitted, sample.Step) else self._decode.fetch(emitted)
+        slots = range(len(owners)) if slots is None else slots
+        events = collections.defaultdict(list)
+        for i, (slot, owner) in enumerate(zip(slots, owners)):
+            if owner is None or slot >= len(self._owners) or self._owners[slot] is not owner:
+                continue    # a free slot, or its row left (or its decode ended) after the step was dispatched
+            job, row, count = owner
+            if job.cancelled.is_set() or row in job.ended_rows:
+                self._free(slot)    # its consumer needs nothing more
+                continue
+            owner[2] = count = count + 1
+            events[job].append(("token", row, int(step.tokens[i]), float(step.logprobs[i])))
+            if step.stopped[i] or count >= job.max_tokens:
+                events[job].append(("finish", row, "stop" if step.stopped[i] else "length"))
+                self._free(slot)
+        for job, job_events in events.items():
+            job.emit(job_events)
+
+    def _free(self, slot: int) -> None:
+        self._owners[slot] = None
+        self._decode.release(slot)

@@ -8,41 +8,35 @@ CONTENT, REASONING = "content", "reasoning_content"
 class ChoiceText:
     """feed(token) -> [(field, text)] deltas, field CONTENT or REASONING; close() -> the rest.
 
-    With `reasoning`, a completion that opens with <|think_start|> is thinking up to <|think_end|> (as
-    lm.tokenizer.chat.parse_completion splits it), streamed as REASONING; everything else is CONTENT. Stop strings
-    apply to the content; `hit_stop` says one was found (the content ends before it; later tokens are ignored).
+    The split into thinking and answer is lm.tokenizer.chat.CompletionStream's (with `reasoning`, a completion that
+    opens with <|think_start|> is thinking up to <|think_end|>, streamed as REASONING; everything else is CONTENT).
+    Stop strings apply to the content; `hit_stop` says one was found (the content ends before it; later tokens are
+    ignored).
     """
 
     def __init__(self, tokenizer, hidden_ids=(), stops=(), reasoning: bool = True):
-        self.decoder = tokenizer.stream_decoder()
-        self.hidden_ids, self.stops = set(hidden_ids), [s for s in stops if s]
-        self.think_start = tokenizer.token_id(template.THINK_START) if reasoning else None
-        self.think_end = tokenizer.token_id(template.THINK_END) if reasoning else None
+        self.parts = template.CompletionStream(tokenizer, hidden_ids, reasoning)
+        self.stops = [s for s in stops if s]
         self.tokens: list[int] = []     # every token fed (what usage counts), stop token included
-        self.thinking = False
         self.content = ""               # the content so far (after a stop string: up to it)
         self.sent = 0                   # characters of content already returned as deltas
         self.hit_stop = False
 
     def feed(self, token: int) -> list[tuple[str, str]]:
         self.tokens.append(token)
-        if self.hit_stop or token in self.hidden_ids:
-            return []
-        if token == self.think_start and len(self.tokens) == 1:
-            self.thinking = True
-            return []
-        if token == self.think_end and self.thinking:
-            self.thinking = False
-            return _delta(REASONING, self.decoder.flush())
-        text = self.decoder.feed(token)
-        return _delta(REASONING, text) if self.thinking else self._add_content(text)
+        return [] if self.hit_stop else self._deltas(self.parts.feed(token))
 
     def close(self) -> list[tuple[str, str]]:
         """What is still held back (a partial character, text that looked like the start of a stop string)."""
-        if self.hit_stop:
-            return []
-        rest = self.decoder.flush()
-        return _delta(REASONING, rest) if self.thinking else self._add_content(rest, final=True)
+        return [] if self.hit_stop else self._deltas(self.parts.close(), final=True)
+
+    def _deltas(self, pieces, final: bool = False) -> list[tuple[str, str]]:
+        out = []
+        for part, text in pieces:
+            out += _delta(REASONING, text) if part == template.THINKING else self._add_content(text)
+        if final:
+            out += self._add_content("", final=True)
+        return out
 
     def _add_content(self, text: str, final: bool = False) -> list[tuple[str, str]]:
         self.content += text

@@ -159,6 +159,49 @@ def parse_completion(tokenizer: Tokenizer, ids: Sequence[int]) -> Completion:
     return Completion(tokenizer.decode(ids[1:split]), tokenizer.decode(ids[split + 1:]), ended)
 
 
+THINKING, ANSWER = "thinking", "answer"
+
+
+class CompletionStream:
+    """Generated ids -> text pieces while they arrive, split as parse_completion splits the whole: `feed(id)` and
+    `close()` return [(THINKING or ANSWER, text)]. Thinking is the text after a leading <|think_start|> up to
+    <|think_end|> (`thinking` says the stream is inside it); multi-byte characters stay whole (the tokenizer's stream
+    decoder holds a partial one back until close); ids in `hidden_ids` (stop tokens) are not shown. With
+    `reasoning=False` every id is answer text (a base model's continuation)."""
+
+    def __init__(self, tokenizer: Tokenizer, hidden_ids=(), reasoning: bool = True):
+        self.decoder = tokenizer.stream_decoder()
+        self.hidden_ids = set(hidden_ids)
+        self.think_start = tokenizer.token_id(THINK_START) if reasoning else None
+        self.think_end = tokenizer.token_id(THINK_END) if reasoning else None
+        self.fed = 0
+        self.thinking = False
+
+    def feed(self, token: int) -> list[tuple[str, str]]:
+        self.fed += 1
+        if token in self.hidden_ids:
+            return []
+        if token == self.think_start and self.fed == 1:
+            self.thinking = True
+            return []
+        if token == self.think_end and self.thinking:
+            self.thinking = False
+            return _piece(THINKING, self.decoder.flush())
+        return _piece(self.part, self.decoder.feed(token))
+
+    def close(self) -> list[tuple[str, str]]:
+        """The text still held back (a partial character at the end)."""
+        return _piece(self.part, self.decoder.flush())
+
+    @property
+    def part(self) -> str:
+        return THINKING if self.thinking else ANSWER
+
+
+def _piece(part: str, text: str) -> list[tuple[str, str]]:
+    return [(part, text)] if text else []
+
+
 def _render(tokenizer: Tokenizer, messages) -> tuple[list[int], list[int]]:
     special = tokenizer.token_id
     ids, mask = [special(BEGIN)], [0]
