@@ -9,7 +9,7 @@ TTFT = seconds from the call until the first token is in the caller's hands (gen
 tokens/s = new_tokens / seconds of the whole call. No stop tokens, so every row generates new_tokens. Compilation is
 excluded (each path runs once untimed); the paths take turns so a load change on a shared machine hits them alike.
 Also checks that both give the same tokens. The foreign CPU load over the timed runs is recorded
-(benchmarks/cpu_load.py); above --max_foreign_load cores (or under 2 s timed) the run is CONTENDED (TOO-SHORT):
+(benchmarks/quiet.py); above 0.1 foreign cores (or under 2 s timed) the run is CONTENDED (TOO-SHORT):
 printed with that verdict, --output (benchmarks/results/chat.json) not written, exit code 3.
 """
 import os
@@ -25,7 +25,7 @@ from absl import app, flags
 from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from benchmarks import cpu_load  # noqa: E402
+from benchmarks import quiet  # noqa: E402
 from lm import config as lm_config  # noqa: E402
 from lm import sample  # noqa: E402
 from lm.model import Transformer, param_count  # noqa: E402
@@ -100,13 +100,13 @@ def bench_config(path: str) -> dict:
 
 def main(argv):
     del argv
-    with cpu_load.ForeignLoad() as load:
+    with quiet.ForeignLoad() as load:
         rows = [bench_config(path) for path in _CONFIGS.value]
-    cpu_load.write_unless_contended(dict(
+    quiet.write_if_quiet(dict(
         benchmark="chat latency at batch 1: lm.sample.stream vs generate_ids",
         command="python benchmarks/bench_chat.py " + " ".join(sys.argv[1:]), results=rows, repeats=_REPEATS.value,
         machine=dict(platform=platform.platform(), cpus=os.cpu_count(), jax=jax.__version__,
-                     backend=jax.default_backend(), devices=str(jax.devices()[0]))), load, _OUTPUT.value)
+                     backend=jax.default_backend(), devices=str(jax.devices()[0]))), _OUTPUT.value, load)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ explicit reference model); its phases are timed by wrapping its generation (roll
 (scoring) and the rest of the update (training).
 
 Contention: each part (ours, every TRL worker) records the foreign CPU load while it ran (busy CPU time from
-/proc/stat less this process's and its workers', over the wall time; bench_train's meter). Above --max_foreign_load
+/proc/stat less this process's and its workers', over the wall time; benchmarks/quiet.py). Above --max_foreign_load
 cores the run is marked CONTENDED, benchmarks/results/rlhf_cpu.json is not written and the exit code is 3. The quiet
 run (alone on the machine):
 
@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import pathlib
-import resource
 import statistics
 import subprocess
 import sys
@@ -37,7 +36,7 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "rlhf_cpu.json"
 QUIET_COMMAND = "../shared/tools/quiet-run -- python benchmarks/bench_rlhf.py"
-sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO))
 SHAPE = dict(n_layers=2, d_model=128, n_heads=4, d_ff=512, max_len=128)
 RM = dict(batch=16, seq_len=96, pairs=256)
 PPO = dict(rollout_batch=32, minibatches=2, epochs=2, max_new_tokens=24, max_prompt_tokens=32)
@@ -47,7 +46,6 @@ PPO = dict(rollout_batch=32, minibatches=2, epochs=2, max_new_tokens=24, max_pro
 
 def prepare(out: pathlib.Path) -> dict:
     """Tokenizer, model weights (ours and HF), pre-tokenized pairs and prompts under `out`."""
-    sys.path.insert(0, str(REPO))
     import ml_collections
     from flax import nnx
 
@@ -310,30 +308,12 @@ def run_worker(python: str, name: str, spec_path: pathlib.Path, steps: int, thre
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-class ForeignLoad:
-    """`with ForeignLoad() as load:` ... then load.cores: other processes' busy cores while the block ran."""
-
-    def __enter__(self):
-        self.start = self._now()
-        return self
-
-    def __exit__(self, *exc):
-        busy, own, wall = (after - before for after, before in zip(self._now(), self.start))
-        self.cores = round(max(0.0, busy - own) / max(wall, 1e-9), 3)
-        self.seconds = round(wall, 1)
-
-    @staticmethod
-    def _now():
-        from bench_train import busy_cpu_seconds, own_cpu_seconds  # imported here: TRL workers never need it
-        own = own_cpu_seconds(resource.RUSAGE_SELF) + own_cpu_seconds(resource.RUSAGE_CHILDREN)
-        return busy_cpu_seconds(), own, time.perf_counter()
-
-
 def measured(loads: dict, name: str, fn, *args):
     """fn(*args), with the foreign load while it ran recorded as loads[name]."""
-    with ForeignLoad() as load:
+    from benchmarks import quiet   # imported here: TRL workers never need it
+    with quiet.ForeignLoad() as load:
         out = fn(*args)
-    loads[name] = dict(foreign_load_cores=load.cores, seconds=load.seconds)
+    loads[name] = dict(foreign_load_cores=load.cores, seconds=round(load.wall, 1))
     return out
 
 

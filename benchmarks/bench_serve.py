@@ -13,8 +13,8 @@ first streamed token (the one-at-a-time peers: to the end of its call, since the
 the requests wait their turn). Compilation is excluded: the server warms up every batch size (--warmup_tokens) and
 untimed rounds run first. Medians over rounds.
 
-The foreign CPU load over the timed rounds is recorded (benchmarks/cpu_load.py: busy CPU less this process's and
-the server's). Above --max_foreign_load cores the run is CONTENDED (or TOO-SHORT under 2 s): the figures are
+The foreign CPU load over the timed rounds is recorded (benchmarks/quiet.py: busy CPU less this process's and
+the server's). Above 0.1 foreign cores the run is CONTENDED (or TOO-SHORT under 2 s): the figures are
 printed with that verdict, --output is not written and the exit code is 3.
 """
 import concurrent.futures
@@ -35,7 +35,7 @@ from flax import nnx
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks import cpu_load  # noqa: E402
+from benchmarks import quiet  # noqa: E402
 from lm import checkpoint, sample  # noqa: E402
 from lm import config as lm_config  # noqa: E402
 from lm.model import Transformer, hf, param_count  # noqa: E402
@@ -176,18 +176,18 @@ def main(argv):
         with open(workdir / "serve.log", "w") as log:
             process, url = start_server(workdir, max(clients), _NEW.value, log)
             try:
-                with cpu_load.ForeignLoad(pids=[process.pid]) as load:
+                with quiet.ForeignLoad(pids=[process.pid]) as load:
                     for n in clients:
                         rows.append(measure_clients(n, url, model, torch_model, tok))
             finally:
                 process.kill()
                 process.wait(timeout=30)
-    cpu_load.write_unless_contended(dict(
+    quiet.write_if_quiet(dict(
         benchmark="lm.serve (continuous batching) vs one request at a time (HF generate, generate_ids loop)",
         command="python benchmarks/bench_serve.py " + " ".join(sys.argv[1:]), results=rows, config=_CONFIG.value,
         params=param_count(config.model), vocab_size=tok.n_vocab, new_tokens=_NEW.value, rounds=_ROUNDS.value,
         machine=dict(platform=platform.platform(), devices=str(jax.devices()), cpus=os.cpu_count())),
-        load, _OUTPUT.value)
+        _OUTPUT.value, load)
 
 
 def measure_clients(n, url, model, torch_model, tok) -> dict:

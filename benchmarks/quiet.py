@@ -2,7 +2,7 @@
 
 On 2 shared cores a contended run flatters whichever side suffers less (PyTorch's OpenMP threads collapse under
 foreign load), so every benchmark measures the foreign load (the machine's busy CPU time from /proc/stat minus its
-own processes', over the wall time), records it in its results JSON, and writes nothing above --max_foreign_load
+own processes', over the wall time), records it in its results JSON, and writes nothing above 0.1
 cores. Run benchmarks under ../shared/tools/quiet-run, which also waits for quiet and holds a lock.
 
     with quiet.ForeignLoad() as load:
@@ -30,24 +30,33 @@ def own_cpu_seconds(who=resource.RUSAGE_SELF) -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-class ForeignLoad:
-    """Foreign busy cores over a block: busy CPU minus this process's and its reaped children's CPU, per second.
-    Work in processes that are still running at exit (pools, servers) must be added with `add_own(seconds)`."""
+def process_cpu_seconds(pid: int) -> float:
+    """utime + stime of process `pid` (0 when it is gone)."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    def __init__(self, max_load: float = MAX_FOREIGN_LOAD):
-        self.max_load, self.extra_own, self.cores, self.wall = max_load, 0.0, None, None
+
+class ForeignLoad:
+    """Foreign busy cores over a block: busy CPU minus this process's, its reaped children's and `pids`' CPU (e.g. a
+    server subprocess still running at exit), per second of wall time."""
+
+    def __init__(self, pids=(), max_load: float = MAX_FOREIGN_LOAD):
+        self.pids, self.max_load, self.cores, self.wall = list(pids), max_load, None, None
+
+    def _own(self) -> float:
+        return (own_cpu_seconds() + own_cpu_seconds(resource.RUSAGE_CHILDREN)
+                + sum(process_cpu_seconds(pid) for pid in self.pids))
 
     def __enter__(self):
-        self._own = own_cpu_seconds() + own_cpu_seconds(resource.RUSAGE_CHILDREN)
-        self._busy, self._start = busy_cpu_seconds(), time.perf_counter()
+        self._own_start, self._busy, self._start = self._own(), busy_cpu_seconds(), time.perf_counter()
         return self
-
-    def add_own(self, seconds: float) -> None:
-        self.extra_own += seconds
 
     def __exit__(self, *exc):
         self.wall = time.perf_counter() - self._start
-        own = own_cpu_seconds() + own_cpu_seconds(resource.RUSAGE_CHILDREN) - self._own + self.extra_own
+        own = self._own() - self._own_start
         self.cores = round(max(0.0, busy_cpu_seconds() - self._busy - own) / self.wall, 3)
         return False
 

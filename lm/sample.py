@@ -185,7 +185,8 @@ def _request(model, prompts, key, max_new_tokens, sampling, stop_ids, stop_seque
     if longest + max_new_tokens > spec.max_len:
         raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} > "
                          f"config.model.max_len={spec.max_len}")
-    tokens, positions = left_pad(prompts, bucket(longest))
+    # the bucket never pads past the context: GPT-2's learned positions end there (a 70-token prompt of a 96 context)
+    tokens, positions = left_pad(prompts, min(bucket(longest), spec.max_len))
     temperatures = np.full(len(prompts), sampling.temperature, np.float32) if temperatures is None \
         else np.asarray(temperatures, np.float32).reshape(-1)
     if temperatures.shape != (len(prompts),) or (temperatures < 0).any():

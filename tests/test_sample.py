@@ -370,6 +370,21 @@ def test_rows_joining_a_running_decode_equal_each_alone(models, family):
     assert len({tuple(t) for t in tokens.values()}) == 4
 
 
+def test_a_prompt_whose_bucket_passes_the_context_still_decodes(models):
+    """max_len 96: a 70-token prompt buckets to 128 slots, more than GPT-2's learned positions; it is padded to the
+    context instead, and the tokens equal greedy decoding without a cache."""
+    model, n = models["gpt2"], 8
+    prompt = np.random.default_rng(0).integers(0, 500, 70).tolist()
+    out = sample.generate_ids(model, [prompt], jax.random.key(0), n, sample.Sampling(temperature=0))
+    graphdef, state = nnx.split(model)
+    tokens = list(prompt)
+    for _ in range(n):
+        padded = np.zeros((1, model.spec.max_len), np.int32)
+        padded[0, :len(tokens)] = tokens
+        tokens.append(int(jnp.argmax(_forward(state, padded, graphdef=graphdef)[0, len(tokens) - 1])))
+    assert out.tokens[0].tolist() == tokens[len(prompt):]
+
+
 def test_score_tokens_equal_a_forward_pass(models, prompts):
     model = models["gpt2"]
     tokens = np.zeros((len(prompts), 16), np.int32)
