@@ -9,7 +9,10 @@ Both steps are the same compiled program for the same shapes (SFT differs only i
 should match and the supervised rate is the all-token rate times the supervised fraction of a row: the figure that
 says how much of SFT's compute padding and prompts take.
 
-    python benchmarks/bench_sft.py [--rounds=5] [--steps=10] [--sizes=tiny]
+    ../shared/tools/quiet-run -- python benchmarks/bench_sft.py [--rounds=5] [--steps=10] [--sizes=tiny]
+
+The foreign CPU load over each shape's timed rounds is recorded (benchmarks/quiet.py); results/sft.json is written
+only when every shape was quiet (else the figures are printed as CONTENDED and the exit code is 3).
 """
 import json
 import multiprocessing
@@ -28,6 +31,7 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from benchmarks import quiet  # noqa: E402
 from lm import config as lm_config  # noqa: E402
 from lm import mesh as lm_mesh  # noqa: E402
 from lm import model as lm_model  # noqa: E402
@@ -128,16 +132,17 @@ def run_size(name, size, vocab, directory, rounds, steps):
         workers[side] = (process, parent)
     first = {side: connection.recv() for side, (_, connection) in workers.items()}
     rates = {side: [] for side in workers}
-    for r in range(rounds):
-        for side, (_, connection) in workers.items():
-            connection.send((1 + r * steps, steps))
-            rates[side].append(connection.recv())
+    with quiet.ForeignLoad(pids=[process.pid for process, _ in workers.values()]) as load:
+        for r in range(rounds):
+            for side, (_, connection) in workers.items():
+                connection.send((1 + r * steps, steps))
+                rates[side].append(connection.recv())
     for process, connection in workers.values():
         connection.send(None)
         process.join()
     config = make_config(size, vocab)
     result = dict(size, params=lm_model.param_count(config.model), vocab=vocab,
-                  first_loss={side: values[0] for side, values in first.items()})
+                  first_loss={side: values[0] for side, values in first.items()}, **load.fields())
     for side, values in rates.items():
         supervised, processed = (float(np.median([v[i] for v in values])) for i in (0, 1))
         result[side] = dict(supervised_tokens_per_sec=round(supervised, 1), all_tokens_per_sec=round(processed, 1),
@@ -151,8 +156,8 @@ def run_size(name, size, vocab, directory, rounds, steps):
           f"SFT {result['sft']['supervised_tokens_per_sec']:,.0f} supervised tok/s of "
           f"{result['sft']['all_tokens_per_sec']:,.0f} tok/s ({result['sft']['supervised_fraction']:.1%}); "
           f"pretraining {result['pretrain']['all_tokens_per_sec']:,.0f} tok/s; SFT / pretraining (all tokens) = "
-          f"{result['sft_over_pretrain_all_tokens']:.2f}x", flush=True)
-    return result
+          f"{result['sft_over_pretrain_all_tokens']:.2f}x; foreign load {load.cores} cores", flush=True)
+    return result, load
 
 
 def main(argv):
@@ -160,19 +165,18 @@ def main(argv):
     with tempfile.TemporaryDirectory() as tmp:
         directory = pathlib.Path(tmp)
         prepare(directory, _VOCAB.value)
-        results = {}
+        results, loads = {}, {}
         for name in _SIZES.value:
             size = SIZES[name]
             if not (directory / f"sft_{size['seq_len']}").exists():
                 write_conversations(directory, size["seq_len"])
-            results[name] = run_size(name, size, _VOCAB.value, directory, _ROUNDS.value, _STEPS.value)
+            results[name], loads[name] = run_size(name, size, _VOCAB.value, directory, _ROUNDS.value, _STEPS.value)
     report = dict(benchmark="SFT (supervised and all tokens/s) vs pretraining tokens/s, same model, interleaved",
                   command="python benchmarks/bench_sft.py " + " ".join(sys.argv[1:]),
                   machine=dict(cpus=os.cpu_count(), processor=platform.processor() or platform.machine()),
                   jax=jax.__version__, results=results)
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {RESULTS}")
+    worst = max(loads.values(), key=lambda load: (load.verdict != "OK", load.cores))   # the worst shape decides
+    quiet.write_if_quiet(report, RESULTS, worst)
 
 
 if __name__ == "__main__":
