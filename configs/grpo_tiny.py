@@ -18,6 +18,23 @@ jobs (steps count, not seconds), 128 held-out draws, eval_seed 0:
   0.08; RL does not teach the copy either.
 - the earlier session (1-digit + without larger_first, SFT greedy 0.12, lr 3e-4, seed 0): 0.22 after 20 steps,
   0.17 after 60, pass@8 0.77 -> 0.65.
+- a second tuning session (same SFT start and draws unless said; `--config.train.steps` counts minibatch updates):
+  epochs 2 (40 steps = 10 rollouts; benchmarks/grpo_goal.py --contended --set=grpo.epochs=2): seeds 0 / 1 / 2:
+  0.39 -> 0.51 / 0.33 / 0.34 (+0.12 / -0.06 / -0.05), pass@8 0.73 -> 0.73 / 0.75 / 0.79 -- seed 0 alone; run on
+  to 80 steps (seed 0) the greedy curve is 0.39 / 0.39 / 0.51 / 0.33 / 0.40 at steps 0 / 20 / 40 / 60 / 80, a walk
+  of one or two of the 22 problems, with train rollout reward flat at ~0.5.
+  lr 2e-4, 80 steps (seed 0): train rollout reward 0.49 -> ~0.6-0.69 while held-out greedy falls 0.39 -> 0.31 /
+  0.22 / 0.20 / 0.16 (steps 20-80): sharpening the train problems' sums costs the held-out ones.
+  The SFT run's own 200-step checkpoint (--config.grpo.init_step=200; mid-cosine): greedy 0.00, pass@8 0.47, train
+  reward ~0.15 with 31-44% of groups all-wrong; 40 steps at lr 1e-4 (seed 0): greedy stays 0.00, pass@8 0.41.
+  A shorter SFT (--config.train.steps=300 of configs/sft_tiny.py, its own full cosine; 92 s): greedy 0.04, pass@1
+  0.12, pass@8 0.58 on these draws, its errors now also miscopied operands ("3 + 9" worked as "9 + 2"); the
+  default GRPO from it (benchmarks/grpo_goal.py --contended): seeds 0 / 1 / 2: greedy 0.04 -> 0.20 / 0.02 / 0.14
+  (+0.16 / -0.02 / +0.10), pass@8 0.58 -> 0.55 / 0.56 / 0.57 -- the goal's shape on 2 of 3 seeds, not on seed 1
+  (0.04 / 0.07 / 0.02 at steps 0 / 20 / 40); train rollout reward ~0.2 -> ~0.25.
+  The same start with epochs 2: 0.04 -> 0.06 / 0.09 / 0.05 (+0.02 / +0.06 / +0.01), pass@8 0.58 -> 0.59 / 0.52 /
+  0.53 (seed 0 passed 0.22 at step 20 and fell back). Greedy on 22 distinct problems moves ~0.05 a problem, and
+  single-seed "wins" (two so far) did not survive the other seeds.
 """
 from configs import sft_tiny, tiny
 from lm.train import grpo
