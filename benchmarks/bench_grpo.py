@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import pathlib
+import shutil
 import resource
 import statistics
 import subprocess
@@ -178,7 +179,8 @@ def main():
         return child(args)
 
     directory = pathlib.Path(args.dir)
-    directory.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(directory, ignore_errors=True)   # scratch: a rerun must not find the last run's checkpoints
+    directory.mkdir(parents=True)
     setup = prepare(directory, args.prompts)
     (directory / "setup.json").write_text(json.dumps(setup))
     common = [f"--dir={directory}", f"--prompts={args.prompts}", f"--group={args.group}",
