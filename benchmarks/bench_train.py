@@ -232,16 +232,10 @@ def stop_workers(workers):
         process.join()
 
 
-def rss_bytes(pid: int) -> int:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def available_bytes() -> int:
-    for line in open("/proc/meminfo"):
-        if line.startswith("MemAvailable:"):
+def proc_kb_field(path: str, field: str) -> int:
+    """A "<field>: <n> kB" line of a /proc file, in bytes (0 when absent)."""
+    for line in open(path):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     return 0
 
@@ -251,8 +245,8 @@ def lever_groups(levers, anchors, max_workers: int) -> list[list[str]]:
     each do not fit in 24 GB. max_workers 0: as many as fit in 70% of the memory now available, judged by the
     largest anchor worker's resident size."""
     if not max_workers:
-        largest = max(rss_bytes(process.pid) for process, _ in anchors.values())
-        max_workers = len(anchors) + int(0.7 * available_bytes() / max(largest, 1))
+        largest = max(proc_kb_field(f"/proc/{process.pid}/status", "VmRSS") for process, _ in anchors.values())
+        max_workers = len(anchors) + int(0.7 * proc_kb_field("/proc/meminfo", "MemAvailable") / max(largest, 1))
     per_group = max(1, max_workers - len(anchors))
     return [levers[i:i + per_group] for i in range(0, len(levers), per_group)] or [[]]
 

@@ -23,7 +23,7 @@ from lm import checkpoint
 from lm import config as lm_config
 from lm.model import hf, param_count
 from lm.tokenizer import encoding
-from lm.tokenizer.base import byte_to_unicode
+from lm.tokenizer.base import byte_level_ranks, byte_to_unicode
 
 FLAGS = flags.FLAGS
 HF_TOKENIZER = "tokenizer.json"
@@ -95,13 +95,8 @@ def tokenizer_from_hf(path) -> encoding.TiktokenTokenizer:
         raise ValueError(f"{path}: a {model.get('type')} model with pre_tokenizer "
                          f"{(data.get('pre_tokenizer') or {}).get('type')}: only byte-level BPE converts")
     specials = {t["content"]: t["id"] for t in data.get("added_tokens") or []}
-    unicode_to_byte = {c: b for b, c in byte_to_unicode().items()}
-    try:
-        ranks = {bytes(unicode_to_byte[c] for c in token): i for token, i in model["vocab"].items()
-                 if token not in specials}
-    except KeyError as error:
-        raise ValueError(f"{path}: a token with a character outside the byte-level alphabet: {error}") from None
-    _check_merge_order(path, model, ranks, unicode_to_byte)
+    ranks = byte_level_ranks(model["vocab"], path, skip=specials)
+    _check_merge_order(path, model, ranks, {c: b for b, c in byte_to_unicode().items()})
     return encoding.from_ranks(path.parent.name, ranks, pattern, specials)
 
 

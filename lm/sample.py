@@ -277,7 +277,7 @@ def _mesh_of(state):
 
 def bucket(length: int) -> int:
     """The padded length of a batch whose longest row has `length` tokens: a power of two, at least PROMPT_BUCKET."""
-    return max(PROMPT_BUCKET, 1 << (length - 1).bit_length())
+    return max(PROMPT_BUCKET, next_power_of_two(length))
 
 
 def left_pad(prompts, length: int):

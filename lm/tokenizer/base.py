@@ -122,3 +122,14 @@ def byte_to_unicode() -> dict[int, str]:
     extra = (b for b in range(256) if b not in mapping)
     mapping.update({b: chr(256 + n) for n, b in enumerate(extra)})
     return dict(sorted(mapping.items()))
+
+
+def byte_level_ranks(vocab: dict[str, int], source, skip=()) -> dict[bytes, int]:
+    """A byte-level vocabulary (GPT-2's encoder.json, an HF tokenizer.json's model.vocab: printable-character
+    tokens -> id) as tiktoken ranks (token bytes -> id), leaving out the tokens in `skip` (its special tokens);
+    a character outside the byte alphabet is an error naming `source`."""
+    unicode_to_byte = {c: b for b, c in byte_to_unicode().items()}
+    try:
+        return {bytes(unicode_to_byte[c] for c in token): i for token, i in vocab.items() if token not in skip}
+    except KeyError as error:
+        raise ValueError(f"{source}: a token with a character outside the byte-level alphabet: {error}") from None

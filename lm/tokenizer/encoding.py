@@ -15,7 +15,7 @@ import tempfile
 import tiktoken
 from absl import logging
 
-from lm.tokenizer.base import ENDOFTEXT, AllowedSpecial, Tokenizer, byte_to_unicode, with_reserved_specials
+from lm.tokenizer.base import ENDOFTEXT, AllowedSpecial, Tokenizer, byte_level_ranks, with_reserved_specials
 
 # GPT-4's pre-split (tiktoken's cl100k_base pattern): contractions, letters, 1-3 digits, punctuation, whitespace.
 GPT4_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
@@ -229,13 +229,9 @@ def load_directory(directory) -> TiktokenTokenizer:
 def load_data_gym(encoder_json, vocab_bpe) -> TiktokenTokenizer:
     """GPT-2 from encoder.json (token -> id) and vocab.bpe (the merges, which must agree)."""
     encoder_data, merges_data = pathlib.Path(encoder_json).read_bytes(), pathlib.Path(vocab_bpe).read_bytes()
-    unicode_to_byte = {c: b for b, c in byte_to_unicode().items()}
     encoder = json.loads(encoder_data)
     specials = {token: i for token, i in encoder.items() if token.startswith("<|") and token.endswith("|>")}
-    try:
-        ranks = {bytes(unicode_to_byte[c] for c in token): i for token, i in encoder.items() if token not in specials}
-    except KeyError as error:
-        raise ValueError(f"{encoder_json}: token with a character outside GPT-2's byte alphabet: {error}") from None
+    ranks = byte_level_ranks(encoder, encoder_json, skip=specials)
     merges = [line for line in merges_data.decode().splitlines()[1:] if line]
     if len(merges) != len(ranks) - 256:
         raise ValueError(f"{vocab_bpe}: {len(merges)} merges do not match {len(ranks)} tokens in {encoder_json}")
