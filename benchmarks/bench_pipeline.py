@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks import quiet  # noqa: E402
 SHARED = pathlib.Path(os.environ.get("LM_SHARED_DATA", REPO.parent / "shared" / "data"))
 FINEWEB = SHARED / "web/text/fineweb_sample10BT_2400docs.jsonl.gz"
 CL100K = SHARED / "tokenizers/cl100k_base.tiktoken"
@@ -100,6 +101,7 @@ def bench_consumption(name: str, batch: int, seq_len: int, steps: int) -> dict:
     model_config = config.model
     with model_config.unlocked():
         model_config.vocab_size = model_config.vocab_size or config.tokenizer.vocab_size
+        model_config.max_len = max(model_config.max_len, seq_len)   # the tiny shape at seq_len 1024 too
     mesh = lm_mesh.make_mesh(dict(data=-1, fsdp=1, tensor=1), jax.devices()[:1])
     with jax.set_mesh(mesh):
         step, params = train_step_fn(model_config)
@@ -152,6 +154,20 @@ def main():
     from lm import tokenizer as lm_tokenizer
     tok = lm_tokenizer.load(CL100K)
     results = {"machine": f"{os.cpu_count()} CPU cores", "seq_len": SEQ_LEN, "global_batch": GLOBAL_BATCH}
+    with quiet.ForeignLoad() as load:
+        measure(args, tok, results)
+    pipeline_rate = results["pipeline"]["tfdata_concat_tokens_per_s"]
+    print(f"\npipeline (tf.data, concat, seq_len {SEQ_LEN}, batch {GLOBAL_BATCH}): {pipeline_rate:,} tokens/s")
+    for row in results["consumption"]:
+        print(f"  vs {row['config']} fwd+bwd (batch {row['batch']} x {row['seq_len']}): {row['tokens_per_s']:,} "
+              f"tokens/s -> pipeline is {row['pipeline_over_consumption']}x the consumption")
+    t = results["tokenization"]
+    print(f"tokenization: {t['ours_mb_per_s']} MB/s (lm.data.tokenize) vs {t['tiktoken_batch_mb_per_s']} MB/s raw "
+          f"tiktoken batch ({t['ours_over_tiktoken_batch']}x), {t['tiktoken_1thread_mb_per_s']} MB/s one thread")
+    quiet.write_if_quiet(results, REPO / "benchmarks" / "results" / "bench_pipeline.json", load)
+
+
+def measure(args, tok, results) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tokens_dir = pathlib.Path(tmp) / "tokens"
         results["tokenization"] = bench_tokenization(tok, tokens_dir)
@@ -169,17 +185,6 @@ def main():
         row["pipeline_over_consumption"] = round(pipeline_rate / row["tokens_per_s"], 1)
         results["consumption"].append(row)
         print("consumption:", row, flush=True)
-    out = REPO / "benchmarks" / "results" / "bench_pipeline.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"\npipeline (tf.data, concat, seq_len {SEQ_LEN}, batch {GLOBAL_BATCH}): {pipeline_rate:,} tokens/s")
-    for row in results["consumption"]:
-        print(f"  vs {row['config']} fwd+bwd (batch {row['batch']} x {row['seq_len']}): {row['tokens_per_s']:,} "
-              f"tokens/s -> pipeline is {row['pipeline_over_consumption']}x the consumption")
-    t = results["tokenization"]
-    print(f"tokenization: {t['ours_mb_per_s']} MB/s (lm.data.tokenize) vs {t['tiktoken_batch_mb_per_s']} MB/s raw "
-          f"tiktoken batch ({t['ours_over_tiktoken_batch']}x), {t['tiktoken_1thread_mb_per_s']} MB/s one thread")
-    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

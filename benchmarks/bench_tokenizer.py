@@ -16,6 +16,7 @@ import os
 import pathlib
 import platform
 import shutil
+import sys
 import tempfile
 import time
 
@@ -27,6 +28,8 @@ from lm.data.readers import iter_documents
 from lm.tokenizer import SPECIAL_TOKENS, encoding, huggingface, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from benchmarks import quiet  # noqa: E402
 
 
 # -- corpus -----------------------------------------------------------------------------------------------------------
@@ -135,6 +138,12 @@ def main():
                                 load_average_at_start=os.getloadavg()),
                    corpus=dict(documents=len(texts), mb=round(mb, 2), sources=sizes), train={}, encode={})
 
+    with quiet.ForeignLoad() as load:
+        measure(args, data, texts, mb, results)
+    quiet.write_if_quiet(results, REPO / "benchmarks" / "results" / "bench_tokenizer.json", load)
+
+
+def measure(args, data, texts, mb, results) -> None:
     for vocab_size in [int(v) for v in args.vocab_sizes.split(",") if v]:
         ours = train_ours(texts, vocab_size)
         hf_seconds, _ = train_hf(texts, vocab_size)
@@ -156,11 +165,6 @@ def main():
         for name, row in rows.items():
             print(f"encode cl100k {name} vs {peer_name}: ours {row['ours_mb_s']} MB/s, tiktoken "
                   f"{row['tiktoken_mb_s']} MB/s -> {row['ratio_wall']:.3f}x wall, {row['ratio_cpu']:.3f}x CPU time")
-
-    out = REPO / "benchmarks" / "results" / "bench_tokenizer.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
