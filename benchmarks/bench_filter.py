@@ -7,9 +7,11 @@ each with 1 and 2 workers, as lm.data.filter.run (ours: bad-input accounting, pe
 writers, the report) and as the peer, datatrove's LocalPipelineExecutor over the same blocks (JsonlReader, no
 exclusion writers, no report). Every case runs in a fresh process (the forkserver is per process; ours starts one
 more, the filter process); the best of --repeats counts. CPU time (this process and the children it waited for) is
-measured too: on a machine shared with other work, it is the steadier measure of our overhead.
+measured too (each case waits for its forkserver, so its workers' CPU is counted as ours); the foreign load is the
+machine's busy CPU minus all of ours, and results are written only when it stays under 0.1 cores (benchmarks/quiet.py).
 
-    python benchmarks/bench_filter.py [--docs=800] [--repeats=2]     # writes benchmarks/results/bench_filter.json
+    ../shared/tools/quiet-run -- python benchmarks/bench_filter.py [--docs=800] [--repeats=2]
+    # writes benchmarks/results/bench_filter.json
 """
 import argparse
 import gzip
@@ -23,6 +25,8 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks import quiet  # noqa: E402
+
 SHARED = pathlib.Path(os.environ.get("LM_SHARED_DATA", REPO.parent / "shared" / "data"))
 FINEWEB = SHARED / "web/text/fineweb_sample10BT_2400docs.jsonl.gz"
 RESULTS = REPO / "benchmarks" / "results" / "bench_filter.json"
@@ -108,11 +112,12 @@ def cpu_seconds() -> float:
 
 def case(args):
     """One measurement, in this (fresh) process; prints wall seconds and CPU seconds (this process and the children it
-    waited for: pool workers are not waited for, so CPU time is complete with 1 worker only), which other load on the
-    machine disturbs far less than wall time."""
+    waited for, the forkserver and its workers included), which other load disturbs far less than wall time."""
+    from lm.data import filter as recipe
     runner = run_ours if args.case == "ours" else run_datatrove
     cpu = cpu_seconds()
     seconds = runner(args.inputs, args.workdir, args.workers, args.stage == "minhash")
+    recipe._stop_forkserver()
     print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds() - cpu}))
 
 
@@ -132,6 +137,13 @@ def main():
     n_docs, n_bytes = prepare(args.docs, tmp / "inputs")
     results = {"docs": n_docs, "bytes": n_bytes, "cpus": os.cpu_count(), "load_average_before": os.getloadavg(),
                "cases": {}}
+    with quiet.ForeignLoad() as load:
+        measure_all(args, tmp, n_docs, n_bytes, results)
+    results["load_average_after"] = os.getloadavg()
+    quiet.write_if_quiet(results, RESULTS, load)
+
+
+def measure_all(args, tmp, n_docs, n_bytes, results):
     for stage in ("text", "minhash"):
         for workers in (1, 2):
             row = {}
@@ -148,20 +160,14 @@ def main():
                 best = min(times)
                 row[who] = {"seconds": round(best, 2), "docs_per_s": round(n_docs / best, 1),
                             "mb_per_s": round(n_bytes / 1e6 / best, 3), "all_seconds": [round(t, 2) for t in times]}
-                if workers == 1:
-                    row[who]["cpu_seconds"] = round(min(cpus), 2)
+                row[who]["cpu_seconds"] = round(min(cpus), 2)
             row["overhead"] = round(row["ours"]["seconds"] / row["datatrove"]["seconds"] - 1, 3)
-            if workers == 1:
-                row["cpu_overhead"] = round(row["ours"]["cpu_seconds"] / row["datatrove"]["cpu_seconds"] - 1, 3)
+            row["cpu_overhead"] = round(row["ours"]["cpu_seconds"] / row["datatrove"]["cpu_seconds"] - 1, 3)
             results["cases"][f"{stage}_{workers}w"] = row
             print(f"{stage:8s} {workers} worker(s): ours {row['ours']['seconds']:6.2f}s "
                   f"({row['ours']['docs_per_s']:6.1f} docs/s, {row['ours']['mb_per_s']:.2f} MB/s)  "
                   f"datatrove {row['datatrove']['seconds']:6.2f}s  overhead {row['overhead']:+.1%} (wall)"
-                  + (f", {row['cpu_overhead']:+.1%} (cpu)" if workers == 1 else ""), flush=True)
-    results["load_average_after"] = os.getloadavg()  # other work on the machine skews every figure above
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2))
-    print(f"wrote {RESULTS}")
+                  f", {row['cpu_overhead']:+.1%} (cpu)", flush=True)
 
 
 if __name__ == "__main__":

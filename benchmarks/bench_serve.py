@@ -50,7 +50,8 @@ _CLIENTS = flags.DEFINE_list("clients", ["1", "4", "16"], "Concurrent clients pe
 _NEW = flags.DEFINE_integer("new_tokens", 64, "max_tokens of every request.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Timed rounds per client count (the median is reported).")
 _WARMUP = flags.DEFINE_integer("warmup_rounds", 3, "Untimed rounds first (compiles the shapes the rounds use).")
-_TORCH_THREADS = flags.DEFINE_integer("torch_threads", 1, "torch.set_num_threads for HF generate.")
+_TORCH_THREADS = flags.DEFINE_list("torch_threads", ["1", "2"],
+                                   "torch thread counts tried for HF generate; the faster is the peer.")
 _OUTPUT = flags.DEFINE_string("output", str(RESULTS), "Results JSON (written only when the run is not contended).")
 
 
@@ -133,7 +134,6 @@ def hf_peer(model, config, directory):
     """The same weights as an HF transformers model (exported by lm.model.hf, read by from_pretrained)."""
     import torch
     import transformers
-    torch.set_num_threads(_TORCH_THREADS.value)
     hf.export_hf(model, config.model, directory)
     return transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
 
@@ -191,11 +191,18 @@ def main(argv):
 
 
 def measure_clients(n, url, model, torch_model, tok) -> dict:
+    import torch
     new = _NEW.value
     served = measure(lambda c: server_round(url, c, new), n, _ROUNDS.value)
-    peers = dict(hf_generate_loop=measure(lambda c: hf_round(torch_model, tok, c, new), n, _ROUNDS.value),
+    hf_by_threads = {}
+    for threads in map(int, _TORCH_THREADS.value):
+        torch.set_num_threads(threads)
+        hf_by_threads[threads] = measure(lambda c: hf_round(torch_model, tok, c, new), n, _ROUNDS.value)
+    best_threads = max(hf_by_threads, key=lambda t: hf_by_threads[t]["tokens_per_s"])
+    peers = dict(hf_generate_loop=dict(hf_by_threads[best_threads], torch_threads=best_threads),
                  generate_ids_loop=measure(lambda c: loop_round(model, tok, c, new), n, _ROUNDS.value))
-    row = dict(clients=n, serve=served, **peers)
+    row = dict(clients=n, serve=served, **peers,
+               hf_tokens_per_s_by_threads={t: r["tokens_per_s"] for t, r in hf_by_threads.items()})
     for name, peer in peers.items():
         row[f"throughput_vs_{name}"] = round(served["tokens_per_s"] / peer["tokens_per_s"], 3)
         row[f"ttft_vs_{name}"] = round(served["ttft_median_s"] / peer["ttft_median_s"], 3)
