@@ -24,6 +24,7 @@ run (alone on the machine):
 A smoke run (proves the script works; its times are not results): --steps=2 --threads=1 --no_save.
 """
 import argparse
+import itertools
 import json
 import os
 import pathlib
@@ -85,6 +86,37 @@ def block(tree):
     return jax.block_until_ready(tree)
 
 
+def ours_reward(prep: dict, steps: int, mesh) -> dict:
+    """Reward model: pairs per second of the train step (under `mesh`)."""
+    import ml_collections
+
+    from lm.train import loop, reward
+
+    rm_config = ml_collections.ConfigDict(prep["config"].to_dict())
+    rm_config.reward = ml_collections.ConfigDict(dict(margin=0.0, center_coef=0.0))
+    rm_config.train.update(batch_size=RM["batch"], seq_len=RM["seq_len"], warmup_steps=0, grad_clip=0.0,
+                           weight_decay=0.0)
+    rows = prep["rows"]
+    objective = reward.objective(rm_config, rows, rows)
+    # The objective's own batches: each cut to the bucket width of its longest row (TRL pads each batch to its
+    # longest row). The step is compiled (and run once, untimed) per width, as the Trainer compiles it.
+    batches = [loop.global_batch(b, mesh) for b in itertools.islice(objective.train_batches(0), steps + 1)]
+    state, steps_by_width = None, {}
+    for b in batches:
+        width = b["chosen"].shape[1]
+        if width not in steps_by_width:
+            fresh, steps_by_width[width] = loop.fresh_state_and_step(objective, rm_config.train, mesh, b)
+            state = fresh if state is None else state
+            state, _ = block(steps_by_width[width](state, b))  # warm
+    times = []
+    for b in batches[1:]:
+        tick = time.perf_counter()
+        state, _ = block(steps_by_width[b["chosen"].shape[1]](state, b))
+        times.append(time.perf_counter() - tick)
+    return {"reward_pairs_per_sec": RM["batch"] / statistics.median(times), "reward_widths": sorted(steps_by_width),
+            "reward_tokens_per_step": statistics.mean(2 * RM["batch"] * b["chosen"].shape[1] for b in batches[1:])}
+
+
 def ours(prep: dict, steps: int) -> dict:
     import jax
     import ml_collections
@@ -95,31 +127,13 @@ def ours(prep: dict, steps: int) -> dict:
     from lm import sample
     from lm.model import TransformerWithScalarHead
     from lm.tokenizer import chat
-    from lm.train import loop, ppo, reward
+    from lm.train import loop, ppo
     from configs import ppo_tiny
 
     config, tok = prep["config"], prep["tok"]
     mesh = lm_mesh.make_mesh(dict(data=1, fsdp=1, tensor=1))
-    result = {}
     with jax.set_mesh(mesh):
-        # Reward model: pairs per second of the train step.
-        rm_config = ml_collections.ConfigDict(config.to_dict())
-        rm_config.reward = ml_collections.ConfigDict(dict(margin=0.0, center_coef=0.0))
-        rm_config.train.update(batch_size=RM["batch"], seq_len=RM["seq_len"], warmup_steps=0, grad_clip=0.0,
-                               weight_decay=0.0)
-        rows = prep["rows"]
-        objective = reward.objective(rm_config, rows, rows)
-        batches = [reward.pair_batch(rows, s, RM["batch"], 0) for s in range(steps + 1)]
-        state, step = loop.fresh_state_and_step(objective, rm_config.train, mesh,
-                                                loop.global_batch(batches[0], mesh))
-        state, _ = block(step(state, loop.global_batch(batches[0], mesh)))  # warm
-        times = []
-        for b in batches[1:]:
-            g = loop.global_batch(b, mesh)
-            tick = time.perf_counter()
-            state, m = block(step(state, g))
-            times.append(time.perf_counter() - tick)
-        result["reward_pairs_per_sec"] = RM["batch"] / statistics.median(times)
+        result = ours_reward(prep, steps, mesh)
 
         # PPO: one update = a rollout (sample), scoring (policy/value, reference, reward passes + GAE) and
         # epochs x minibatches optimizer steps.
@@ -228,8 +242,16 @@ def trl_reward_worker(spec: dict, steps: int, threads: int) -> dict:
                         center_rewards_coefficient=None, lr_scheduler_type="constant", warmup_steps=0)
     trainer = RewardTrainer(model=model, args=args, processing_class=tokenizer,
                             train_dataset=Dataset.from_list(spec["pairs"]), callbacks=[Timer()])
+    collate, widths = trainer.data_collator, []
+
+    def recording_collate(examples):  # TRL pads each batch to its longest row: record the widths it ran
+        out = collate(examples)
+        widths.append(out["input_ids"].shape[1])
+        return out
+    trainer.data_collator = recording_collate
     trainer.train()
-    return {"reward_pairs_per_sec": spec["rm"]["batch"] / statistics.median(times[1:])}
+    return {"reward_pairs_per_sec": spec["rm"]["batch"] / statistics.median(times[1:]),
+            "reward_tokens_per_step": statistics.mean(2 * spec["rm"]["batch"] * w for w in widths[1:])}
 
 
 def trl_ppo_worker(spec: dict, steps: int, threads: int) -> dict:

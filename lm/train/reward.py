@@ -10,9 +10,10 @@ report). The pairs are split by a seeded hash of the prompt into train / held-ou
 
 Rows are right-padded (lm.data.preferences.tokenize_pairs); a pair's score is read at each side's last real token,
 <|assistant_end|>, found from its length (`model.scores(tokens, lengths)`): never "the last column". Chosen and
-rejected go through the model as one batch of 2B rows. Loss: rl_math.bradley_terry_loss with `margin` and
-`center_coef`; metrics pairwise accuracy and reward margin, on the training batches and (as val_*) on the held-out
-pairs at every eval.
+rejected go through the model as one batch of 2B rows, cut to `bucket_width` of the batch's longest row (dynamic
+padding with few compiled widths: preference pairs are mostly far shorter than seq_len). Loss:
+rl_math.bradley_terry_loss with `margin` and `center_coef`; metrics pairwise accuracy and reward margin, on the
+training batches and (as val_*) on the held-out pairs at every eval.
 
 Normalisation for RL: every checkpoint's meta holds "reward_normalization": {"mean", "std"} of that checkpoint's
 scores over both sides of the training pairs (computed at save time through the Objective's checkpoint_meta), also
@@ -142,13 +143,21 @@ def preference_data(reward_config, tokenizer, seq_len: int, seed: int) -> tuple[
     return train_rows, held_rows, report
 
 
-def pair_batch(rows: dict, step: int, batch_size: int, seed: int) -> dict:
+def pair_batch(rows: dict, step: int, batch_size: int, seed: int, bucket: bool = False) -> dict:
     """This process's pairs of step `step` (a seeded permutation per epoch: a pure function of step):
-    {"chosen", "rejected": int32 [B, seq_len], "chosen_lengths", "rejected_lengths": int32 [B], "chosen_mask",
-    "rejected_mask": float32 [B, seq_len - 1] (answer targets), and any other per-pair arrays of `rows`}."""
+    {"chosen", "rejected": int32 [B, W], "chosen_lengths", "rejected_lengths": int32 [B], "chosen_mask",
+    "rejected_mask": float32 [B, W - 1] (answer targets), and any other per-pair arrays of `rows`}.
+
+    W is the rows' full width (seq_len), or with `bucket` the `bucket_width` of the global batch's longest row
+    (the same on every process, since it is read from the whole batch's pairs).
+    """
+    n = len(rows["chosen_ids"])
     local = pipeline.local_rows(batch_size, jax.process_index(), jax.process_count())
-    picked = pipeline.train_window_ids(step, len(rows["chosen_ids"]), batch_size, seed, local)
-    return rows_at(rows, picked)
+    batch = rows_at(rows, pipeline.train_window_ids(step, n, batch_size, seed, local))
+    if not bucket:
+        return batch
+    every = pipeline.train_window_ids(step, n, batch_size, seed, np.arange(batch_size))
+    return cut_pairs(batch, bucket_width(longest(rows, every), rows["chosen_ids"].shape[1]))
 
 
 def rows_at(rows: dict, picked) -> dict:
@@ -163,10 +172,42 @@ def rows_at(rows: dict, picked) -> dict:
     return out
 
 
-def eval_pair_batches(rows: dict, batch_size: int):
-    """The held-out pairs in order, in full batches (a last partial batch is left out: shapes stay fixed)."""
+def bucket_width(length: int, limit: int, per_octave: int = 4, smallest: int = 8) -> int:
+    """The padded width of a batch whose longest row has `length` tokens: the next of `per_octave` evenly spaced
+    widths between consecutive powers of two (..., 32, 40, 48, 56, 64, 80, 96, ...), at least `smallest`, at
+    most `limit`. A batch is padded to its own longest row, as a dynamic-padding collator does, yet the train step
+    compiles for only a few widths (at most `per_octave` per doubling) and wastes at most 1/per_octave of its rows."""
+    length = max(int(length), smallest)
+    step = max((1 << (length - 1).bit_length()) // (2 * per_octave), 1)  # the octave (2^k / 2, 2^k] in per_octave
+    return min(-(-length // step) * step, int(limit))
+
+
+def longest(rows: dict, picked) -> int:
+    """The longest side (real tokens) of the pairs `picked`."""
+    return int(max(rows["chosen_lengths"][picked].max(), rows["rejected_lengths"][picked].max()))
+
+
+def cut_pairs(batch: dict, width: int) -> dict:
+    """A pair batch (right-padded rows) cut to `width` columns: the same scores, since a row's real tokens never
+    attend to the padding after them."""
+    out = dict(batch)
+    for side in ("chosen", "rejected"):
+        out[side] = batch[side][:, :width]
+        out[f"{side}_mask"] = batch[f"{side}_mask"][:, :width - 1]
+    return out
+
+
+def eval_pair_batches(rows: dict, batch_size: int, bucket: bool = False):
+    """The held-out pairs in order, in full batches (a last partial batch is left out: shapes stay fixed); with
+    `bucket`, each cut to the bucket_width of its longest row."""
     n = len(rows["chosen_ids"]) // batch_size * batch_size
-    return [rows_at(rows, np.arange(i, i + batch_size)) for i in range(0, n, batch_size)]
+    batches = []
+    for i in range(0, n, batch_size):
+        picked = np.arange(i, i + batch_size)
+        batch = rows_at(rows, picked)
+        batches.append(cut_pairs(batch, bucket_width(longest(rows, picked), rows["chosen_ids"].shape[1]))
+                       if bucket else batch)
+    return batches
 
 
 # --- the objective -------------------------------------------------------------------------------------------------
@@ -195,9 +236,9 @@ def objective(config, train_rows, held_rows, init_from=None, meta=None) -> loop.
 
     def train_batches(start_step):
         for step in range(start_step, 10 ** 9):
-            yield pair_batch(train_rows, step, train.batch_size, config.seed)
+            yield pair_batch(train_rows, step, train.batch_size, config.seed, bucket=True)
 
-    held = eval_pair_batches(held_rows, train.batch_size)
+    held = eval_pair_batches(held_rows, train.batch_size, bucket=True)
     if not held:
         logging.warning("fewer held-out pairs (%d) than one batch (%d): no held-out accuracy",
                         len(held_rows["chosen_ids"]), train.batch_size)
@@ -218,10 +259,12 @@ def _scores(model, tokens, lengths):
 
 
 def score_rows(model, tokens, lengths, batch_size: int) -> np.ndarray:
-    """Scores of right-padded rows, `batch_size` rows at a time (the last batch padded with copies, cut after)."""
+    """Scores of right-padded rows, `batch_size` rows at a time (the last batch padded with copies, cut after),
+    each batch cut to the bucket_width of its longest row."""
     out = []
     for start in range(0, len(tokens), batch_size):
-        chunk, chunk_lengths = tokens[start:start + batch_size], lengths[start:start + batch_size]
+        chunk_lengths = lengths[start:start + batch_size]
+        chunk = tokens[start:start + batch_size, :bucket_width(chunk_lengths.max(), tokens.shape[1])]
         pad = batch_size - len(chunk)
         chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)]) if pad else chunk
         chunk_lengths = np.concatenate([chunk_lengths, np.repeat(chunk_lengths[-1:], pad)]) if pad else chunk_lengths
