@@ -98,23 +98,25 @@ def ours_reward(prep: dict, steps: int, mesh) -> dict:
                            weight_decay=0.0)
     rows = prep["rows"]
     objective = reward.objective(rm_config, rows, rows)
-    # The objective's own batches: each cut to the bucket width of its longest row (TRL pads each batch to its
-    # longest row). The step is compiled (and run once, untimed) per width, as the Trainer compiles it.
+    # The objective's own batches: one row a pair (the prompt shared, lm.train.reward.pack_pairs), each batch cut to
+    # the bucket width of its longest row (TRL pads each batch of 2B rows to its longest row). The step is compiled
+    # (and run once, untimed) per shape, as the Trainer compiles it.
     batches = [loop.global_batch(b, mesh) for b in itertools.islice(objective.train_batches(0), steps + 1)]
-    state, steps_by_width = None, {}
+    state, steps_by_shape = None, {}
     for b in batches:
-        width = b["chosen"].shape[1]
-        if width not in steps_by_width:
-            fresh, steps_by_width[width] = loop.fresh_state_and_step(objective, rm_config.train, mesh, b)
+        shape = b["tokens"].shape
+        if shape not in steps_by_shape:
+            fresh, steps_by_shape[shape] = loop.fresh_state_and_step(objective, rm_config.train, mesh, b)
             state = fresh if state is None else state
-            state, _ = block(steps_by_width[width](state, b))  # warm
+            state, _ = block(steps_by_shape[shape](state, b))  # warm
     times = []
     for b in batches[1:]:
         tick = time.perf_counter()
-        state, _ = block(steps_by_width[b["chosen"].shape[1]](state, b))
+        state, _ = block(steps_by_shape[b["tokens"].shape](state, b))
         times.append(time.perf_counter() - tick)
-    return {"reward_pairs_per_sec": RM["batch"] / statistics.median(times), "reward_widths": sorted(steps_by_width),
-            "reward_tokens_per_step": statistics.mean(2 * RM["batch"] * b["chosen"].shape[1] for b in batches[1:])}
+    return {"reward_pairs_per_sec": RM["batch"] / statistics.median(times),
+            "reward_shapes": sorted(list(shape) for shape in steps_by_shape),
+            "reward_tokens_per_step": statistics.mean(b["tokens"].size for b in batches[1:])}
 
 
 def ours(prep: dict, steps: int) -> dict:

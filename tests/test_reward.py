@@ -59,7 +59,7 @@ def test_bradley_terry_wiring_against_closed_form():
     model = TransformerWithScalarHead(config.model, rngs=nnx.Rngs(0), head_init_std=0.5)
     batch = reward.rows_at(pair_rows(), np.arange(8))
     margin, center = 0.3, 0.05
-    loss_sum, weight, sums = reward.make_loss(margin, center)(model, batch)
+    loss_sum, weight, sums = reward.make_loss(margin, center)(model, reward.model_batches([batch], 128)[0])
     # Scores by hand: the per-position values read at length - 1 with numpy indexing.
     def by_hand(side):
         values = np.asarray(model.values(jnp.asarray(batch[side])))
