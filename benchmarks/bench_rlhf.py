@@ -14,6 +14,11 @@ the PPO side is trl==1.12.0's trl.experimental.ppo.PPOTrainer in a separate venv
 explicit reference model); its phases are timed by wrapping its generation (rollout), reward/value forward passes
 (scoring) and the rest of the update (training).
 
+Reward-model tokens: TRL's collator pads each batch of 2B rows (chosen, then rejected) to its longest row; ours
+lays each pair out as one row, the shared prompt once and each answer blind to the other (lm.train.reward.pack_pairs;
+the same scores as two rows), padded to a bucket width of the batch's longest row. Both sides record the tokens
+(padding included) they run per step (reward_tokens_per_step); ours also with RM_LEVERS (ours.reward_levers).
+
 Contention: each part (ours, every TRL worker) records the foreign CPU load while it ran (busy CPU time from
 /proc/stat less this process's and its workers', over the wall time; benchmarks/quiet.py). Above --max_foreign_load
 cores the run is marked CONTENDED, benchmarks/results/rlhf_cpu.json is not written and the exit code is 3. The quiet
@@ -24,6 +29,7 @@ run (alone on the machine):
 A smoke run (proves the script works; its times are not results): --steps=2 --threads=1 --no_save.
 """
 import argparse
+import itertools
 import json
 import os
 import pathlib
@@ -39,6 +45,9 @@ QUIET_COMMAND = "../shared/tools/quiet-run -- python benchmarks/bench_rlhf.py"
 sys.path.insert(0, str(REPO))
 SHAPE = dict(n_layers=2, d_model=128, n_heads=4, d_ff=512, max_len=128)
 RM = dict(batch=16, seq_len=96, pairs=256)
+# The reward model is timed twice: with the model config as it is, and with these exact compute-path switches of
+# config.model (same parameters; tests/test_attention.py), recorded apart as ours.reward_levers.
+RM_LEVERS = dict(flat_matmuls=True, fused_qkv=True)
 PPO = dict(rollout_batch=32, minibatches=2, epochs=2, max_new_tokens=24, max_prompt_tokens=32)
 
 
@@ -85,6 +94,40 @@ def block(tree):
     return jax.block_until_ready(tree)
 
 
+def ours_reward(prep: dict, steps: int, mesh, levers=None) -> dict:
+    """Reward model: pairs per second of the train step (under `mesh`), with config.model updated by `levers`."""
+    import ml_collections
+
+    from lm.train import loop, reward
+
+    rm_config = ml_collections.ConfigDict(prep["config"].to_dict())
+    rm_config.model.update(levers or {})
+    rm_config.reward = ml_collections.ConfigDict(dict(margin=0.0, center_coef=0.0))
+    rm_config.train.update(batch_size=RM["batch"], seq_len=RM["seq_len"], warmup_steps=0, grad_clip=0.0,
+                           weight_decay=0.0)
+    rows = prep["rows"]
+    objective = reward.objective(rm_config, rows, rows)
+    # The objective's own batches: one row a pair (the prompt shared, lm.train.reward.pack_pairs), each batch cut to
+    # the bucket width of its longest row (TRL pads each batch of 2B rows to its longest row). The step is compiled
+    # (and run once, untimed) per shape, as the Trainer compiles it.
+    batches = [loop.global_batch(b, mesh) for b in itertools.islice(objective.train_batches(0), steps + 1)]
+    state, steps_by_shape = None, {}
+    for b in batches:
+        shape = b["tokens"].shape
+        if shape not in steps_by_shape:
+            fresh, steps_by_shape[shape] = loop.fresh_state_and_step(objective, rm_config.train, mesh, b)
+            state = fresh if state is None else state
+            state, _ = block(steps_by_shape[shape](state, b))  # warm
+    times = []
+    for b in batches[1:]:
+        tick = time.perf_counter()
+        state, _ = block(steps_by_shape[b["tokens"].shape](state, b))
+        times.append(time.perf_counter() - tick)
+    return {"reward_pairs_per_sec": RM["batch"] / statistics.median(times),
+            "reward_shapes": sorted(list(shape) for shape in steps_by_shape),
+            "reward_tokens_per_step": statistics.mean(b["tokens"].size for b in batches[1:])}
+
+
 def ours(prep: dict, steps: int) -> dict:
     import jax
     import ml_collections
@@ -95,31 +138,14 @@ def ours(prep: dict, steps: int) -> dict:
     from lm import sample
     from lm.model import TransformerWithScalarHead
     from lm.tokenizer import chat
-    from lm.train import loop, ppo, reward
+    from lm.train import loop, ppo
     from configs import ppo_tiny
 
     config, tok = prep["config"], prep["tok"]
     mesh = lm_mesh.make_mesh(dict(data=1, fsdp=1, tensor=1))
-    result = {}
     with jax.set_mesh(mesh):
-        # Reward model: pairs per second of the train step.
-        rm_config = ml_collections.ConfigDict(config.to_dict())
-        rm_config.reward = ml_collections.ConfigDict(dict(margin=0.0, center_coef=0.0))
-        rm_config.train.update(batch_size=RM["batch"], seq_len=RM["seq_len"], warmup_steps=0, grad_clip=0.0,
-                               weight_decay=0.0)
-        rows = prep["rows"]
-        objective = reward.objective(rm_config, rows, rows)
-        batches = [reward.pair_batch(rows, s, RM["batch"], 0) for s in range(steps + 1)]
-        state, step = loop.fresh_state_and_step(objective, rm_config.train, mesh,
-                                                loop.global_batch(batches[0], mesh))
-        state, _ = block(step(state, loop.global_batch(batches[0], mesh)))  # warm
-        times = []
-        for b in batches[1:]:
-            g = loop.global_batch(b, mesh)
-            tick = time.perf_counter()
-            state, m = block(step(state, g))
-            times.append(time.perf_counter() - tick)
-        result["reward_pairs_per_sec"] = RM["batch"] / statistics.median(times)
+        result = ours_reward(prep, steps, mesh)
+        result["reward_levers"] = dict(ours_reward(prep, steps, mesh, RM_LEVERS), levers=RM_LEVERS)
 
         # PPO: one update = a rollout (sample), scoring (policy/value, reference, reward passes + GAE) and
         # epochs x minibatches optimizer steps.
@@ -228,8 +254,16 @@ def trl_reward_worker(spec: dict, steps: int, threads: int) -> dict:
                         center_rewards_coefficient=None, lr_scheduler_type="constant", warmup_steps=0)
     trainer = RewardTrainer(model=model, args=args, processing_class=tokenizer,
                             train_dataset=Dataset.from_list(spec["pairs"]), callbacks=[Timer()])
+    collate, widths = trainer.data_collator, []
+
+    def recording_collate(examples):  # TRL pads each batch to its longest row: record the widths it ran
+        out = collate(examples)
+        widths.append(out["input_ids"].shape[1])
+        return out
+    trainer.data_collator = recording_collate
     trainer.train()
-    return {"reward_pairs_per_sec": spec["rm"]["batch"] / statistics.median(times[1:])}
+    return {"reward_pairs_per_sec": spec["rm"]["batch"] / statistics.median(times[1:]),
+            "reward_tokens_per_step": statistics.mean(2 * spec["rm"]["batch"] * w for w in widths[1:])}
 
 
 def trl_ppo_worker(spec: dict, steps: int, threads: int) -> dict:
@@ -351,6 +385,8 @@ def main():
     best_ppo = min((v["ppo_seconds"]["update"] for k, v in result["trl"].items()
                     if k.startswith("ppo") and "ppo_seconds" in v), default=0)
     result["ratio_reward_pairs_per_sec"] = result["ours"]["reward_pairs_per_sec"] / best_rm if best_rm else None
+    result["ratio_reward_pairs_per_sec_levers"] = (result["ours"]["reward_levers"]["reward_pairs_per_sec"] / best_rm
+                                                   if best_rm else None)
     result["ratio_ppo_update_time"] = best_ppo / result["ours"]["ppo_seconds"]["update"] if best_ppo else None
     foreign = max(v["foreign_load_cores"] for v in loads.values())  # the worst part decides
     result.update(parts=loads, foreign_load_cores=foreign, max_foreign_load=args.max_foreign_load,

@@ -59,7 +59,7 @@ def test_bradley_terry_wiring_against_closed_form():
     model = TransformerWithScalarHead(config.model, rngs=nnx.Rngs(0), head_init_std=0.5)
     batch = reward.rows_at(pair_rows(), np.arange(8))
     margin, center = 0.3, 0.05
-    loss_sum, weight, sums = reward.make_loss(margin, center)(model, batch)
+    loss_sum, weight, sums = reward.make_loss(margin, center)(model, reward.model_batches([batch], 128)[0])
     # Scores by hand: the per-position values read at length - 1 with numpy indexing.
     def by_hand(side):
         values = np.asarray(model.values(jnp.asarray(batch[side])))
@@ -93,6 +93,37 @@ def test_scores_do_not_depend_on_the_padding():
     values = np.asarray(model.values(jnp.asarray(left), jnp.asarray(positions)))
     np.testing.assert_allclose(values[:, -1], right, atol=1e-5)
     assert np.std(right) > 1e-3
+
+
+def test_one_row_a_pair_scores_as_two_rows():
+    """The shared-prompt row (and the 2B-row fallback, at any width) gives each side the score of its own row."""
+    config = tiny_config()
+    model = TransformerWithScalarHead(config.model, rngs=nnx.Rngs(0), head_init_std=0.5)
+    batch = reward.rows_at(pair_rows(kinds=("rambling", "wrong")), np.arange(8))
+    want = [np.asarray(model.scores(jnp.asarray(batch[side]), jnp.asarray(batch[f"{side}_lengths"])))
+            for side in ("chosen", "rejected")]
+    prefix = reward.shared_prefix(batch)
+    assert prefix.min() > 10  # the prompt is shared ...
+    assert np.all(prefix < np.minimum(batch["chosen_lengths"], batch["rejected_lengths"]))  # ... the answers not
+    shared, width = reward.pair_layout(batch, max_len=128)
+    assert shared and width < 2 * max(batch["chosen_lengths"].max(), batch["rejected_lengths"].max())
+    assert reward.pair_layout(batch, max_len=width - 1) == (False, reward.bucket_width(
+        max(batch["chosen_lengths"].max(), batch["rejected_lengths"].max()), 96))
+    for layout in ((shared, width), (True, 120), (False, 96)):
+        packed = reward.pack_pairs(batch, *layout)
+        assert packed["tokens"].shape == (8 if layout[0] else 16, layout[1])
+        got = reward.pair_scores(model, {k: jnp.asarray(v) for k, v in packed.items()})
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(np.asarray(g), w, atol=1e-5)
+    assert np.std(want[0] - want[1]) > 1e-3
+
+
+def test_bucket_widths():
+    widths = [reward.bucket_width(n, 1024) for n in range(1, 257)]
+    assert sorted(set(widths)) == [8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192,
+                                   224, 256]
+    assert all(n <= w <= max(8, n * 1.25) for n, w in zip(range(1, 257), widths))
+    assert reward.bucket_width(90, 84) == 84
 
 
 def synthetic_config(**overrides):

@@ -54,9 +54,10 @@ class TransformerWithScalarHead(Transformer):
         self.scalar_head = ScalarHead(self.spec.d_model, rngs=rngs, param_dtype=self.spec.param_dtype,
                                       init_std=head_init_std)
 
-    def values(self, tokens, positions=None):
-        """A scalar at every position: tokens [B, T] -> float32 [B, T] (PPO's per-token value)."""
-        return self.scalar_head(self.hidden(tokens, positions))
+    def values(self, tokens, positions=None, mask=None):
+        """A scalar at every position: tokens [B, T] -> float32 [B, T] (PPO's per-token value); positions and mask
+        as `Transformer.hidden`."""
+        return self.scalar_head(self.hidden(tokens, positions, mask=mask))
 
     def scores(self, tokens, lengths):
         """One scalar per right-padded row, read at its last real token: tokens [B, T], lengths [B] -> float32 [B]

@@ -171,11 +171,18 @@ class Transformer(nnx.Module):
         hidden, cache = out
         return self.logits(hidden), cache
 
-    def hidden(self, tokens, positions=None, cache=None):
+    def hidden(self, tokens, positions=None, cache=None, mask=None):
         """tokens int32 [B, T] -> the final (normed) hidden states [B, T, d_model] in the compute dtype, the input
-        of the LM head and of scalar heads; with `cache`, -> (hidden, updated cache). Arguments as `__call__`."""
+        of the LM head and of scalar heads; with `cache`, -> (hidden, updated cache). Arguments as `__call__`;
+        mask bool [B, T, T] (without a cache) narrows the causal mask further: True where a token may attend
+        (e.g. two answers after one shared prompt, each blind to the other)."""
         spec = self.spec
-        positions, mask, cache_pos = _positions_and_mask(tokens, positions, cache)
+        positions, attend, cache_pos = _positions_and_mask(tokens, positions, cache)
+        if mask is not None:
+            if cache is not None:
+                raise ValueError("hidden(mask=...) is for a pass without a KV cache")
+            steps = jnp.arange(tokens.shape[1])
+            attend = (steps[None, :] <= steps[:, None])[None] & mask if attend is None else attend & mask
         # Gather whole rows: the table's embed dim is all-gathered first (as FSDP does for every weight), so the
         # lookup's output can take the batch sharding of `tokens` instead of the table's.
         table = constrain(self.embed[...], ("vocab", None))
@@ -187,7 +194,7 @@ class Transformer(nnx.Module):
             x = x + jnp.take(pos_table, safe_positions, axis=0).astype(spec.dtype)
         rope = rope_tables(safe_positions, spec.head_dim, spec.rope_theta) if spec.family == "llama" else None
         x = constrain(x, RESIDUAL)
-        x, kv = self._run_blocks(x, rope, mask, cache)
+        x, kv = self._run_blocks(x, rope, attend, cache)
         x = self.final_norm(x)
         if cache is None:
             return x

@@ -10,9 +10,12 @@ report). The pairs are split by a seeded hash of the prompt into train / held-ou
 
 Rows are right-padded (lm.data.preferences.tokenize_pairs); a pair's score is read at each side's last real token,
 <|assistant_end|>, found from its length (`model.scores(tokens, lengths)`): never "the last column". Chosen and
-rejected go through the model as one batch of 2B rows. Loss: rl_math.bradley_terry_loss with `margin` and
-`center_coef`; metrics pairwise accuracy and reward margin, on the training batches and (as val_*) on the held-out
-pairs at every eval.
+rejected go through the model in one pass, in one row a pair: the prompt they share once, then each answer, blind
+to the other (`pack_pairs`, `pair_mask`: the scores are those of two separate rows), or, when such a row would
+not fit in max_len, in 2B plain rows. Rows are cut to `bucket_width` of the batch's longest row (dynamic padding
+with few compiled widths: preference pairs are mostly far shorter than seq_len). Loss:
+rl_math.bradley_terry_loss with `margin` and `center_coef`; metrics pairwise accuracy and reward margin, on the
+training batches and (as val_*) on the held-out pairs at every eval.
 
 Normalisation for RL: every checkpoint's meta holds "reward_normalization": {"mean", "std"} of that checkpoint's
 scores over both sides of the training pairs (computed at save time through the Objective's checkpoint_meta), also
@@ -169,15 +172,94 @@ def eval_pair_batches(rows: dict, batch_size: int):
     return [rows_at(rows, np.arange(i, i + batch_size)) for i in range(0, n, batch_size)]
 
 
+# --- the reward model's rows: one a pair, the prompt shared ----------------------------------------------------------
+
+PROMPT, CHOSEN, REJECTED = 0, 1, 2  # segments of a shared row (padding: position -1)
+
+
+def bucket_width(length: int, limit: int, per_octave: int = 4, smallest: int = 8) -> int:
+    """The padded width of a batch whose longest row has `length` tokens: the next of `per_octave` evenly spaced
+    widths between consecutive powers of two (..., 32, 40, 48, 56, 64, 80, 96, ...), at least `smallest`, at
+    most `limit`. Each batch is padded to about its own longest row, as a dynamic-padding collator does, yet the
+    step compiles for few widths (at most `per_octave` per doubling) and pads at most 1/per_octave more."""
+    length = max(int(length), smallest)
+    step = max((1 << (length - 1).bit_length()) // (2 * per_octave), 1)
+    return min(-(-length // step) * step, int(limit))
+
+
+def shared_prefix(batch: dict) -> np.ndarray:
+    """Tokens both sides of each pair share from the start (the prompt), at most the shorter side's length - 1, so
+    each side keeps its last token, where its score is read."""
+    same = np.cumprod(batch["chosen"] == batch["rejected"], axis=1).sum(axis=1)
+    return np.minimum(same, np.minimum(batch["chosen_lengths"], batch["rejected_lengths"]) - 1)
+
+
+def pair_layout(batch: dict, max_len: int) -> tuple[bool, int]:
+    """(shared, width) for the pairs of `batch` (the whole global batch, so every process lays out its rows
+    alike): one row a pair if the longest such row fits in max_len (GPT-2's learned positions bound a row's
+    width), else two right-padded rows a pair; width the bucket_width of the longest row."""
+    shared = batch["chosen_lengths"] + batch["rejected_lengths"] - shared_prefix(batch)
+    width = bucket_width(shared.max(), 2 * batch["chosen"].shape[1])
+    if width <= max_len:
+        return True, width
+    longest = max(batch["chosen_lengths"].max(), batch["rejected_lengths"].max())
+    return False, bucket_width(longest, batch["chosen"].shape[1])
+
+
+def pack_pairs(batch: dict, shared: bool, width: int) -> dict:
+    """A pair batch (`pair_batch`) -> the reward model's rows, `width` wide:
+    {"tokens", "positions" (-1: padding), "segments": int32 [R, width], "chosen_row", "chosen_index",
+    "rejected_row", "rejected_index": int32 [B] (where each side's last token is)}.
+
+    shared: R = B, row i = pair i's shared prompt (PROMPT), chosen's rest (CHOSEN), then rejected's rest
+    (REJECTED) at the positions it has in its own row; with `pair_mask` every token attends to exactly the tokens
+    it attends to in its own side's row, so the scores are the two-row scores while the prompt runs once.
+    Else R = 2B: the chosen rows, then the rejected rows, each plain causal (all PROMPT).
+    """
+    chosen, rejected = batch["chosen"], batch["rejected"]
+    c, r = batch["chosen_lengths"].astype(np.int32), batch["rejected_lengths"].astype(np.int32)
+    n = len(c)
+    if not shared:
+        tokens = np.concatenate([chosen, rejected])[:, :width]
+        lengths = np.concatenate([c, r])
+        steps = np.arange(width, dtype=np.int32)
+        positions = np.where(steps < lengths[:, None], steps, -1).astype(np.int32)
+        return dict(tokens=tokens, positions=positions, segments=np.zeros_like(tokens),
+                    chosen_row=np.arange(n, dtype=np.int32), chosen_index=c - 1,
+                    rejected_row=np.arange(n, 2 * n, dtype=np.int32), rejected_index=r - 1)
+    prefix = shared_prefix(batch).astype(np.int32)
+    tokens = np.zeros((n, width), np.int32)
+    positions = np.full((n, width), -1, np.int32)
+    segments = np.full((n, width), PROMPT, np.int32)
+    for i, (p, nc, nr) in enumerate(zip(prefix, c, r)):
+        end = nc + nr - p
+        tokens[i, :nc], tokens[i, nc:end] = chosen[i, :nc], rejected[i, p:nr]
+        positions[i, :nc], positions[i, nc:end] = np.arange(nc), np.arange(p, nr)
+        segments[i, p:nc], segments[i, nc:end] = CHOSEN, REJECTED
+    rows = np.arange(n, dtype=np.int32)
+    return dict(tokens=tokens, positions=positions, segments=segments, chosen_row=rows, chosen_index=c - 1,
+                rejected_row=rows, rejected_index=c + r - prefix - 1)
+
+
+def pair_mask(segments):
+    """bool [R, T, T]: a token may attend to the prompt and to its own segment (Transformer.hidden adds the causal
+    mask and hides the padding)."""
+    query, key = segments[:, :, None], segments[:, None, :]
+    return (key == PROMPT) | (key == query)
+
+
+def model_batches(batches, max_len: int):
+    """`pack_pairs` of each pair batch, laid out by its own pairs (for batches every process holds whole)."""
+    return [pack_pairs(b, *pair_layout(b, max_len)) for b in batches]
+
+
 # --- the objective -------------------------------------------------------------------------------------------------
 
 def pair_scores(model, batch):
-    """(chosen scores [B], rejected scores [B]) in one forward pass of 2B right-padded rows."""
-    tokens = jnp.concatenate([batch["chosen"], batch["rejected"]])
-    lengths = jnp.concatenate([batch["chosen_lengths"], batch["rejected_lengths"]])
-    scores = model.scores(tokens, lengths)
-    n = batch["chosen"].shape[0]
-    return scores[:n], scores[n:]
+    """(chosen scores [B], rejected scores [B]) of a `pack_pairs` batch, in one forward pass."""
+    values = model.values(batch["tokens"], batch["positions"], pair_mask(batch["segments"]))
+    return (values[batch["chosen_row"], batch["chosen_index"]],
+            values[batch["rejected_row"], batch["rejected_index"]])
 
 
 def make_loss(margin: float = 0.0, center_coef: float = 0.0):
@@ -193,11 +275,17 @@ def make_loss(margin: float = 0.0, center_coef: float = 0.0):
 def objective(config, train_rows, held_rows, init_from=None, meta=None) -> loop.Objective:
     train, reward = config.train, config.reward
 
+    max_len = lm_model.ModelSpec.from_config(config.model).max_len
+    everyone = np.arange(train.batch_size)
+
     def train_batches(start_step):
         for step in range(start_step, 10 ** 9):
-            yield pair_batch(train_rows, step, train.batch_size, config.seed)
+            picked = pipeline.train_window_ids(step, len(train_rows["chosen_ids"]), train.batch_size, config.seed,
+                                               everyone)  # the global batch: its layout is every process's
+            yield pack_pairs(pair_batch(train_rows, step, train.batch_size, config.seed),
+                             *pair_layout(rows_at(train_rows, picked), max_len))
 
-    held = eval_pair_batches(held_rows, train.batch_size)
+    held = model_batches(eval_pair_batches(held_rows, train.batch_size), max_len)
     if not held:
         logging.warning("fewer held-out pairs (%d) than one batch (%d): no held-out accuracy",
                         len(held_rows["chosen_ids"]), train.batch_size)
@@ -218,10 +306,12 @@ def _scores(model, tokens, lengths):
 
 
 def score_rows(model, tokens, lengths, batch_size: int) -> np.ndarray:
-    """Scores of right-padded rows, `batch_size` rows at a time (the last batch padded with copies, cut after)."""
+    """Scores of right-padded rows, `batch_size` rows at a time (the last batch padded with copies, cut after),
+    each batch cut to the bucket_width of its longest row."""
     out = []
     for start in range(0, len(tokens), batch_size):
-        chunk, chunk_lengths = tokens[start:start + batch_size], lengths[start:start + batch_size]
+        chunk_lengths = lengths[start:start + batch_size]
+        chunk = tokens[start:start + batch_size, :bucket_width(chunk_lengths.max(), tokens.shape[1])]
         pad = batch_size - len(chunk)
         chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)]) if pad else chunk
         chunk_lengths = np.concatenate([chunk_lengths, np.repeat(chunk_lengths[-1:], pad)]) if pad else chunk_lengths
