@@ -9,17 +9,17 @@ The default, a 2-digit + a 1-digit number worked column by column ("47 + 8": "7 
 problems, ~210 held out, every step a 1-digit fact that both splits share), 400 steps (seed 0, eval_seed 0, 2 shared
 CPU cores): greedy exact match 31% on 64 held-out draws, pass@1 25% / pass@8 78% at temperature 1; its errors wrong
 1-digit facts ("5 + 1 = 5") and miscopied digits. 2-digit + 2-digit the same way: greedy 19%, pass@1 4% / pass@8 28%.
-Earlier (before columns; same model, seeds, draws and shared cores): 2-digit + and - stays at 0% exact match after
-300 steps (the model does not yet copy two-digit operands); 1-digit + and - reaches 1-11% greedy, pass@8 ~45%; 1-digit + (100 problems, 22 of them held
-out) with the mix weighted to arithmetic (8000 of 12300 rows), lr 6e-3, 400 steps: greedy exact match 11%, pass@1
-21% / pass@8 73% at temperature 1 -- it memorises the train pairs (greedy 67% on train problems) and misses the
-held-out ones by one. 3 operands of 1-digit + (held-out problems made of train facts): greedy 9% after 400 steps,
-16% after 600, nearly all errors a wrong third operand (it does not learn to copy it). The then default, 1-digit + with
-larger_first (each step written larger operand first, so held-out "3 + 8" is worked as the train fact "8 + 3"),
-400 steps: greedy exact match 41% (train problems 85%), pass@1 28% / pass@8 72%; its errors are all off-by-one
-sums, none in the reordering (12 of the 22 held-out problems have their reversed twin in train; 4 are doubles and 6
-have both orders held out, so their facts are never seen): too few held-out problems (~22) for RL to move greedy
-pass@1 by more than one problem at a time, and what RL sharpened on the train pairs did not carry to them.
+Earlier (before columns; same model, seeds, draws and shared cores): 2-digit + and - stays at 0% exact match after 300
+steps (the model does not yet copy two-digit operands); 1-digit + and - reaches 1-11% greedy, pass@8 ~45%; 1-digit +
+(100 problems, 22 of them held out) with the mix weighted to arithmetic (8000 of 12300 rows), lr 6e-3, 400 steps: greedy
+exact match 11%, pass@1 21% / pass@8 73% at temperature 1 -- it memorises the train pairs (greedy 67% on train problems)
+and misses the held-out ones by one. 3 operands of 1-digit + (held-out problems made of train facts): greedy 9% after
+400 steps, 16% after 600, nearly all errors a wrong third operand (it does not learn to copy it). The then default,
+1-digit + with larger_first (each step written larger operand first, so held-out "3 + 8" is worked as the train fact
+"8 + 3"), 400 steps: greedy exact match 41% (train problems 85%), pass@1 28% / pass@8 72%; its errors are all off-by-one
+sums, none in the reordering (12 of the 22 held-out problems have their reversed twin in train; 4 are doubles and 6 have
+both orders held out, so their facts are never seen): too few held-out problems (~22) for RL to move greedy pass@1 by
+more than one problem at a time, and what RL sharpened on the train pairs did not carry to them.
 Turn digits / ops up for a bigger model.
 """
 import ml_collections
