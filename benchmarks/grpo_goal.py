@@ -4,7 +4,7 @@ moves much less.
 
     python -m lm.main --workdir=W                                        # the tiny pretrained model (~5 min)
     python -m lm.train --config=configs/sft_tiny.py --workdir=W          # W/sft
-    ../shared/tools/quiet-run python benchmarks/grpo_goal.py --workdir=W [--seeds=0,1,2] [--set=grpo.task_kwargs.digits=1]
+    ../shared/tools/quiet-run python benchmarks/grpo_goal.py --workdir=W [--seeds=0,1,2] [--set=train.steps=50]
 
 Each seed is one `python -m lm.train --config=configs/grpo_tiny.py` run into W/grpo_goal/seed<s>/ (the same SFT
 start, the same held-out problems; the seed changes the rollouts). The result, with every seed's before / after

@@ -11,6 +11,7 @@ from tests.conftest import shared_path
 from tests.test_chat_template import bpe_tokenizer
 
 SYNTHETIC = [tasks.Arithmetic(), tasks.Arithmetic(n_operands=4, digits=3, ops="+-*", allow_negative=True),
+             tasks.Arithmetic(digits=(2, 1), ops="+", columns=True),
              tasks.CountLetters(), tasks.Identity(), tasks.CompareDecimals(), tasks.CompareDecimals(99, 3)]
 
 
@@ -57,6 +58,24 @@ def test_arithmetic_steps_and_answer():
     assert tasks.Arithmetic().reward("It is 100", "101") == 0.0
     with pytest.raises(ValueError, match="ops from"):
         tasks.Arithmetic(ops="/")
+
+
+def test_column_addition_steps_rebuild_the_sum():
+    assert tasks.column_steps(47, 38) == ["7 + 8 = 15", "4 + 3 + 1 = 8"]
+    assert tasks.column_steps(95, 7) == ["5 + 7 = 12", "9 + 0 + 1 = 10"]     # the last carry leads the answer
+    task = tasks.Arithmetic(digits=(2, 1), ops="+", columns=True)
+    examples = task.examples("train", 300, seed=0)
+    for example in examples:
+        a, b = map(int, example.key.split(" + "))
+        assert b < 10 and example.reference == str(a + b)
+        lines = [line.split(" = ")[1] for line in example.thinking.splitlines()]
+        assert lines[-1] + "".join(s[-1] for s in reversed(lines[:-1])) == example.reference
+    # hundreds of distinct problems in each split (the 1-digit task had ~22 held out)
+    assert len({e.key for e in task.examples("test", 1000, seed=0)}) > 150
+    with pytest.raises(ValueError, match="columns only"):
+        tasks.Arithmetic(ops="+-", columns=True)
+    with pytest.raises(ValueError, match="one per operand"):
+        tasks.Arithmetic(digits=(2, 1, 1))
 
 
 def test_difficulty_dials_change_the_problems():

@@ -12,8 +12,8 @@ A synthetic task puts a problem in the held-out "test" split when a hash of its 
 expression) falls below `held_out_fraction`, so the splits never share a problem whatever the seeds; within a
 split the seed picks which problems and in what order (a small problem space repeats problems within its split).
 
-The default difficulties aim at what a tiny CPU model can learn after SFT (2-operand 2-digit + and -, words of 3-6
-letters, decimals below 20 with at most 2 places); turn the dials for larger models.
+The constructors' defaults are 2-operand 2-digit + and -, words of 3-6 letters, decimals below 20 with at most 2
+places; configs/sft_tiny.py sets what the tiny CPU model learns (2-digit + 1-digit worked in columns).
 """
 import dataclasses
 import hashlib
@@ -103,22 +103,32 @@ class Arithmetic(SyntheticTask):
 
     `larger_first` writes each + and * step with the larger operand first ("What is 3 + 8?" -> "8 + 3 = 11"), so the
     step for a held-out problem "3 + 8" is the same fact as the train problem "8 + 3": the model can answer unseen
-    problems by a rule it learns on all of them (reorder, then recall) instead of having to have seen the pair."""
+    problems by a rule it learns on all of them (reorder, then recall) instead of having to have seen the pair.
+
+    `digits` is one width for every operand or one per operand ((2, 1): "47 + 8"). `columns` (2 operands, "+") works
+    the sum digit by digit from the ones column ("47 + 38" -> "7 + 8 = 15", "4 + 3 + 1 = 8"): every step is one of
+    the 1-digit facts (+ a carry) that every split shares, so a large problem space is solved by one rule."""
     name = "arithmetic"
 
-    def __init__(self, n_operands: int = 2, digits: int = 2, ops: str = "+-", allow_negative: bool = False,
-                 larger_first: bool = False):
-        if n_operands < 2 or digits < 1 or not ops or set(ops) - set("+-*"):
-            raise ValueError(f"Arithmetic(n_operands={n_operands}, digits={digits}, ops={ops!r}): need >= 2 "
-                             f"operands, >= 1 digit, ops from '+-*'")
+    def __init__(self, n_operands: int = 2, digits: int | Sequence[int] = 2, ops: str = "+-",
+                 allow_negative: bool = False, larger_first: bool = False, columns: bool = False):
+        widths = [digits] * n_operands if isinstance(digits, int) else [int(d) for d in digits]
+        if (n_operands < 2 or len(widths) != n_operands or min(widths) < 1 or not ops or set(ops) - set("+-*")
+                or columns and (n_operands != 2 or ops != "+")):
+            raise ValueError(f"Arithmetic(n_operands={n_operands}, digits={digits}, ops={ops!r}, columns={columns}):"
+                             f" need >= 2 operands, >= 1 digit each (one width or one per operand), ops from '+-*';"
+                             f" columns only for 2 operands and '+'")
         self.n_operands, self.digits, self.ops, self.allow_negative = n_operands, digits, ops, allow_negative
-        self.larger_first = larger_first
+        self.widths, self.larger_first, self.columns = widths, larger_first, columns
 
     def make(self, rng: random.Random) -> Example:
         while True:
-            values = [rng.randrange(10 ** self.digits) for _ in range(self.n_operands)]
+            values = [rng.randrange(10 ** width) for width in self.widths]
             ops = [rng.choice(self.ops) for _ in range(self.n_operands - 1)]
-            steps, result, lowest = worked_steps(values, ops, self.larger_first)
+            if self.columns:
+                steps, result, lowest = column_steps(*values), sum(values), 0
+            else:
+                steps, result, lowest = worked_steps(values, ops, self.larger_first)
             if self.allow_negative or lowest >= 0:
                 break
         expression = " ".join([str(values[0])] + [f"{op} {v}" for op, v in zip(ops, values[1:])])
@@ -143,6 +153,18 @@ def worked_steps(values: Sequence[int], ops: Sequence[str], larger_first: bool =
             else:
                 i += 1
     return steps, values[0], lowest
+
+
+def column_steps(a: int, b: int) -> list[str]:
+    """Column addition of a + b, one line per column from the ones: "digit + digit [+ carry] = sum" (a missing
+    digit is 0), so the answer is the last line's sum followed by the earlier lines' last digits, last to first."""
+    steps, carry = [], 0
+    for column in range(len(str(max(a, b)))):
+        x, y = a // 10 ** column % 10, b // 10 ** column % 10
+        total = x + y + carry
+        steps.append(f"{x} + {y}{' + 1' if carry else ''} = {total}")
+        carry = total // 10
+    return steps
 
 
 # -- counting letters ------------------------------------------------------------------------------------------------
