@@ -111,19 +111,6 @@ def sampling_logits(logits, sampling: Sampling):
     return top_p_filter(top_k_filter(logits, sampling.top_k), sampling.top_p)
 
 
-def draw(keys, logits):
-    """One token int32 [B] per row of softmax(logits [B, V]), keys [B]: the first token whose cumulative
-    probability exceeds a uniform draw (the inverse CDF). One random number per row, where jax.random.categorical's
-    Gumbel trick draws V of them: on CPU those random bits were most of a small model's decode step."""
-    probs = jax.nn.softmax(logits, axis=-1)
-    cdf = jnp.cumsum(probs, axis=-1)
-    u = jax.vmap(jax.random.uniform)(keys) * cdf[:, -1]
-    token = jnp.sum(cdf <= u[:, None], axis=-1)
-    # u * total may round up to total: fall back to the last token that has any probability (never a filtered one)
-    last = probs.shape[-1] - 1 - jnp.argmax(probs[:, ::-1] > 0, axis=-1)
-    return jnp.minimum(token, last).astype(jnp.int32)
-
-
 def choose(logits, keys, sampling: Sampling, greedy_rows=None):
     """Next tokens int32 [B] from logits [B, V]; keys [B] (one per row).
 
@@ -132,7 +119,7 @@ def choose(logits, keys, sampling: Sampling, greedy_rows=None):
     best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if sampling.greedy:
         return best
-    drawn = draw(keys, sampling_logits(logits, sampling))
+    drawn = jax.vmap(jax.random.categorical)(keys, sampling_logits(logits, sampling)).astype(jnp.int32)
     return drawn if greedy_rows is None else jnp.where(greedy_rows, best, drawn)
 
 
