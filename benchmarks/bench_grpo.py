@@ -13,7 +13,8 @@ float32).
 TRL 1.16 runs offline on CPU with use_vllm=False, bf16=False, no gradient checkpointing, disable_dropout=True;
 its per_device_train_batch_size counts completions (P x G). Each side runs in its own process pinned to `threads`
 cores (sched_setaffinity; torch.set_num_threads / XLA's CPU thread pool follow it). The first step (compilation,
-warm-up) is reported apart; the median of the others is the step time; each side's faster thread count is compared
+warm-up) is reported apart; the median of the others is the step time (our last step also writes the loop's
+final checkpoint, timed as checkpoint_s; TRL's side saves nothing); each side's faster thread count is compared
 with the other's too. TRL lives in its own venv, never in ours.
 
 The foreign CPU load during each side's run (busy CPU time from /proc/stat minus that side's own, over its wall time)
@@ -83,9 +84,16 @@ def run_ours(directory: pathlib.Path, args) -> dict:
     config = grpo.with_init_model(config, init_config)
     grpo.check_config(config)
     objective = grpo.objective(config, directory, tok, tiny_runs.HasDigit(), {}, init)
-    times, tokens = [], []
+    times, tokens, saves = [], [], []
     run_dir = directory / f"ours_{args.threads}"
     with loop.Trainer(config, run_dir, objective) as trainer:
+        save = trainer.save
+
+        def timed_save():  # the loop checkpoints at the last step (TRL here: save_strategy "no"): reported apart
+            tick = time.perf_counter()
+            save()
+            saves.append(time.perf_counter() - tick)
+        trainer.save = timed_save
         batches = trainer.train_batches()
         for _ in range(args.steps):
             tick = time.perf_counter()
@@ -93,7 +101,7 @@ def run_ours(directory: pathlib.Path, args) -> dict:
             trainer.step(batch)
             times.append(time.perf_counter() - tick)
             tokens.append(float(batch["loss_mask"].sum()))
-    return dict(times=times, generated_tokens=tokens)
+    return dict(times=times, generated_tokens=tokens, checkpoint_s=saves)
 
 
 # ------------------------------------------------------------------------------------------------ TRL
@@ -149,7 +157,8 @@ def summarise(result: dict) -> dict:
     median = statistics.median(rest)
     return dict(first_step_s=times[0], median_step_s=median, steps=len(times),
                 generated_tokens_per_step=per_step_tokens,
-                generated_tokens_per_s=per_step_tokens / median if per_step_tokens else None, times=times)
+                generated_tokens_per_s=per_step_tokens / median if per_step_tokens else None, times=times,
+                **({"checkpoint_s": result["checkpoint_s"]} if "checkpoint_s" in result else {}))
 
 
 def child(args) -> None:

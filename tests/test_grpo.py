@@ -18,7 +18,7 @@ from lm.model import Transformer
 from lm.model import hf as model_hf
 from lm.tokenizer import chat
 from lm.tokenizer import train as tokenizer_train
-from lm.train import grpo, metrics
+from lm.train import grpo, metrics, rl_math
 
 MODEL = {"model.n_layers": 1, "model.d_model": 32, "model.n_heads": 4, "model.n_kv_heads": 4, "model.d_ff": 64,
          "model.max_len": 48}
@@ -32,7 +32,7 @@ def tok():
 
 def grpo_config(**overrides):
     base = {**MODEL, "grpo.prompts": 8, "grpo.group_size": 8, "grpo.prompt_len": 32, "grpo.max_new_tokens": 6,
-            "grpo.minibatches": 2, "grpo.train_problems": 200, "grpo.eval_problems": 0, "train.seq_len": 37,
+            "grpo.minibatches": 2, "grpo.drift_every": 2, "grpo.train_problems": 200, "grpo.eval_problems": 0, "train.seq_len": 37,
             "train.steps": 16,
             "train.lr": 1e-2, "train.eval_every": 0, "train.checkpoint_every": 4, "train.keep_checkpoints": 5,
             "mesh.data": 8}
@@ -113,12 +113,12 @@ def test_rollout_rows_and_first_pass_ratio_is_one(workdir, tok):
     config = grpo.with_init_model(grpo_config(), config)
     task = tiny_runs.HasDigit()
     pool = grpo.problem_pool(task, tok, config.grpo, seed=0)[:2]
-    rows, metrics_ = grpo.make_rollout(model, task, tok, pool, config.grpo, seed=0, index=3)
-    again, _ = grpo.make_rollout(model, task, tok, pool, config.grpo, seed=0, index=3)
+    rows, metrics_ = grpo.make_rollout(model, task, tok, pool, config.grpo, seed=0, index=4)
+    again, _ = grpo.make_rollout(model, task, tok, pool, config.grpo, seed=0, index=4)
     jax.tree.map(np.testing.assert_array_equal, rows, again)  # keyed by (seed, index)
-    other, _ = grpo.make_rollout(model, task, tok, pool, config.grpo, seed=0, index=4)
+    other, other_metrics = grpo.make_rollout(model, task, tok, pool, config.grpo, seed=0, index=5)
     assert not np.array_equal(other["targets"], rows["targets"])
-    assert metrics_["logprob_drift"] < 1e-4
+    assert metrics_["logprob_drift"] < 1e-4 and "logprob_drift" not in other_metrics  # checked every drift_every rollouts
     G, P = config.grpo.group_size, config.grpo.prompt_len
     completions = [rows["targets"][r, P - 1:][rows["loss_mask"][r, P - 1:] > 0] for r in range(len(rows["targets"]))]
     rewards = np.array([task.reward(chat.parse_completion(tok, c).answer, "") for c in completions])
@@ -133,6 +133,12 @@ def test_rollout_rows_and_first_pass_ratio_is_one(workdir, tok):
     batch = {k: jnp.asarray(v) for k, v in rows.items()}
     loss_sum, weight, sums = grpo.grpo_loss(model, batch)
     assert float(sums["clip_frac"]) == 0.0 and float(sums["approx_kl"] / weight) < 1e-8
+    batch["advantages"] = batch["advantages"] + 0.5   # (a nonzero loss) the LM head only on completion columns:
+    batch["ref_logprobs"] = batch["old_logprobs"] - 0.1   # the same loss and metrics, every aggregation
+    for aggregation in rl_math.AGGREGATIONS:
+        whole = grpo.grpo_loss(model, batch, aggregation=aggregation, beta=0.1)
+        cut = grpo.grpo_loss(model, batch, aggregation=aggregation, beta=0.1, completion_start=P - 1)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), cut, whole)
     live = np.asarray(grpo.trainer_logprobs(model, batch["inputs"], batch["targets"], batch["positions"]))
     ratio = np.exp(live - rows["old_logprobs"])[rows["loss_mask"] > 0]
     np.testing.assert_allclose(ratio, 1.0, atol=1e-4)
@@ -148,14 +154,15 @@ def straight(workdir):
 
 def test_mean_reward_rises_on_an_easy_reward(straight):
     """16 steps (8 rollouts of 8 x 8 samples, 2 minibatches each) raise a random model's reward from ~0.5 by a
-    clear margin; every step logs the rollout's numbers, the drift only before a rollout's first update."""
+    clear margin; every step logs the rollout's numbers, the drift only before the first update of every
+    drift_every-th rollout."""
     run_dir, summary = straight
     lines = metrics.read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in lines] == list(range(1, 17)) and summary["steps"] == 16
     rewards = [r["reward"] for r in lines[::2]]
     assert rewards[0] < 0.75 and np.mean(rewards[-2:]) > rewards[0] + 0.2, rewards
     assert [r["rollout"] for r in lines] == [i // 2 for i in range(16)]
-    assert all(("logprob_drift" in r) == (r["minibatch"] == 0) for r in lines)
+    assert all(("logprob_drift" in r) == (r["minibatch"] == 0 and r["rollout"] % 2 == 0) for r in lines)
     assert max(r["logprob_drift"] for r in lines if "logprob_drift" in r) < 1e-4
     assert lines[0]["clip_frac"] == 0.0 and lines[0]["approx_kl"] < 1e-8  # first pass: ratio 1
     for key in ("no_signal", "response_len", "entropy", "truncated", "reward_task"):

@@ -20,9 +20,9 @@ inputs/targets are that sequence shifted by one; loss_mask marks the completion'
 (the sampler's), advantages [rows], and ref_logprobs when beta > 0.
 
 Logged every step (batch metrics): reward (total), reward_task, reward_format, no_signal (fraction of groups whose
-rewards are all equal), response_len, truncated, rollout and pass; on the first step of a rollout also
-logprob_drift, the max |sampler log-prob - trainer log-prob| over the rollout's completion tokens with the very
-parameters that sampled them (it should be ~1e-6: a larger drift is a bug between sample.py and the model); from
+rewards are all equal), response_len, truncated, rollout and pass; on the first step of every
+`grpo.drift_every`-th rollout (rollout 0 included) also logprob_drift, the max |sampler log-prob - trainer
+log-prob| over the rollout's completion tokens with the very parameters that sampled them (it should be ~1e-6: a larger drift is a bug between sample.py and the model); from
 the loss: clip_frac, approx_kl (to the sampler's policy), kl (to the reference, when beta > 0), entropy.
 
 Resume is bit-exact by construction: rollout r's problems, sampling key and minibatch shuffles are functions of
@@ -88,6 +88,7 @@ def default_config() -> ml_collections.ConfigDict:
         kl="k3",                 # a name in rl_math.KL_ESTIMATORS
         format_weight=0.0,       # reward += format_weight * format_reward
         mask_truncated=False,    # leave completions cut by max_new_tokens out of the loss
+        drift_every=8,           # rollouts between sampler-vs-trainer log-prob checks (one extra forward each)
         eval_problems=64,        # held-out test problems per evaluation (0: no evaluation)
         eval_samples=8,          # samples per problem for pass@k
         eval_ks=(1, 8),
@@ -117,6 +118,8 @@ def check_config(config) -> None:
     if rows % int(grpo.minibatches):
         raise ConfigError(f"config.grpo.minibatches={grpo.minibatches} does not divide the rollout's "
                           f"{grpo.prompts} x {grpo.group_size} = {rows} rows")
+    if int(grpo.drift_every) < 1:
+        raise ConfigError(f"config.grpo.drift_every={grpo.drift_every}: must be >= 1 (rollouts between checks)")
     if grpo.advantage not in ("grpo", "dr_grpo"):
         raise ConfigError(f"config.grpo.advantage={grpo.advantage!r}: must be grpo or dr_grpo")
     if grpo.aggregation not in rl_math.AGGREGATIONS:
@@ -237,18 +240,21 @@ def make_rollout(model, task, tokenizer, pool, grpo, seed: int, index: int, ref_
     rows["advantages"] = advantages
     truncated = ~out.stopped
     rows["loss_mask"] = completion_mask * (1.0 - truncated[:, None]) if grpo.mask_truncated else completion_mask
-    # The trainer's log-probs of the same tokens with the same parameters: the drift between sampler and trainer.
-    live = np.asarray(trainer_logprobs(model, rows["inputs"], rows["targets"], rows["positions"]))
-    drift = float(np.max(np.abs(live - rows["old_logprobs"]) * completion_mask, initial=0.0))
+    metrics = {}
+    if index % int(grpo.drift_every) == 0:
+        # The trainer's log-probs of the same tokens with the same parameters: the drift between sampler and
+        # trainer. A bug detector, not a training input, so only every drift_every-th rollout pays its forward.
+        live = np.asarray(trainer_logprobs(model, rows["inputs"], rows["targets"], rows["positions"]))
+        metrics["logprob_drift"] = float(np.max(np.abs(live - rows["old_logprobs"]) * completion_mask, initial=0.0))
     if ref_model is not None:
         rows["ref_logprobs"] = np.asarray(trainer_logprobs(ref_model, rows["inputs"], rows["targets"],
                                                            rows["positions"]))
     groups = rewards.reshape(-1, G)
-    metrics = dict(reward=float(rewards.mean()), reward_task=float(task_rewards.mean()),
+    metrics.update(reward=float(rewards.mean()), reward_task=float(task_rewards.mean()),
                    reward_format=float(format_rewards.mean()),
                    no_signal=float(np.mean(groups.max(1) == groups.min(1))),
                    response_len=float(out.lengths.mean()), truncated=float(truncated.mean()),
-                   logprob_drift=drift, rollout_sec=rollout_seconds)
+                   rollout_sec=rollout_seconds)
     return rows, metrics
 
 
@@ -277,26 +283,37 @@ def aggregation_weight(mask, aggregation: str):
     return jnp.float32(mask.shape[0])
 
 
-def grpo_loss(model, batch, aggregation="token_mean", eps_low=0.2, eps_high=0.28, beta=0.0, kl="k3"):
-    """(loss_sum, weight, metric_sums) of the clipped-ratio loss (+ beta x KL to the reference) on training rows."""
-    logits = model.logits(model.hidden(batch["inputs"], batch["positions"]))
-    logp = lm_model.token_logprobs(logits, batch["targets"])
-    mask = batch["loss_mask"].astype(jnp.float32)
-    loss, clip_frac = rl_math.ppo_clip_loss(logp, batch["old_logprobs"], batch["advantages"], mask,
-                                            eps_low, eps_high, aggregation)
-    metrics = dict(clip_frac=clip_frac, approx_kl=rl_math.approx_kl(logp, batch["old_logprobs"], mask),
+def grpo_loss(model, batch, aggregation="token_mean", eps_low=0.2, eps_high=0.28, beta=0.0, kl="k3",
+              completion_start=0):
+    """(loss_sum, weight, metric_sums) of the clipped-ratio loss (+ beta x KL to the reference) on training rows.
+
+    completion_start: the first target column that can be a completion token (prompt_len - 1): the LM head, the
+    largest matmul of a small model, and the vocabulary-wide softmaxes run only from there (TRL's logits_to_keep).
+    Dr. GRPO's constant stays the whole row length, so the loss is the same as over every column."""
+    columns = batch["targets"].shape[1]
+
+    def completions(x):
+        return x[:, completion_start:]
+    logits = model.logits(completions(model.hidden(batch["inputs"], batch["positions"])))
+    logp = lm_model.token_logprobs(logits, completions(batch["targets"]))
+    mask = completions(batch["loss_mask"]).astype(jnp.float32)
+    old_logprobs = completions(batch["old_logprobs"])
+    loss, clip_frac = rl_math.ppo_clip_loss(logp, old_logprobs, batch["advantages"], mask,
+                                            eps_low, eps_high, aggregation, max_len=columns)
+    metrics = dict(clip_frac=clip_frac, approx_kl=rl_math.approx_kl(logp, old_logprobs, mask),
                    entropy=rl_math.entropy_from_logits(jax.lax.stop_gradient(logits), mask))
     if "ref_logprobs" in batch:
-        per_token = rl_math.KL_ESTIMATORS[kl](logp, batch["ref_logprobs"])
+        per_token = rl_math.KL_ESTIMATORS[kl](logp, completions(batch["ref_logprobs"]))
         metrics["kl"] = rl_math.masked_mean(per_token, mask)
-        loss = loss + beta * rl_math.aggregate(per_token, mask, aggregation)
+        loss = loss + beta * rl_math.aggregate(per_token, mask, aggregation, max_len=columns)
     weight = aggregation_weight(mask, aggregation)
     return loss * weight, weight, {name: value * weight for name, value in metrics.items()}
 
 
 def make_loss(grpo):
     return functools.partial(grpo_loss, aggregation=grpo.aggregation, eps_low=float(grpo.eps_low),
-                             eps_high=float(grpo.eps_high), beta=float(grpo.beta), kl=grpo.kl)
+                             eps_high=float(grpo.eps_high), beta=float(grpo.beta), kl=grpo.kl,
+                             completion_start=int(grpo.prompt_len) - 1)
 
 
 # --- evaluation ----------------------------------------------------------------------------------------------------
@@ -392,7 +409,7 @@ def objective(config, workdir, tokenizer, task, report: dict, init_run, tokenize
             for epoch, part, batch in minibatches(rows, grpo, seed, index):
                 step_metrics = dict(metrics, rollout=index, epoch=epoch, minibatch=part)
                 if epoch or part:
-                    step_metrics.pop("logprob_drift")   # measured only before the rollout's first update
+                    step_metrics.pop("logprob_drift", None)   # measured only before the rollout's first update
                     step_metrics.pop("rollout_sec")
                 yield dict(batch, metrics=step_metrics)
 
