@@ -66,6 +66,10 @@ LEVERS = {
     "concurrency_scheduler": ({}, "--xla_cpu_enable_concurrency_optimized_scheduler=true"),
     "single_thread_eigen": ({}, "--xla_cpu_multi_thread_eigen=false"),
     "legacy_runtime": ({}, "--xla_cpu_use_thunk_runtime=false"),
+    # jaxlib 0.10.2 routes dots (and some reductions) through YNNPACK "__ynn_fusion"s; these narrow or disable that
+    "ynn_off": ({}, "--xla_cpu_experimental_ynn_fusion_type="),
+    "ynn_dots_only": ({}, "--xla_cpu_experimental_ynn_fusion_type=individual_dot"),
+    "fast_math": ({}, "--xla_cpu_enable_fast_math=true"),
     "all": ({"model.flat_matmuls": True, "model.fused_qkv": True, "model.attention": "blockwise",
              "model.attention_block": 128, "train.loss_chunk": 128}, ""),
 }
