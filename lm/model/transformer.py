@@ -46,7 +46,7 @@ class ModelSpec:
     attention: str = "xla"
     attention_block: int = 128
     fused_qkv: bool = False
-    flat_matmuls: bool = False
+    flat_matmuls: bool = True
     remat: str = "none"
     scan_layers: bool = False
     rope_theta: float = 10000.0
@@ -66,7 +66,7 @@ class ModelSpec:
                    max_len=int(c.get("max_len", 1024)), dtype=c.get("dtype", "float32"),
                    param_dtype=c.get("param_dtype", "float32"), attention=c.get("attention", "xla"),
                    attention_block=int(c.get("attention_block", 128)), fused_qkv=bool(c.get("fused_qkv", False)),
-                   flat_matmuls=bool(c.get("flat_matmuls", False)),
+                   flat_matmuls=bool(c.get("flat_matmuls", True)),
                    remat=c.get("remat", "none"), scan_layers=bool(c.get("scan_layers", False)),
                    rope_theta=float(c.get("rope_theta", 10000.0)), norm_eps=float(c.get("norm_eps", 1e-5)),
                    tie_embeddings=bool(c.get("tie_embeddings", family == "gpt2")),
