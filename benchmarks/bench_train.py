@@ -16,7 +16,7 @@ on 2 shared cores a contended run flatters whichever side suffers less. Run it a
 ../shared/tools/quiet-run:
 
     ../shared/tools/quiet-run -- python benchmarks/bench_train.py                 # all shapes and levers
-    python benchmarks/bench_train.py --sizes=small --levers=flat_matmuls --rounds=1 --round_seconds=0 \\
+    python benchmarks/bench_train.py --sizes=small --levers=fused_qkv --rounds=1 --round_seconds=0 \\
         --output=/tmp/t.json                                                      # a smoke run (~1 minute)
 
 Steps per round are chosen per shape so that one round of one variant takes about --round_seconds (at least 1).
@@ -55,7 +55,7 @@ SIZES = {  # the issue's four shapes: the tiny presets, then nanoGPT-like ones
 # lever -> (config overrides on top of the base config, XLA_FLAGS for that worker). Model levers are exact (see
 # tests/test_attention.py); XLA flags change only how XLA compiles and runs the same program.
 LEVERS = {
-    "flat_matmuls": ({"model.flat_matmuls": True}, ""),
+    "no_flat_matmuls": ({"model.flat_matmuls": False}, ""),  # flat 2-D matmuls are the default
     "fused_qkv": ({"model.fused_qkv": True}, ""),
     "blockwise": ({"model.attention": "blockwise", "model.attention_block": 128}, ""),
     "blockwise64": ({"model.attention": "blockwise", "model.attention_block": 64}, ""),
@@ -66,10 +66,14 @@ LEVERS = {
     "concurrency_scheduler": ({}, "--xla_cpu_enable_concurrency_optimized_scheduler=true"),
     "single_thread_eigen": ({}, "--xla_cpu_multi_thread_eigen=false"),
     "legacy_runtime": ({}, "--xla_cpu_use_thunk_runtime=false"),
-    "all": ({"model.flat_matmuls": True, "model.fused_qkv": True, "model.attention": "blockwise",
+    # jaxlib 0.10.2 routes dots (and some reductions) through YNNPACK "__ynn_fusion"s; these narrow or disable that
+    "ynn_off": ({}, "--xla_cpu_experimental_ynn_fusion_type="),
+    "ynn_dots_only": ({}, "--xla_cpu_experimental_ynn_fusion_type=individual_dot"),
+    "fast_math": ({}, "--xla_cpu_enable_fast_math=true"),
+    "all": ({"model.fused_qkv": True, "model.attention": "blockwise",
              "model.attention_block": 128, "train.loss_chunk": 128}, ""),
 }
-DEFAULT_LEVERS = ["flat_matmuls", "fused_qkv", "blockwise", "loss_chunk", "xnnpack", "concurrency_scheduler", "all"]
+DEFAULT_LEVERS = ["fused_qkv", "blockwise", "loss_chunk", "ynn_off", "all"]
 
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Interleaved rounds (each times every variant once).")
 _ROUND_SECONDS = flags.DEFINE_float("round_seconds", 2.0, "Target seconds of one variant's round (sets the steps).")

@@ -20,7 +20,7 @@ def model_for_depth(depth: int, family: str = "gpt2", head_dim: int = 64) -> ml_
         attention="xla",         # xla | dot_product (jax.nn.dot_product_attention: cuDNN on GPU) | blockwise (causal)
         attention_block=128,     # blockwise: queries per block; key blocks wholly after a query block are skipped
         fused_qkv=False,         # one matmul for q, k, v (weights concatenated in the step; parameter paths unchanged)
-        flat_matmuls=False,      # projections and MLP as 2-D matmuls over batch * length (CPU: no 3-D dot transposes)
+        flat_matmuls=True,       # projections and MLP as 2-D matmuls over batch * length (CPU: no 3-D dot transposes)
         remat="none",            # none | full | dots
         scan_layers=False,
         rope_theta=10000.0,

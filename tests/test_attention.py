@@ -112,7 +112,7 @@ def test_blockwise_with_a_kv_cache_is_the_full_path():
 
 # --- The levers in the whole model ---------------------------------------------------------------------------------
 
-LEVERS = [dict(attention="blockwise", attention_block=4), dict(fused_qkv=True), dict(flat_matmuls=True),
+LEVERS = [dict(attention="blockwise", attention_block=4), dict(fused_qkv=True), dict(flat_matmuls=False),
           dict(attention="blockwise", attention_block=5, fused_qkv=True, flat_matmuls=True)]
 
 

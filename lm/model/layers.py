@@ -122,15 +122,23 @@ def blockwise_causal_attention(q, k, v, mask=None, block=128):
 
 def _masked_attention(q, k, v, mask, kv_heads_first=False):
     """q [B, T, H, D], k, v [B, S, K, D] (or [B, K, S, D]), mask bool [B or 1, T, S] -> [B, T, H, D]; scores and
-    softmax in float32. The cache layout is read as it is (no transposed copy per decode step)."""
+    softmax in float32. The cache layout is read as it is (no transposed copy per decode step).
+
+    Both matmuls run heads-major, batched over leading (B, K) dimensions, with a query group's G * T rows
+    together: written over [B, T, K, G, D] directly, XLA's CPU backend transposed the [.., T, S] scores (and their
+    gradients) around every matmul.
+    """
     B, T, H, D = q.shape
-    K = k.shape[1 if kv_heads_first else 2]
-    kv = "bksd" if kv_heads_first else "bskd"
-    q = q.reshape(B, T, K, H // K, D)
-    scores = jnp.einsum(f"btkgd,{kv}->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(D)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum(f"bkgts,{kv}->btkgd", probs, v).reshape(B, T, H, D)
+    if not kv_heads_first:
+        k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
+    K, S = k.shape[1], k.shape[2]
+    G = H // K
+    q = q.reshape(B, T, K, G, D).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, D)
+    scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32) / math.sqrt(D)
+    scores = jnp.where(mask[:, None, None], scores.reshape(B, K, G, T, S), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(B, K, G * T, S)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, v)
+    return out.reshape(B, K, G, T, D).transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
 
 
 def dense(x, w, flat=False):
