@@ -52,16 +52,19 @@ def hacking_section(study: bool = False) -> ml_collections.ConfigDict:
         seeds=(0, 1, 2) if study else (0,),
         # reward-model pairs and KL coefficients: the first of each is the base setting, the others should delay
         # the gold turnover
-        pairs=(64, 512) if study else (64,),
-        kl_coefs=(0.02, 0.2) if study else (0.02,),
-        label_temperature=0.25,     # Bradley-Terry labels: P(a preferred) = sigmoid((gold_a - gold_b) / this)
+        pairs=(128, 1024) if study else (128,),
+        kl_coefs=(0.02, 0.3) if study else (0.02,),
+        # Bradley-Terry labels: P(a preferred) = sigmoid((gold_a - gold_b) / this). Gold gaps between two answers
+        # are ~0.2-1 (one digit more: ~0.2), so 0.05 makes the labels mostly, not always, follow the gold order
+        label_temperature=0.05,
+        eval_pairs=256 if study else 128,  # held-out gold-order pairs (own seed) every proxy's accuracy is measured on
         bon_n=(1, 2, 4, 8, 16, 32),
         bon_prompts=32,
         proxy_steps=120,
         proxy_batch=16,
         proxy_lr=1e-3,
         rollouts=24,
-        smooth=3,                   # rollouts in the moving average that finds the gold peak
+        smooth=5 if study else 3,   # rollouts in the moving average that finds the gold peak
     ))
 
 
@@ -74,6 +77,9 @@ def get_config(arg: str = ""):
     if arg in ("hacking", "hacking_study"):
         c.hacking = hacking_section(study=arg == "hacking_study")
         c.train.lr = 1e-4  # the policy moves far enough from the base within the rollouts for the proxy to be gamed
+        c.ppo.n_prompts = 1024  # distinct prompts for the pairs (up to 1024 of them) and the rollouts
+        if arg == "hacking_study":  # twice the answers per rollout: the gold curve's noise is what hides its peak
+            c.ppo.rollout_batch, c.train.batch_size = 64, 32
     elif arg:
         raise ValueError(f"configs/ppo_tiny.py:{arg}: unknown variant (use '', 'hacking' or 'hacking_study')")
     return c
