@@ -6,6 +6,27 @@
 
 One rollout of `rollout_batch` answers feeds epochs x minibatches updates; train.steps counts updates and
 train.batch_size is the minibatch (rollout_batch / minibatches). The model shape comes from the policy checkpoint.
+
+Reward-hacking runs (lm.train.hacking; base policy: the default lm.main tiny SFT run; all timings and runs on the
+shared 2-core machine, contended, indicative). "acc" is a proxy's accuracy on the 256 held-out gold-order pairs.
+
+- 2026-12-02 earlier session (label temperature 0.25, 512 vs 64 pairs, KL 0.2 vs 0.02, 32-answer rollouts, seeds
+  0, 1): turnover visible but both interventions peaked earlier; proxies 0.53-0.67 on their own labels. Its pairs
+  were re-rendered answer text: 68% had an empty side (thinking-only completions) and were dropped, so PPO found
+  completions the proxy had never seen.
+- A (rows re-rendered from answer text, empties kept, temperature 0.05, 64-answer rollouts, lr 1e-4, seed 0):
+  acc 64 pairs 0.684, 256 0.859, 1024 0.918; but PPO on raw completions went to thinking-only ones (answer "",
+  gold 0) the proxy scored ~+1.5: base (64, 0.02) gold peak at rollout 0, then -0.07 while proxy +0.76;
+  kl 0.3: peak rollout 11 (sqrt KL 0.76); 1024 pairs: peak rollout 0, gold -0.16, proxy +1.05 (sqrt KL 2.9).
+  Hence the pairs are now the policy's own completion ids, as PPO scores them.
+- B (completion-id rows, seed 0): acc 64 pairs 0.543, 128 0.602, 1024 0.746 (label follows the gold order in
+  61-66% of pairs: the rest are gold ties). 128 pairs, KL 0.02, lr 1e-4, 24 rollouts: gold rose 0.29 -> 0.40 to
+  the end (sqrt KL 2.45), no turnover.
+- C (as B, lr 3e-4, 32 rollouts, 128 pairs, seed 0): base gold peak rollout 26 (sqrt KL 3.21, +0.15), then
+  -0.002; KL 0.3: peak rollout 26 (sqrt KL 1.67, +0.06), then -0.024: the proxy was good enough that gold hardly
+  turned, and beta 0.3 mostly held KL (final sqrt KL ~1.4-1.8) without a later peak.
+- D (the hacking_study preset as below: 64 vs 1024 pairs, KL 0.02 vs 0.3, lr 3e-4, 24 rollouts of 64, seeds 0-2):
+  RESULTS_D
 """
 import ml_collections
 
@@ -52,7 +73,7 @@ def hacking_section(study: bool = False) -> ml_collections.ConfigDict:
         seeds=(0, 1, 2) if study else (0,),
         # reward-model pairs and KL coefficients: the first of each is the base setting, the others should delay
         # the gold turnover
-        pairs=(128, 1024) if study else (128,),
+        pairs=(64, 1024) if study else (64,),
         kl_coefs=(0.02, 0.3) if study else (0.02,),
         # Bradley-Terry labels: P(a preferred) = sigmoid((gold_a - gold_b) / this). Gold gaps between two answers
         # are ~0.2-1 (one digit more: ~0.2), so 0.05 makes the labels mostly, not always, follow the gold order
@@ -80,6 +101,7 @@ def get_config(arg: str = ""):
         c.ppo.n_prompts = 1024  # distinct prompts for the pairs (up to 1024 of them) and the rollouts
         if arg == "hacking_study":  # twice the answers per rollout: the gold curve's noise is what hides its peak
             c.ppo.rollout_batch, c.train.batch_size = 64, 32
+            c.train.lr = 3e-4  # at 1e-4 a 128-pair proxy's gold was still rising after 24 rollouts (KL 6 nats)
     elif arg:
         raise ValueError(f"configs/ppo_tiny.py:{arg}: unknown variant (use '', 'hacking' or 'hacking_study')")
     return c
