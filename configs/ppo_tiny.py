@@ -26,7 +26,14 @@ shared 2-core machine, contended, indicative). "acc" is a proxy's accuracy on th
   -0.002; KL 0.3: peak rollout 26 (sqrt KL 1.67, +0.06), then -0.024: the proxy was good enough that gold hardly
   turned, and beta 0.3 mostly held KL (final sqrt KL ~1.4-1.8) without a later peak.
 - D (the hacking_study preset as below: 64 vs 1024 pairs, KL 0.02 vs 0.3, lr 3e-4, 24 rollouts of 64, seeds 0-2):
-  RESULTS_D
+  acc 64 pairs 0.612 (seeds 0.54, 0.66, 0.64), 1024 pairs 0.770 (0.75, 0.83, 0.73). Gold peak (5-rollout
+  smoothing) rollout / sqrt KL / gold gain, seeds 0, 1, 2: base 13/2.83/+0.09, 23/3.29/+0.15, 22/2.43/+0.04 (a
+  turnover only in seed 0: -0.07 after, proxy +0.30; seeds 1-2 peak at or next to the end); KL 0.3 17/1.25/+0.03,
+  11/1.59/+0.05, 18/1.05/+0.04 (KL held at sqrt ~1.3: gold barely moves, peak later than base in 1 of 3 seeds,
+  never further in sqrt KL); 1024 pairs 17/3.64/+0.24, 23/4.02/+0.25, 23/3.27/+0.22 (peak +0.80 sqrt KL further
+  than base in 3 of 3 seeds, +1.7 rollouts later on average, +0.14 gold at the peak; 2 of 3 still rising).
+  Best-of-32 against the 64-pair proxy (KL 2.5): gold +0.05 to +0.17 over n=1. Outputs in /tmp/hk/final; each
+  seed's run took ~25 min of the contended machine (seeds 1, 2 in parallel processes, then one aggregating pass).
 """
 import ml_collections
 
