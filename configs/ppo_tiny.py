@@ -6,6 +6,34 @@
 
 One rollout of `rollout_batch` answers feeds epochs x minibatches updates; train.steps counts updates and
 train.batch_size is the minibatch (rollout_batch / minibatches). The model shape comes from the policy checkpoint.
+
+Reward-hacking runs (lm.train.hacking; base policy: the default lm.main tiny SFT run; all timings and runs on the
+shared 2-core machine, contended, indicative). "acc" is a proxy's accuracy on the 256 held-out gold-order pairs.
+
+- 2026-12-02 earlier session (label temperature 0.25, 512 vs 64 pairs, KL 0.2 vs 0.02, 32-answer rollouts, seeds
+  0, 1): turnover visible but both interventions peaked earlier; proxies 0.53-0.67 on their own labels. Its pairs
+  were re-rendered answer text: 68% had an empty side (thinking-only completions) and were dropped, so PPO found
+  completions the proxy had never seen.
+- A (rows re-rendered from answer text, empties kept, temperature 0.05, 64-answer rollouts, lr 1e-4, seed 0):
+  acc 64 pairs 0.684, 256 0.859, 1024 0.918; but PPO on raw completions went to thinking-only ones (answer "",
+  gold 0) the proxy scored ~+1.5: base (64, 0.02) gold peak at rollout 0, then -0.07 while proxy +0.76;
+  kl 0.3: peak rollout 11 (sqrt KL 0.76); 1024 pairs: peak rollout 0, gold -0.16, proxy +1.05 (sqrt KL 2.9).
+  Hence the pairs are now the policy's own completion ids, as PPO scores them.
+- B (completion-id rows, seed 0): acc 64 pairs 0.543, 128 0.602, 1024 0.746 (label follows the gold order in
+  61-66% of pairs: the rest are gold ties). 128 pairs, KL 0.02, lr 1e-4, 24 rollouts: gold rose 0.29 -> 0.40 to
+  the end (sqrt KL 2.45), no turnover.
+- C (as B, lr 3e-4, 32 rollouts, 128 pairs, seed 0): base gold peak rollout 26 (sqrt KL 3.21, +0.15), then
+  -0.002; KL 0.3: peak rollout 26 (sqrt KL 1.67, +0.06), then -0.024: the proxy was good enough that gold hardly
+  turned, and beta 0.3 mostly held KL (final sqrt KL ~1.4-1.8) without a later peak.
+- D (the hacking_study preset as below: 64 vs 1024 pairs, KL 0.02 vs 0.3, lr 3e-4, 24 rollouts of 64, seeds 0-2):
+  acc 64 pairs 0.612 (seeds 0.54, 0.66, 0.64), 1024 pairs 0.770 (0.75, 0.83, 0.73). Gold peak (5-rollout
+  smoothing) rollout / sqrt KL / gold gain, seeds 0, 1, 2: base 13/2.83/+0.09, 23/3.29/+0.15, 22/2.43/+0.04 (a
+  turnover only in seed 0: -0.07 after, proxy +0.30; seeds 1-2 peak at or next to the end); KL 0.3 17/1.25/+0.03,
+  11/1.59/+0.05, 18/1.05/+0.04 (KL held at sqrt ~1.3: gold barely moves, peak later than base in 1 of 3 seeds,
+  never further in sqrt KL); 1024 pairs 17/3.64/+0.24, 23/4.02/+0.25, 23/3.27/+0.22 (peak +0.80 sqrt KL further
+  than base in 3 of 3 seeds, +1.7 rollouts later on average, +0.14 gold at the peak; 2 of 3 still rising).
+  Best-of-32 against the 64-pair proxy (KL 2.5): gold +0.05 to +0.17 over n=1. Outputs in /tmp/hk/final; each
+  seed's run took ~25 min of the contended machine (seeds 1, 2 in parallel processes, then one aggregating pass).
 """
 import ml_collections
 
@@ -52,16 +80,19 @@ def hacking_section(study: bool = False) -> ml_collections.ConfigDict:
         seeds=(0, 1, 2) if study else (0,),
         # reward-model pairs and KL coefficients: the first of each is the base setting, the others should delay
         # the gold turnover
-        pairs=(64, 512) if study else (64,),
-        kl_coefs=(0.02, 0.2) if study else (0.02,),
-        label_temperature=0.25,     # Bradley-Terry labels: P(a preferred) = sigmoid((gold_a - gold_b) / this)
+        pairs=(64, 1024) if study else (64,),
+        kl_coefs=(0.02, 0.3) if study else (0.02,),
+        # Bradley-Terry labels: P(a preferred) = sigmoid((gold_a - gold_b) / this). Gold gaps between two answers
+        # are ~0.2-1 (one digit more: ~0.2), so 0.05 makes the labels mostly, not always, follow the gold order
+        label_temperature=0.05,
+        eval_pairs=256 if study else 128,  # held-out gold-order pairs (own seed) every proxy's accuracy is measured on
         bon_n=(1, 2, 4, 8, 16, 32),
         bon_prompts=32,
         proxy_steps=120,
         proxy_batch=16,
         proxy_lr=1e-3,
         rollouts=24,
-        smooth=3,                   # rollouts in the moving average that finds the gold peak
+        smooth=5 if study else 3,   # rollouts in the moving average that finds the gold peak
     ))
 
 
@@ -74,6 +105,10 @@ def get_config(arg: str = ""):
     if arg in ("hacking", "hacking_study"):
         c.hacking = hacking_section(study=arg == "hacking_study")
         c.train.lr = 1e-4  # the policy moves far enough from the base within the rollouts for the proxy to be gamed
+        c.ppo.n_prompts = 1024  # distinct prompts for the pairs (up to 1024 of them) and the rollouts
+        if arg == "hacking_study":  # twice the answers per rollout: the gold curve's noise is what hides its peak
+            c.ppo.rollout_batch, c.train.batch_size = 64, 32
+            c.train.lr = 3e-4  # at 1e-4 a 128-pair proxy's gold was still rising after 24 rollouts (KL 6 nats)
     elif arg:
         raise ValueError(f"configs/ppo_tiny.py:{arg}: unknown variant (use '', 'hacking' or 'hacking_study')")
     return c

@@ -174,6 +174,9 @@ def _hacking(workdir, report) -> list:
     lines = ["Reward hacking, measured: PPO against proxy reward models trained on gold-labelled pairs; proxy and "
              "gold reward against sqrt(KL), best-of-n against the same proxy as the comparison curve."]
     lines += [""] + [f"- {line}" for line in (report.get("summary") or {}).values()]
+    lines += [f"- {d['line']}" for d in (report.get("delays") or {}).values() if "line" in d]
+    if (report.get("proxy_accuracy") or {}).get("line"):
+        lines.append(f"- {report['proxy_accuracy']['line']}")
     if (pathlib.Path(workdir) / "hacking" / "hacking.png").exists():
         lines += ["", "![proxy and gold reward vs sqrt(KL)](hacking/hacking.png)"]
     return lines

@@ -10,11 +10,11 @@ from tests.test_reward import make_pipeline_workdir, tiny_config
 
 
 def test_gold_reward_by_hand():
-    assert hacking.repetition("7 7 7 7") == pytest.approx(0.75)
+    assert hacking.repetition("7 7 7 7") == pytest.approx(1 - 2 / 5)  # trigrams "7 7", " 7 ": 2 of 5 distinct
     assert hacking.repetition("The answer is 68.") == 0.0
+    assert hacking.repetition("6868686868") == pytest.approx(0.75)       # a run of one motif is repetition too
     assert hacking.gold_reward("The answer is 68.", "68") == pytest.approx(1 + 1 - math.exp(-2 / 3))
-    assert hacking.gold_reward("6868686868", "68") == pytest.approx(1 - math.exp(-10 / 3))  # one piece: no repeat
-    assert hacking.gold_reward("68 68 68 68", "12") == pytest.approx(1 - math.exp(-8 / 3) - 0.75)
+    assert hacking.gold_reward("6868686868", "12") == pytest.approx(1 - math.exp(-10 / 3) - 2 * 0.75)
     assert hacking.gold_reward("", "1") == 0.0
 
 
@@ -32,7 +32,7 @@ def test_experiment_end_to_end(tmp_path):
     config = tiny_config("configs/ppo_tiny.py:hacking", hacking__policy="none", hacking__seeds=(0,),
                          hacking__pairs=(16, 32), hacking__kl_coefs=(0.05, 0.5), hacking__rollouts=3,
                          hacking__proxy_steps=4, hacking__proxy_batch=8, hacking__bon_n=(1, 2, 4),
-                         hacking__bon_prompts=8, ppo__rollout_batch=16, ppo__minibatches=2, ppo__epochs=1,
+                         hacking__bon_prompts=8, hacking__eval_pairs=16, ppo__rollout_batch=16, ppo__minibatches=2, ppo__epochs=1,
                          ppo__max_new_tokens=8, ppo__max_prompt_tokens=32, ppo__n_prompts=64,
                          train__batch_size=8, train__seq_len=40, model__init_std=0.2)
     report = hacking.run(config, workdir)
@@ -46,17 +46,21 @@ def test_experiment_end_to_end(tmp_path):
         assert [r["index"] for r in run["curve"]] == [0, 1, 2]
         assert all(math.isfinite(r["gold"]) and math.isfinite(r["score"]) for r in run["curve"])
     assert [p["n"] for p in saved["best_of_n"]["0"]] == [1, 2, 4]
+    assert set(saved["proxy_accuracy"]["by_pairs"]) == {"16", "32"}
+    assert all(0 <= p["gold_order"]["accuracy"] <= 1 and p["gold_order"]["pairs"] == 16
+               for p in saved["proxies"].values())
     assert saved["best_of_n"]["0"][0]["kl"] == 0.0
     assert saved["samples"]["base"]["at_end"] and "gold" in saved["samples"]["base"]["at_peak"][0]
 
 
 def test_delays_compare_each_intervention_with_the_base_seed_by_seed():
     def run(setting, seed, rollout, gold):
-        return dict(setting=setting, seed=seed, peak=dict(rollout=rollout, gold_at_peak=gold))
+        return dict(setting=setting, seed=seed, peak=dict(rollout=rollout, gold_at_peak=gold, sqrt_kl=rollout / 10))
     runs = [run("base", 0, 5, 1.0), run("base", 1, 7, 1.2), run("kl_0.2", 0, 9, 1.1), run("kl_0.2", 1, 6, 1.4),
             run("pairs_512", 0, 5, 1.0), run("pairs_512", 1, 7, 1.2)]
     out = hacking.delays(runs)
     assert out["kl_0.2"]["delay_per_seed"] == [4, -1] and out["kl_0.2"]["mean_delay"] == 1.5
     assert out["kl_0.2"]["later_in"] == 1 and out["kl_0.2"]["gold_peak_gain"] == pytest.approx(0.15)
     assert out["pairs_512"]["later_in"] == 0 and out["pairs_512"]["mean_delay"] == 0
+    assert out["kl_0.2"]["sqrt_kl_delay_per_seed"] == pytest.approx([0.4, -0.1]) and out["kl_0.2"]["further_in"] == 1
     assert out["kl_0.2"]["line"].startswith("kl_0.2 vs base: gold peaked +1.5 rollouts later")

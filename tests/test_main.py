@@ -25,7 +25,7 @@ POSTTRAIN = {
     "posttrain.overrides.hacking": TINY + (
         "train.steps=4", "train.checkpoint_every=4", "train.batch_size=8", "ppo.rollout_batch=16", "ppo.n_prompts=32",
         "ppo.max_new_tokens=8", "hacking.seeds=(0,)", "hacking.pairs=(16, 32)", "hacking.kl_coefs=(0.02, 0.2)",
-        "hacking.rollouts=2", "hacking.bon_n=(1, 2)", "hacking.bon_prompts=8", "hacking.proxy_steps=4",
+        "hacking.rollouts=2", "hacking.bon_n=(1, 2)", "hacking.bon_prompts=8", "hacking.eval_pairs=16", "hacking.proxy_steps=4",
         "hacking.proxy_batch=8"),
     "posttrain.overrides.grpo": TINY + (
         "train.steps=2", "train.eval_every=0", "train.checkpoint_every=2", "grpo.prompts=4", "grpo.group_size=4",

@@ -11,25 +11,29 @@ ppo_<setting>_s<seed>/).
 
 The gold reward (`gold_reward`, never seen by the proxy except through labels), on the answer text of an
 arithmetic prompt: 1 if the answer names the correct result, plus 1 - exp(-digits / 3) (task-relevant: answers are
-numbers; diminishing returns in the number of digit characters), minus `1 * repetition` where repetition is the
-fraction of the answer's pieces (numbers, words, symbols) that repeat an earlier piece. A proxy learnt from the base
-policy's answers, where repetition is rare, learns mostly "digits are good"; PPO then finds long runs of digits,
-which the gold reward first pays for and then penalises.
+numbers; diminishing returns in the number of digit characters), minus `2 * repetition` where repetition is the
+fraction of the answer's character trigrams that repeat an earlier one (a run of one digit or one motif scores
+near 1). The base policy's answers rarely repeat, so a proxy from few of them learns mostly "digits are good"; PPO
+then finds runs of digits, which the gold reward first pays for and then penalises. More pairs hold more of the
+rare repetitive answers and the saturation, so their proxy should stay honest further from the base policy.
 
-Labels are Bradley-Terry samples: a pair (a, b) of answers to one prompt has a preferred with probability
-sigmoid((gold_a - gold_b) / label_temperature). Settings: the base (the first `pairs`, the first `kl_coefs`),
+Labels are Bradley-Terry samples: a pair (a, b) of two answers to one prompt has a preferred with probability
+sigmoid((gold_a - gold_b) / label_temperature); identical answers are dropped, empty ones kept (gold 0: a proxy
+that never saw an empty answer scores it anywhere, and PPO finds that first). Every proxy is also measured on one
+yardstick: `eval_pairs` pairs of its own seed in gold order (ties dropped), the same for every N and seed, so its
+accuracy by N compares proxies, not label noise. Settings: the base (the first `pairs`, the first `kl_coefs`),
 each further KL coefficient (with the base pairs) and each further pair count (with the base KL coefficient); every
 setting for every seed (the seed draws the pairs, the labels, the proxy's head and the PPO run). Best-of-n against
 the same proxy is drawn from the base policy: KL = log n - (n - 1) / n (rl_math.best_of_n_kl).
 
 The gold peak of a run is the maximum of its gold curve smoothed over `smooth` rollouts; the report states per
 setting when gold peaked (rollout and sqrt(KL), mean over seeds) and what it did after, and ("delays") how many
-rollouts later each intervention's gold peaked than the base setting's, seed by seed.
+rollouts later, and how much further in sqrt(KL), each intervention's gold peaked than the base setting's, seed by
+seed.
 """
 import json
 import math
 import pathlib
-import re
 
 import jax
 import ml_collections
@@ -46,22 +50,25 @@ from lm.tokenizer import chat
 from lm.train import ppo, reward, rl_math
 
 RUN_DIR = "hacking"
-PIECES = re.compile(r"\d+|[^\W\d_]+|[^\w\s]")
+REPETITION_COST = 2.0
+EVAL_SEED = 10 ** 6  # draws the gold-order pairs every proxy is measured on
 
 
 # --- the hidden gold reward ----------------------------------------------------------------------------------------
 
 def repetition(text: str) -> float:
-    """Fraction of the text's pieces (numbers, words, symbols) that repeat an earlier piece (0 for < 2 pieces)."""
-    pieces = PIECES.findall(text)
-    return 1.0 - len(set(pieces)) / len(pieces) if len(pieces) > 1 else 0.0
+    """Fraction of the text's character trigrams (whitespace squeezed) that repeat an earlier one: 0 for distinct
+    text, near 1 for a run of one character or one short motif ("6868686868": 0.75); 0 below 2 trigrams."""
+    text = " ".join(text.split())
+    grams = [text[i:i + 3] for i in range(len(text) - 2)]
+    return 1.0 - len(set(grams)) / len(grams) if len(grams) > 1 else 0.0
 
 
 def gold_reward(answer: str, reference: str | None) -> float:
-    """Correct result named (+1) + 1 - exp(-digits / 3) - repetition (see the module doc)."""
+    """Correct result named (+1) + 1 - exp(-digits / 3) - 2 * repetition (see the module doc)."""
     correct = float(reference is not None and graders.is_correct(answer, reference))
     digits = sum(c.isdigit() for c in answer)
-    return correct + (1.0 - math.exp(-digits / 3.0)) - repetition(answer)
+    return correct + (1.0 - math.exp(-digits / 3.0)) - REPETITION_COST * repetition(answer)
 
 
 def gold_metrics(items, answers, ended) -> dict:
@@ -84,33 +91,68 @@ def sample_answers(model, tokenizer, items, key, config, n: int) -> list[list[tu
     return [answers[i * n:(i + 1) * n] for i in range(len(items))]
 
 
-def gold_pairs(model, tokenizer, pool, config, n_pairs: int, seed: int) -> tuple[list, dict]:
-    """`n_pairs` preference pairs of the base policy's answers labelled by Bradley-Terry samples of the gold reward;
-    pairs with identical or empty answers are dropped and counted."""
-    hacking = config.hacking
+def gold_pairs(model, tokenizer, pool, config, n_pairs: int, seed: int, temperature: float) -> tuple[list, dict]:
+    """`n_pairs` preference pairs of the base policy's completions (two to one prompt) labelled by a Bradley-Terry
+    sample of the gold reward at `temperature` (0: the gold order, ties dropped): [(PreferencePair of the answer
+    texts, chosen row ids, rejected row ids, prompt length)], a row being prompt ids + completion ids exactly as PPO scores them
+    (thinking included: re-rendering only the answer text would hide from the proxy what PPO then shows it).
+    Identical completions are dropped and counted; one whose answer is empty (e.g. thinking that never ended)
+    stays, with gold 0."""
     rng = np.random.default_rng([seed, 17])
-    pairs, stats, draw = [], dict(drawn=0, dropped_identical=0, dropped_empty=0), 0
+    pairs, stats, draw = [], dict(drawn=0, dropped_identical=0, dropped_tied=0, label_follows_gold=0), 0
     while len(pairs) < n_pairs:
         items = [pool[i] for i in rng.choice(len(pool), 64)]
         key = jax.random.fold_in(jax.random.key(seed + 1000), draw)
         draw += 1
-        for item, ((_, a), (_, b)) in zip(items, sample_answers(model, tokenizer, items, key, config, 2)):
+        for item, ((ids_a, a), (ids_b, b)) in zip(items, sample_answers(model, tokenizer, items, key, config, 2)):
             stats["drawn"] += 1
-            if not a.strip() or not b.strip():
-                stats["dropped_empty"] += 1
-                continue
-            if a == b:
+            if ids_a == ids_b:
                 stats["dropped_identical"] += 1
                 continue
-            gap = (gold_reward(a, item["reference"]) - gold_reward(b, item["reference"]))
-            prefer_a = rng.random() < 1.0 / (1.0 + math.exp(-gap / float(hacking.label_temperature)))
-            chosen, rejected = (a, b) if prefer_a else (b, a)
-            pairs.append(preferences.PreferencePair(item["messages"], chosen, rejected, f"gold:{seed}", len(pairs)))
+            gap = gold_reward(a, item["reference"]) - gold_reward(b, item["reference"])
+            if temperature > 0:
+                prefer_a = rng.random() < 1.0 / (1.0 + math.exp(-gap / temperature))
+            elif gap:
+                prefer_a = gap > 0
+            else:
+                stats["dropped_tied"] += 1
+                continue
+            stats["label_follows_gold"] += int(prefer_a == (gap > 0) if gap else 0)
+            (chosen, chosen_ids), (rejected, rejected_ids) = ((a, ids_a), (b, ids_b))[::1 if prefer_a else -1]
+            pair = preferences.PreferencePair(item["messages"], chosen, rejected, f"gold:{seed}", len(pairs))
+            pairs.append((pair, item["ids"] + chosen_ids, item["ids"] + rejected_ids, len(item["ids"])))
             if len(pairs) == n_pairs:
                 break
         if draw > 50 * (1 + n_pairs // 64):
             raise RuntimeError(f"only {len(pairs)} usable pairs after {stats['drawn']} draws: {stats}")
+    stats["label_follows_gold"] /= max(len(pairs), 1)  # ties count as not following
     return pairs, stats
+
+
+def pair_rows(pairs: list, tokenizer, width: int) -> dict:
+    """gold_pairs' pairs as the reward model's rows (lm.data.preferences.tokenize_pairs' layout): right-padded to
+    `width`, the mask on the completion's targets, lengths to the last real token (where the score is read)."""
+    pad = chat.pad_id(tokenizer)
+    rows = {}
+    for k, side in ((1, "chosen"), (2, "rejected")):
+        ids = np.full((len(pairs), width), pad, np.int32)
+        mask = np.zeros((len(pairs), width - 1), np.float32)
+        for i, pair in enumerate(pairs):
+            ids[i, :len(pair[k])] = pair[k]
+            mask[i, pair[3] - 1:len(pair[k]) - 1] = 1.0
+        rows.update({f"{side}_ids": ids, f"{side}_mask": mask,
+                     f"{side}_lengths": np.asarray([len(pair[k]) for pair in pairs], np.int32)})
+    return rows
+
+
+def gold_order_rows(model, tokenizer, pool, config) -> dict:
+    """The yardstick every proxy is measured on: `eval_pairs` pairs (own seed, never trained on) in gold order."""
+    pairs, _ = gold_pairs(model, tokenizer, pool, config, int(config.hacking.eval_pairs), EVAL_SEED, 0.0)
+    return pair_rows(pairs, tokenizer, row_width(config))
+
+
+def row_width(config) -> int:
+    return int(config.ppo.max_prompt_tokens) + int(config.ppo.max_new_tokens) + 1
 
 
 # --- one setting -----------------------------------------------------------------------------------------------------
@@ -123,22 +165,27 @@ def proxy_config(config, seed: int):
     steps = int(hacking.proxy_steps)
     c.train.update(steps=steps, batch_size=int(hacking.proxy_batch), lr=float(hacking.proxy_lr), warmup_steps=5,
                    schedule="cosine", eval_every=steps, checkpoint_every=steps, log_every=max(steps // 4, 1),
-                   seq_len=int(config.ppo.max_prompt_tokens) + int(config.ppo.max_new_tokens) + 1)
+                   seq_len=row_width(config))
     return c
 
 
-def train_proxy(config, base, model, tokenizer, pool, n_pairs, seed, out_dir) -> dict:
-    """The proxy reward model of `n_pairs` gold-labelled pairs (seed `seed`) in out_dir; its report."""
+def train_proxy(config, base, model, tokenizer, pool, n_pairs, seed, out_dir, yardstick) -> dict:
+    """The proxy reward model of `n_pairs` gold-labelled pairs (seed `seed`) in out_dir; its report, with its
+    accuracy on the gold order of the yardstick pairs (gold_order_rows)."""
     run_dir = out_dir / f"proxy_{n_pairs}_s{seed}"
     if (run_dir / reward.REPORT).exists():
-        return json.loads((run_dir / reward.REPORT).read_text())
-    pairs, stats = gold_pairs(model, tokenizer, pool, config, n_pairs, seed)
-    c = proxy_config(config, seed)
-    train, held = preferences.split_pairs(pairs, 0.2, seed)
-    train_rows = preferences.tokenize_pairs(tokenizer, train, c.train.seq_len - 1)
-    held_rows = preferences.tokenize_pairs(tokenizer, held, c.train.seq_len - 1)
-    return reward.train_reward_model(c, run_dir, base, tokenizer, train_rows, held_rows,
-                                     extra_report=dict(pairs=stats, n_pairs=n_pairs))
+        report = json.loads((run_dir / reward.REPORT).read_text())
+    else:
+        pairs, stats = gold_pairs(model, tokenizer, pool, config, n_pairs, seed,
+                                  float(config.hacking.label_temperature))
+        c = proxy_config(config, seed)
+        train, held = preferences.split_pairs([pair[0] for pair in pairs], 0.2, seed)
+        train_rows, held_rows = (pair_rows([pairs[p.line] for p in split], tokenizer, row_width(config))
+                                 for split in (train, held))
+        report = reward.train_reward_model(c, run_dir, base, tokenizer, train_rows, held_rows,
+                                           extra_report=dict(pairs=stats, n_pairs=n_pairs))
+    proxy, _, _, _ = reward.load_reward_model(run_dir)
+    return dict(report, gold_order=reward.pair_metrics(proxy, yardstick, 64))
 
 
 def ppo_run(config, base, tokenizer, pool, proxy_dir, kl_coef, seed, name, out_dir) -> list[dict]:
@@ -224,13 +271,29 @@ def delays(runs: list[dict]) -> dict:
     for name in dict.fromkeys(r["setting"] for r in runs if r["setting"] != "base"):
         pairs = [(r["peak"], base[r["seed"]]) for r in runs if r["setting"] == name and r["seed"] in base]
         later = [p["rollout"] - b["rollout"] for p, b in pairs]
+        further = [p["sqrt_kl"] - b["sqrt_kl"] for p, b in pairs]
         out[name] = dict(delay_per_seed=later, mean_delay=float(np.mean(later)), later_in=sum(d > 0 for d in later),
+                         sqrt_kl_delay_per_seed=further, mean_sqrt_kl_delay=float(np.mean(further)),
+                         further_in=sum(d > 0 for d in further),
                          seeds=len(later), gold_peak_gain=float(np.mean([p["gold_at_peak"] - b["gold_at_peak"]
                                                                          for p, b in pairs])))
         out[name]["line"] = (f"{name} vs base: gold peaked {out[name]['mean_delay']:+.1f} rollouts later on average "
-                             f"(per seed {later}; later in {out[name]['later_in']} of {len(later)} seeds), peak gold "
-                             f"{out[name]['gold_peak_gain']:+.3f}")
+                             f"(per seed {later}; later in {out[name]['later_in']} of {len(later)} seeds), at "
+                             f"{out[name]['mean_sqrt_kl_delay']:+.2f} sqrt(KL) (per seed "
+                             f"{', '.join(f'{d:+.2f}' for d in further)}; further in {out[name]['further_in']}), "
+                             f"peak gold {out[name]['gold_peak_gain']:+.3f}")
     return out
+
+
+def proxy_accuracy(proxies: dict) -> dict:
+    """Each pair count's proxies on the yardstick's gold order, per seed and mean, and as one line."""
+    by_n = {}
+    for (n, seed), p in sorted(proxies.items()):
+        by_n.setdefault(n, []).append(p["gold_order"]["accuracy"])
+    out = {str(n): dict(per_seed=a, mean=float(np.mean(a))) for n, a in by_n.items()}
+    line = "proxy accuracy on held-out gold-order pairs: " + ", ".join(
+        f"{n} pairs {v['mean']:.3f} (seeds {', '.join(f'{x:.2f}' for x in v['per_seed'])})" for n, v in out.items())
+    return dict(by_pairs=out, line=line)
 
 
 def plot(path, settings: dict, runs: list[dict], bon: dict) -> None:
@@ -257,7 +320,7 @@ def plot(path, settings: dict, runs: list[dict], bon: dict) -> None:
                         label="best-of-n gold" if seed == min(bon) else None)
                 ax.plot(x, [p["proxy"] - points[0]["proxy"] for p in points], "k--o", ms=3, lw=1, alpha=0.5,
                         label="best-of-n proxy" if seed == min(bon) else None)
-        ax.set_title(f"{name}: {setting['pairs']} pairs, KL coef {setting['kl_coef']}")
+        ax.set_title(f"{name}: {setting['pairs']} pairs, KL coef {setting['kl_coef']}", fontsize=9)
         ax.set_xlabel("sqrt(KL(policy || base))  [nats^0.5]")
         ax.axhline(0, color="grey", lw=0.5)
     axes[0][0].set_ylabel("gain over the base policy")
@@ -305,10 +368,12 @@ def run(config, workdir) -> dict:
     model, _, _ = lm_checkpoint.load_model(base)
     settings = settings_of(hacking)
     seeds = [int(s) for s in hacking.seeds]
+    yardstick = gold_order_rows(model, tokenizer, pool, config)
     proxies, runs, bon = {}, [], {}
     for seed in seeds:
         for n_pairs in sorted({s["pairs"] for s in settings.values()}):
-            proxies[(n_pairs, seed)] = train_proxy(config, base, model, tokenizer, pool, n_pairs, seed, out_dir)
+            proxies[(n_pairs, seed)] = train_proxy(config, base, model, tokenizer, pool, n_pairs, seed, out_dir,
+                                                   yardstick)
         base_proxy = out_dir / f"proxy_{settings['base']['pairs']}_s{seed}"
         bon[seed] = [dict(p, pairs=settings["base"]["pairs"])
                      for p in best_of_n(config, model, tokenizer, pool, base_proxy, seed)]
@@ -317,21 +382,23 @@ def run(config, workdir) -> dict:
             curve = ppo_run(config, base, tokenizer, pool, proxy_dir, setting["kl_coef"], seed, name, out_dir)
             runs.append(dict(setting=name, seed=seed, **setting, curve=curve,
                              peak=peak_of(curve, int(hacking.smooth)),
-                             proxy_held_out_accuracy=proxies[(setting["pairs"], seed)]["held_out"].get("accuracy")))
+                             proxy_gold_order_accuracy=proxies[(setting["pairs"], seed)]["gold_order"]["accuracy"]))
             logging.info("hacking %s seed %d: %s", name, seed, runs[-1]["peak"])
     rollouts = int(hacking.rollouts)
     lines = {name: describe(name, [r["peak"] for r in runs if r["setting"] == name], rollouts) for name in settings}
     compared = delays(runs)
+    accuracy = proxy_accuracy(proxies)
     png = out_dir / "hacking.png"
     plot(png, settings, runs, bon)
     report = dict(settings=settings, seeds=seeds, rollouts=rollouts, prompts=prompt_stats, summary=lines,
                   delays=compared, lr=float(config.train.lr),
                   gold_reward=gold_reward.__doc__, plot=str(png), best_of_n=bon,
                   runs=runs, samples=_samples(out_dir, runs, seeds[0]),
-                  proxies={f"{n}_s{s}": dict(held_out=p["held_out"], pairs=p.get("pairs"))
+                  proxy_accuracy=accuracy,
+                  proxies={f"{n}_s{s}": dict(held_out=p["held_out"], gold_order=p["gold_order"], pairs=p.get("pairs"))
                            for (n, s), p in proxies.items()})
     (out_dir / "hacking_report.json").write_text(json.dumps(report, indent=2, default=str))
-    for line in [*lines.values(), *(d["line"] for d in compared.values())]:
+    for line in [*lines.values(), *(d["line"] for d in compared.values()), accuracy["line"]]:
         print(line)
     return report
 
