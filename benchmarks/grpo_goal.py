@@ -2,8 +2,7 @@
 at least 10 points absolute over the SFT model within 10 minutes on 2 CPU cores, for each of 3 seeds, while pass@8
 moves much less.
 
-    python -m lm.main --workdir=W                                        # the tiny pretrained model (~5 min)
-    python -m lm.train --config=configs/sft_tiny.py --workdir=W          # W/sft
+    python -m lm.main --workdir=W    # the whole default run; its sft stage (configs/sft_tiny.py) writes W/sft
     ../shared/tools/quiet-run python benchmarks/grpo_goal.py --workdir=W [--seeds=0,1,2] [--set=train.steps=50]
 
 Each seed is one `python -m lm.train --config=configs/grpo_tiny.py` run into W/grpo_goal/seed<s>/ (the same SFT

@@ -8,6 +8,14 @@ from the rollout (prompts x group_size / minibatches rows of prompt_len + max_ne
 Measured for issue #16's goal (held-out greedy pass@1 +10 points over SFT, pass@8 moving much less), 2 CPU cores shared
 with other jobs (contended: steps count, not seconds), 128 held-out draws, eval_seed 0.
 
+From the pipeline's own SFT model at 500 SFT steps (configs/sft_tiny.py's default since 2026-12-02; a default lm.main
+run's pretrained model, SFT greedy 0.289, pass@1 0.229, pass@8 0.695 on these draws), this default, 3 seeds run side by
+side (the same command as benchmarks/grpo_goal.py, contended at load ~25: 16.5-16.7 min a seed means nothing): seeds
+0 / 1 / 2: greedy 0.289 -> 0.477 / 0.438 / 0.484 (+0.19 / +0.15 / +0.20; at step 50 0.47 / 0.45 / 0.41), sampled pass@1
+0.23 -> 0.36 / 0.35 / 0.34, pass@8 0.695 -> 0.695 / 0.648 / 0.758 (+0.00 / -0.05 / +0.06): the goal on every seed.
+From the same pretrained model's 400-step SFT (greedy 0.227, pass@8 0.547), seed 0: 0.281 / 0.281 at steps 50 / 100
+(+0.05; pass@8 0.65 / 0.59) -- the start, not the GRPO length, decides.
+
 On the column-addition task (configs/sft_tiny.py: 2-digit + 1-digit worked column by column, ~210 distinct held-out
 problems of the same distribution as the ~800 train ones; SFT greedy 0.35, pass@1 0.23, pass@8 0.74 on these draws):
 - the default (32 prompts x 8, lr 2e-4, 100 steps = 50 rollouts, 2 minibatches): seeds 0 / 1 / 2: greedy 0.35 ->
