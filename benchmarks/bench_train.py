@@ -74,6 +74,11 @@ LEVERS = {
     "ynn_on": ({}, "--xla_cpu_experimental_ynn_fusion_type"),
     "ynn_dots_only": ({}, "--xla_cpu_experimental_ynn_fusion_type=individual_dot"),
     "fast_math": ({}, "--xla_cpu_enable_fast_math=true"),
+    # data parallelism over 2 host "devices" (the batch sharded, gradients all-reduced in process): for the small
+    # shapes, whose ops are too small to keep two threads busy
+    "dp2": ({"mesh.data": 2}, "--xla_force_host_platform_device_count=2"),
+    "dp2_single_thread": ({"mesh.data": 2}, "--xla_force_host_platform_device_count=2 "
+                          "--xla_cpu_multi_thread_eigen=false"),
     "all": ({"model.fused_qkv": True, "model.attention": "blockwise",
              "model.attention_block": 128, "train.loss_chunk": 128}, ""),
 }

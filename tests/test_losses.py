@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from lm import mesh as lm_mesh
 from lm.config import ConfigError
 from lm.model import Transformer, head_nll_sum, token_logprobs
 from lm.train import losses
@@ -152,3 +153,17 @@ def test_make_lm_loss_reads_loss_chunk():
         losses.make_lm_loss({"loss_chunk": -1})
     assert losses.make_lm_loss({"fused_loss": True}).keywords == {"chunk": 0, "fused": True}
     assert losses.make_lm_loss({"fused_loss": True, "loss_chunk": 64}).keywords == {"chunk": 64, "fused": True}
+
+
+def test_fused_loss_with_rows_sharded_over_a_mesh_equals_one_device():
+    """The batch's rows sharded over data=2 x fsdp=2 (4 host devices): the same loss and gradients."""
+    model = Transformer(tiny("gpt2"), rngs=nnx.Rngs(5))
+    data = batch(4, 13, 97, seed=5)
+    want_loss, want_grads = loss_and_grads(model, data, 5, fused=True)
+    mesh = lm_mesh.make_mesh(dict(data=2, fsdp=2, tensor=1), jax.devices()[:4])
+    with jax.set_mesh(mesh):
+        rows = jax.NamedSharding(mesh, jax.P(("data", "fsdp")))
+        sharded = {k: jax.device_put(v, rows) for k, v in data.items()}
+        loss, grads = loss_and_grads(model, sharded, 5, fused=True)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, want_grads)
