@@ -69,8 +69,10 @@ LEVERS = {
     "concurrency_scheduler": ({}, "--xla_cpu_enable_concurrency_optimized_scheduler=true"),
     "single_thread_eigen": ({}, "--xla_cpu_multi_thread_eigen=false"),
     "legacy_runtime": ({}, "--xla_cpu_use_thunk_runtime=false"),
-    # jaxlib 0.10.2 routes dots (and some reductions) through YNNPACK "__ynn_fusion"s; lm turns that off by default
-    # (lm/__init__.py). A flag without "=" removes lm's default setting of it: ynn_on is jaxlib's own default.
+    # jaxlib 0.10.2 routes dots (and some reductions) through YNNPACK "__ynn_fusion"s; these narrow or disable that
+    # (LM_XLA_DEFAULTS=1 turns it off for a whole lm process, lm/__init__.py). A flag without "=" only removes a
+    # setting of it: ynn_on is jaxlib's own default even under LM_XLA_DEFAULTS=1.
+    "ynn_off": ({}, "--xla_cpu_experimental_ynn_fusion_type="),
     "ynn_on": ({}, "--xla_cpu_experimental_ynn_fusion_type"),
     "ynn_dots_only": ({}, "--xla_cpu_experimental_ynn_fusion_type=individual_dot"),
     "fast_math": ({}, "--xla_cpu_enable_fast_math=true"),
@@ -79,10 +81,11 @@ LEVERS = {
     "dp2": ({"mesh.data": 2}, "--xla_force_host_platform_device_count=2"),
     "dp2_single_thread": ({"mesh.data": 2}, "--xla_force_host_platform_device_count=2 "
                           "--xla_cpu_multi_thread_eigen=false"),
-    "all": ({"model.fused_qkv": True, "model.attention": "blockwise",
-             "model.attention_block": 128, "train.loss_chunk": 128}, ""),
+    # every lever that won somewhere together (attention stays "auto": blockwise lost at 256 positions)
+    "all": ({"model.fused_qkv": True, "train.fused_loss": True, "train.loss_chunk": 32},
+            "--xla_cpu_experimental_ynn_fusion_type="),
 }
-DEFAULT_LEVERS = ["fused_qkv", "blockwise", "loss_chunk", "ynn_on", "all"]
+DEFAULT_LEVERS = ["ynn_off", "ynn_dots_only", "xla_attention", "fused_loss", "fused_loss32", "dp2", "all"]
 
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Interleaved rounds (each times every variant once).")
 _ROUND_SECONDS = flags.DEFINE_float("round_seconds", 2.0, "Target seconds of one variant's round (sets the steps).")
