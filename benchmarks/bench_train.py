@@ -60,20 +60,32 @@ LEVERS = {
     "blockwise": ({"model.attention": "blockwise", "model.attention_block": 128}, ""),
     "blockwise64": ({"model.attention": "blockwise", "model.attention_block": 64}, ""),
     "dot_product": ({"model.attention": "dot_product"}, ""),
+    "xla_attention": ({"model.attention": "xla"}, ""),  # the default is "auto": blockwise from 512 positions
     "loss_chunk": ({"train.loss_chunk": 128}, ""),
+    "fused_loss": ({"train.fused_loss": True}, ""),  # 128 positions a chunk
+    "fused_loss32": ({"train.fused_loss": True, "train.loss_chunk": 32}, ""),
     "xnnpack": ({}, "--xla_cpu_use_xnnpack=true"),
     "onednn": ({}, "--xla_cpu_use_onednn=true"),
     "concurrency_scheduler": ({}, "--xla_cpu_enable_concurrency_optimized_scheduler=true"),
     "single_thread_eigen": ({}, "--xla_cpu_multi_thread_eigen=false"),
     "legacy_runtime": ({}, "--xla_cpu_use_thunk_runtime=false"),
     # jaxlib 0.10.2 routes dots (and some reductions) through YNNPACK "__ynn_fusion"s; these narrow or disable that
+    # (LM_XLA_DEFAULTS=1 turns it off for a whole lm process, lm/__init__.py). A flag without "=" only removes a
+    # setting of it: ynn_on is jaxlib's own default even under LM_XLA_DEFAULTS=1.
     "ynn_off": ({}, "--xla_cpu_experimental_ynn_fusion_type="),
+    "ynn_on": ({}, "--xla_cpu_experimental_ynn_fusion_type"),
     "ynn_dots_only": ({}, "--xla_cpu_experimental_ynn_fusion_type=individual_dot"),
     "fast_math": ({}, "--xla_cpu_enable_fast_math=true"),
-    "all": ({"model.fused_qkv": True, "model.attention": "blockwise",
-             "model.attention_block": 128, "train.loss_chunk": 128}, ""),
+    # data parallelism over 2 host "devices" (the batch sharded, gradients all-reduced in process): for the small
+    # shapes, whose ops are too small to keep two threads busy
+    "dp2": ({"mesh.data": 2}, "--xla_force_host_platform_device_count=2"),
+    "dp2_single_thread": ({"mesh.data": 2}, "--xla_force_host_platform_device_count=2 "
+                          "--xla_cpu_multi_thread_eigen=false"),
+    # every lever that won somewhere together (attention stays "auto": blockwise lost at 256 positions)
+    "all": ({"model.fused_qkv": True, "train.fused_loss": True, "train.loss_chunk": 32},
+            "--xla_cpu_experimental_ynn_fusion_type="),
 }
-DEFAULT_LEVERS = ["fused_qkv", "blockwise", "loss_chunk", "ynn_off", "all"]
+DEFAULT_LEVERS = ["ynn_off", "ynn_dots_only", "xla_attention", "fused_loss", "fused_loss32", "dp2", "all"]
 
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Interleaved rounds (each times every variant once).")
 _ROUND_SECONDS = flags.DEFINE_float("round_seconds", 2.0, "Target seconds of one variant's round (sets the steps).")
@@ -184,6 +196,14 @@ def synthetic_batches(size, n=4):
             for r in rows]
 
 
+def with_xla_flags(flags: str, lever_flags: str) -> str:
+    """XLA_FLAGS `flags` with each of `lever_flags` replacing any setting of the same flag (lm's defaults included);
+    a lever flag without "=" only removes it."""
+    names = {f.split("=", 1)[0] for f in lever_flags.split()}
+    kept = [f for f in flags.split() if f.split("=", 1)[0] not in names]
+    return " ".join(kept + [f for f in lever_flags.split() if "=" in f])
+
+
 def worker(variant: dict, size: dict, connection):
     """Builds one variant's trainer; reports (params, first loss, a warm step's seconds, CPU seconds); then, per request
     (first step, n), times n steps and answers (seconds per step, last loss, this process's CPU seconds so far)."""
@@ -192,7 +212,7 @@ def worker(variant: dict, size: dict, connection):
         step, n_params = torch_trainer(size, synthetic_batches(size))
     else:
         if variant["xla_flags"]:  # read when the backend starts, which is after this (nothing ran in jax yet)
-            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + variant["xla_flags"]).strip()
+            os.environ["XLA_FLAGS"] = with_xla_flags(os.environ.get("XLA_FLAGS", ""), variant["xla_flags"])
         step, n_params = lm_trainer(make_config(size, variant["overrides"]), synthetic_batches(size))
     first_loss = step(0)  # compiles and warms up
     start = time.perf_counter()

@@ -17,7 +17,8 @@ def model_for_depth(depth: int, family: str = "gpt2", head_dim: int = 64) -> ml_
         max_len=1024,
         dtype="bfloat16",        # compute dtype
         param_dtype="float32",
-        attention="xla",         # xla | dot_product (jax.nn.dot_product_attention: cuDNN on GPU) | blockwise (causal)
+        attention="auto",        # auto (blockwise from 4 blocks on, else xla) | xla | dot_product
+                                 # (jax.nn.dot_product_attention: cuDNN on GPU) | blockwise (causal)
         attention_block=128,     # blockwise: queries per block; key blocks wholly after a query block are skipped
         fused_qkv=False,         # one matmul for q, k, v (weights concatenated in the step; parameter paths unchanged)
         flat_matmuls=True,       # projections and MLP as 2-D matmuls over batch * length (CPU: no 3-D dot transposes)
@@ -74,6 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
         seq_len=1024,
         grad_accum=1,
         loss_chunk=0,            # 0: off; N > 0 scores N positions at a time, never building the full float32 logits
+        fused_loss=False,        # cross-entropy with its own backward, gradients formed chunk by chunk (losses.py)
         lr=6e-4,
         schedule="cosine",
         warmup_steps=100,

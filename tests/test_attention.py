@@ -60,7 +60,7 @@ SHAPES = [(2, 16, 4, 4, 8, 4), (3, 13, 6, 2, 8, 5)]
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("padded", [False, True])
-@pytest.mark.parametrize("implementation", ["xla", "dot_product", "blockwise"])
+@pytest.mark.parametrize("implementation", ["xla", "dot_product", "blockwise", "auto"])
 def test_attention_values_and_gradients_equal_the_reference(shape, padded, implementation):
     B, T, H, K, D, block = shape
     q, k, v = random_qkv(B, T, H, K, D)
@@ -193,3 +193,14 @@ def test_bad_lever_values_name_the_key():
         Transformer(tiny("gpt2", attention="flash"), rngs=nnx.Rngs(0))
     with pytest.raises(ConfigError, match="config.model.attention_block=0"):
         Transformer(tiny("gpt2", attention="blockwise", attention_block=0), rngs=nnx.Rngs(0))
+
+
+def test_auto_is_blockwise_from_four_blocks_on_and_xla_below():
+    """"auto" (the default) traces to exactly the blockwise program at T >= 4 blocks and to the xla one below."""
+    def program(implementation, T, block):
+        q, k, v = random_qkv(1, T, 2, 2, 4)
+        return str(jax.make_jaxpr(lambda q, k, v: attention(q, k, v, None, implementation, block=block))(q, k, v))
+
+    assert program("auto", 16, 4) == program("blockwise", 16, 4) != program("xla", 16, 4)
+    assert program("auto", 15, 4) == program("xla", 15, 4) != program("blockwise", 15, 4)
+    assert Transformer(tiny("gpt2"), rngs=nnx.Rngs(0)).spec.attention == "auto"  # the default

@@ -43,7 +43,7 @@ class ModelSpec:
     max_len: int
     dtype: str = "float32"
     param_dtype: str = "float32"
-    attention: str = "xla"
+    attention: str = "auto"
     attention_block: int = 128
     fused_qkv: bool = False
     flat_matmuls: bool = True
@@ -64,7 +64,7 @@ class ModelSpec:
                    d_model=int(c.get("d_model", 0)), n_heads=int(c.get("n_heads", 0)),
                    n_kv_heads=int(c.get("n_kv_heads") or c.get("n_heads", 0)), d_ff=int(c.get("d_ff", 0)),
                    max_len=int(c.get("max_len", 1024)), dtype=c.get("dtype", "float32"),
-                   param_dtype=c.get("param_dtype", "float32"), attention=c.get("attention", "xla"),
+                   param_dtype=c.get("param_dtype", "float32"), attention=c.get("attention", "auto"),
                    attention_block=int(c.get("attention_block", 128)), fused_qkv=bool(c.get("fused_qkv", False)),
                    flat_matmuls=bool(c.get("flat_matmuls", True)),
                    remat=c.get("remat", "none"), scan_layers=bool(c.get("scan_layers", False)),
@@ -215,6 +215,12 @@ class Transformer(nnx.Module):
         if logits.ndim == 3:
             logits = constrain(logits, ("batch", "length", "vocab"))
         return logits
+
+    def head_weight(self):
+        """The LM head as [vocab, d_model] in the compute dtype: logits = hidden @ head_weight().T (the input of the
+        fused cross-entropy, lm.model.logprobs.head_nll_sum)."""
+        weight = self.embed[...] if self.head is None else self.head[...].T
+        return weight.astype(self.spec.dtype)
 
     def init_cache(self, batch_size: int, max_len: int, dtype=None) -> dict:
         """An empty KV cache for `batch_size` rows of up to `max_len` tokens (prompt + generated)."""

@@ -8,6 +8,11 @@ a time in a `lax.scan`, each chunk under `jax.checkpoint`, so neither the forwar
 float32 [batch, length, vocab] logits; only [batch, chunk, vocab] at a time. The backward pass recomputes each
 chunk's logits (one more head matmul per token). Worth it when vocab x length is large (e.g. 50k x 1024 x batch 32
 = 6.6 GB of float32 logits, plus as much again for their gradient).
+
+Fused cross-entropy (`config.train.fused_loss`): the pretraining / SFT loss through `lm.model.head_nll_sum`, which
+forms the head's and the hidden states' gradients chunk by chunk in the forward pass (`loss_chunk` positions at a
+time, 128 when 0) with no recomputation and no float32 logits in memory. For `lm_loss` only (a masked sum); the
+log-probs themselves (scoring, RL) stay on `token_logprobs_from_hidden`.
 """
 import functools
 
@@ -16,7 +21,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lm.config import ConfigError
-from lm.model import token_logprobs
+from lm.model import head_nll_sum, token_logprobs
+
+FUSED_CHUNK = 128  # positions per chunk of the fused cross-entropy when loss_chunk is 0
 
 
 def token_logprobs_from_hidden(model, hidden, targets, chunk: int = 0):
@@ -52,17 +59,24 @@ def sequence_token_logprobs(model, inputs, targets, positions=None, chunk: int =
     return token_logprobs_from_hidden(model, model.hidden(inputs, positions), targets, chunk)
 
 
-def lm_loss(model, batch, chunk: int = 0):
+def lm_loss(model, batch, chunk: int = 0, fused: bool = False):
     """(summed next-token negative log-likelihood over loss_mask, number of scored tokens, {}) of a batch of
-    inputs / targets / loss_mask [B, T]: the pretraining and SFT loss."""
+    inputs / targets / loss_mask [B, T]: the pretraining and SFT loss. fused: through `head_nll_sum`."""
+    if fused:
+        mask = batch["loss_mask"].astype(jnp.float32)
+        nll = head_nll_sum(model.hidden(batch["inputs"]), model.head_weight(), batch["targets"], mask,
+                           chunk or FUSED_CHUNK)
+        return nll, jnp.sum(mask), {}
     logprobs = sequence_token_logprobs(model, batch["inputs"], batch["targets"], chunk=chunk)
     mask = batch["loss_mask"].astype(jnp.float32)
     return -jnp.sum(logprobs * mask), jnp.sum(mask), {}
 
 
 def make_lm_loss(train_config):
-    """`lm_loss` with `config.train.loss_chunk` (0 or absent: the plain path)."""
+    """`lm_loss` with `config.train.loss_chunk` (0 or absent: the plain path) and `config.train.fused_loss`."""
     chunk = int(train_config.get("loss_chunk", 0) or 0)
     if chunk < 0:
         raise ConfigError(f"config.train.loss_chunk={chunk}: must be 0 (off) or a positive number of positions")
+    if train_config.get("fused_loss", False):
+        return functools.partial(lm_loss, chunk=chunk, fused=True)
     return functools.partial(lm_loss, chunk=chunk) if chunk else lm_loss
