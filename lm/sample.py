@@ -119,8 +119,22 @@ def choose(logits, keys, sampling: Sampling, greedy_rows=None):
     best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if sampling.greedy:
         return best
-    drawn = jax.vmap(jax.random.categorical)(keys, sampling_logits(logits, sampling)).astype(jnp.int32)
+    drawn = inverse_cdf_draw(keys, sampling_logits(logits, sampling))
     return drawn if greedy_rows is None else jnp.where(greedy_rows, best, drawn)
+
+
+def inverse_cdf_draw(keys, logits):
+    """int32 [B]: one token per row drawn from softmax(logits [B, V]) with one uniform per row (keys [B]).
+
+    The same distribution as jax.random.categorical, whose Gumbel trick draws V uniforms per row: on CPU those
+    random bits cost more than the whole decode step of a small model. The token is the first whose cumulative
+    probability passes u x total; tokens of probability 0 (filtered, -inf) are never drawn: a flat stretch of the
+    cumulative sum is never the first to pass, and the rounding case u x total == total takes the last token of
+    positive probability (the argmax of the cumulative sum), not a trailing filtered one."""
+    uniforms = jax.vmap(lambda key: jax.random.uniform(key, ()))(keys)
+    cumulative = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)
+    passed = jnp.sum(cumulative <= (uniforms[:, None] * cumulative[:, -1:]), axis=-1)
+    return jnp.minimum(passed, jnp.argmax(cumulative, axis=-1)).astype(jnp.int32)
 
 
 # ------------------------------------------------------------------------------------------------ the decode program
