@@ -15,7 +15,8 @@ its per_device_train_batch_size counts completions (P x G). Each side runs in it
 cores (sched_setaffinity; torch.set_num_threads / XLA's CPU thread pool follow it). The first step (compilation,
 warm-up) is reported apart; the median of the others is the step time (our last step also writes the loop's
 final checkpoint, timed as checkpoint_s; TRL's side saves nothing); each side's faster thread count is compared
-with the other's too. TRL lives in its own venv, never in ours.
+with the other's too. Ours also reports the split: median_sample_s (the sampler alone) and median_update_s (the train
+step); the rest of a step is rewards and layout. TRL lives in its own venv, never in ours.
 
 The foreign CPU load during each side's run (busy CPU time from /proc/stat minus that side's own, over its wall time)
 is recorded as in bench_train.py; above --max_foreign_load cores the run is CONTENDED: the figures are printed, marked,
@@ -84,7 +85,7 @@ def run_ours(directory: pathlib.Path, args) -> dict:
     config = grpo.with_init_model(config, init_config)
     grpo.check_config(config)
     objective = grpo.objective(config, directory, tok, tiny_runs.HasDigit(), {}, init)
-    times, tokens, saves = [], [], []
+    times, tokens, saves, rollouts, updates = [], [], [], [], []
     run_dir = directory / f"ours_{args.threads}"
     with loop.Trainer(config, run_dir, objective) as trainer:
         save = trainer.save
@@ -98,10 +99,13 @@ def run_ours(directory: pathlib.Path, args) -> dict:
         for _ in range(args.steps):
             tick = time.perf_counter()
             batch = next(batches)
+            sampled = time.perf_counter()
             trainer.step(batch)
             times.append(time.perf_counter() - tick)
             tokens.append(float(batch["loss_mask"].sum()))
-    return dict(times=times, generated_tokens=tokens, checkpoint_s=saves)
+            rollouts.append(batch["metrics"]["rollout_sec"])    # the sampler alone
+            updates.append(time.perf_counter() - sampled)        # the train step (and the last step's checkpoint)
+    return dict(times=times, generated_tokens=tokens, checkpoint_s=saves, sample_s=rollouts, update_s=updates)
 
 
 # ------------------------------------------------------------------------------------------------ TRL
@@ -158,7 +162,9 @@ def summarise(result: dict) -> dict:
     return dict(first_step_s=times[0], median_step_s=median, steps=len(times),
                 generated_tokens_per_step=per_step_tokens,
                 generated_tokens_per_s=per_step_tokens / median if per_step_tokens else None, times=times,
-                **({"checkpoint_s": result["checkpoint_s"]} if "checkpoint_s" in result else {}))
+                **({"checkpoint_s": result["checkpoint_s"]} if "checkpoint_s" in result else {}),
+                **{f"median_{name}": statistics.median(result[name][1:] or result[name])
+                   for name in ("sample_s", "update_s") if name in result})
 
 
 def child(args) -> None:

@@ -5,7 +5,8 @@
     outs[0].text, outs[0].tokens, outs[0].logprobs, outs[0].finish_reason
 
 One jitted program does a whole batch: the prompts are left-padded to a common length (padding takes position -1,
-which the model's attention ignores), prefilled in one pass (the LM head only at the last position), then a
+which the model's attention ignores), prefilled in one pass (the LM head only at the last position; a prompt
+that repeats, as RL's G samples of one problem, is prefilled once and its KV cache copied), then a
 `jax.lax.while_loop` feeds one token per step until every row has stopped or `max_new_tokens` is reached. It is
 compiled per model, batch size, padded prompt length (a power of two), max_new_tokens and filters; the temperature
 is an input (one per row if wanted), so changing it does not recompile.
@@ -119,8 +120,22 @@ def choose(logits, keys, sampling: Sampling, greedy_rows=None):
     best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if sampling.greedy:
         return best
-    drawn = jax.vmap(jax.random.categorical)(keys, sampling_logits(logits, sampling)).astype(jnp.int32)
+    drawn = inverse_cdf_draw(keys, sampling_logits(logits, sampling))
     return drawn if greedy_rows is None else jnp.where(greedy_rows, best, drawn)
+
+
+def inverse_cdf_draw(keys, logits):
+    """int32 [B]: one token per row drawn from softmax(logits [B, V]) with one uniform per row (keys [B]).
+
+    The same distribution as jax.random.categorical, whose Gumbel trick draws V uniforms per row: on CPU those
+    random bits cost more than the whole decode step of a small model. The token is the first whose cumulative
+    probability passes u x total; tokens of probability 0 (filtered, -inf) are never drawn: a flat stretch of the
+    cumulative sum is never the first to pass, and the rounding case u x total == total takes the last token of
+    positive probability (the argmax of the cumulative sum), not a trailing filtered one."""
+    uniforms = jax.vmap(lambda key: jax.random.uniform(key, ()))(keys)
+    cumulative = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)
+    passed = jnp.sum(cumulative <= (uniforms[:, None] * cumulative[:, -1:]), axis=-1)
+    return jnp.minimum(passed, jnp.argmax(cumulative, axis=-1)).astype(jnp.int32)
 
 
 # ------------------------------------------------------------------------------------------------ the decode program
@@ -170,6 +185,7 @@ class _Request:
     max_new_tokens: int
     static: dict                # graphdef, sampling (temperature 0 or 1: greedy or not), vocab_size, top_candidates
     mesh: object
+    sources: tuple | None       # (distinct rows int32 [U], each row's distinct row int32 [B]) when prompts repeat
 
 
 def _request(model, prompts, key, max_new_tokens, sampling, stop_ids, stop_sequences, vocab_size, top_candidates,
@@ -196,10 +212,21 @@ def _request(model, prompts, key, max_new_tokens, sampling, stop_ids, stop_seque
     # The temperatures are traced (changing them does not recompile); the filters and all-greedy-or-not are static.
     static = dict(graphdef=graphdef, vocab_size=vocab_size or spec.vocab_size, top_candidates=top_candidates,
                   sampling=dataclasses.replace(sampling, temperature=0.0 if greedy_rows.all() else 1.0))
+    mesh = mesh or _mesh_of(state)
     request = _Request(tokens, positions, _row_keys(key, len(prompts)), _stop_table(stop_ids, stop_sequences),
                        jnp.asarray(np.where(greedy_rows, 1.0, temperatures)), jnp.asarray(greedy_rows),
-                       max_new_tokens, static, mesh or _mesh_of(state))
+                       max_new_tokens, static, mesh, None if mesh is not None else repeated_prompts(prompts))
     return request, state
+
+
+def repeated_prompts(prompts):
+    """(distinct rows, source of every row) as int32 arrays when some prompts repeat (RL's G samples of a problem),
+    else None: the prefill then runs once per distinct prompt and its KV cache is copied to the repeats."""
+    first = {}
+    source = np.asarray([first.setdefault(tuple(p), len(first)) for p in prompts], np.int32)
+    if len(first) == len(prompts):
+        return None
+    return np.unique(source, return_index=True)[1].astype(np.int32), source
 
 
 def generate_ids(model, prompts, key, max_new_tokens: int, sampling: Sampling = Sampling(), stop_ids=(),
@@ -219,7 +246,8 @@ def generate_ids(model, prompts, key, max_new_tokens: int, sampling: Sampling = 
     with _on_mesh(request.mesh):
         tokens, positions = _place_rows(request)
         out = _decode(state, tokens, positions, request.row_keys, request.stops, request.temperature,
-                      request.greedy_rows, max_new_tokens=max_new_tokens, mesh=request.mesh, **request.static)
+                      request.greedy_rows, request.sources, max_new_tokens=max_new_tokens, mesh=request.mesh,
+                      **request.static)
         out = jax.device_get(out)
     return TokenOutput(**{name: np.asarray(value) for name, value in out.items()})
 
@@ -242,7 +270,7 @@ def stream(model, prompts, key, max_new_tokens: int, sampling: Sampling = Sampli
     finished = np.zeros(len(request.tokens), bool)
     with _on_mesh(request.mesh):
         tokens, positions = _place_rows(request)
-        carry, emitted = _stream_start(state, tokens, positions, *args,
+        carry, emitted = _stream_start(state, tokens, positions, *args, request.sources,
                                        cache_len=tokens.shape[1] + max_new_tokens, **static)
         for index in range(max_new_tokens):
             following = None
@@ -342,11 +370,19 @@ def _choose_next(step, logits, done, window, row_keys, stops, temperature, greed
     return token, emitted, done | hit, window
 
 
-def _start(model, tokens, positions, row_keys, stops, temperature, greedy_rows, *, cache_len, mesh, **choice):
-    """Prefill and choose token 0: (carry for `_advance`, what step 0 emits)."""
+def _start(model, tokens, positions, row_keys, stops, temperature, greedy_rows, sources=None, *, cache_len, mesh,
+           **choice):
+    """Prefill and choose token 0: (carry for `_advance`, what step 0 emits). sources: `repeated_prompts`."""
     B = tokens.shape[0]
-    cache = _place_cache(model.init_cache(B, cache_len), mesh)
-    logits, cache = _last_logits(model, tokens, positions, cache)
+    if sources is None:
+        cache = _place_cache(model.init_cache(B, cache_len), mesh)
+        logits, cache = _last_logits(model, tokens, positions, cache)
+    else:  # each distinct prompt once, its logits and cache rows copied to every row that repeats it
+        distinct, source = sources
+        logits, cache = _last_logits(model, tokens[distinct], positions[distinct],
+                                     model.init_cache(distinct.shape[0], cache_len))
+        logits = logits[source]
+        cache = dict(cache, k=cache["k"][:, source], v=cache["v"][:, source], pos=cache["pos"][source])
     window = jnp.full((B, stops.shape[1]), NOT_YET, jnp.int32)  # the last generated tokens, for stop matching
     token, emitted, done, window = _choose_next(0, logits, jnp.zeros((B,), bool), window, row_keys, stops,
                                                 temperature, greedy_rows, **choice)
@@ -369,13 +405,13 @@ _CHOICE = ("graphdef", "sampling", "vocab_size", "top_candidates", "mesh")
 
 
 @functools.partial(jax.jit, static_argnames=_CHOICE + ("max_new_tokens",))
-def _decode(state, tokens, positions, row_keys, stops, temperature, greedy_rows, *, graphdef, max_new_tokens,
-            mesh, **choice):
+def _decode(state, tokens, positions, row_keys, stops, temperature, greedy_rows, sources, *, graphdef,
+            max_new_tokens, mesh, **choice):
     """The whole decode in one program: `_start`, then a while_loop of `_advance`; the TokenOutput fields."""
     model = nnx.merge(graphdef, state)
     rows = (row_keys, stops, temperature, greedy_rows)
-    carry, emitted = _start(model, tokens, positions, *rows, cache_len=tokens.shape[1] + max_new_tokens, mesh=mesh,
-                            **choice)
+    carry, emitted = _start(model, tokens, positions, *rows, sources, cache_len=tokens.shape[1] + max_new_tokens,
+                            mesh=mesh, **choice)
     out = {name: jnp.zeros((tokens.shape[0], max_new_tokens, *value.shape[1:]), value.dtype)
            for name, value in emitted.items()}
     out["tokens"] = jnp.full_like(out["tokens"], NO_TOKEN)
@@ -400,8 +436,10 @@ def _decode(state, tokens, positions, row_keys, stops, temperature, greedy_rows,
 
 
 @functools.partial(jax.jit, static_argnames=_CHOICE + ("cache_len",))
-def _stream_start(state, tokens, positions, row_keys, stops, temperature, greedy_rows, *, graphdef, **static):
-    return _start(nnx.merge(graphdef, state), tokens, positions, row_keys, stops, temperature, greedy_rows, **static)
+def _stream_start(state, tokens, positions, row_keys, stops, temperature, greedy_rows, sources=None, *, graphdef,
+                  **static):
+    return _start(nnx.merge(graphdef, state), tokens, positions, row_keys, stops, temperature, greedy_rows, sources,
+                  **static)
 
 
 @functools.partial(jax.jit, static_argnames=_CHOICE, donate_argnames="carry")

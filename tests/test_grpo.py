@@ -13,6 +13,7 @@ from flax import nnx
 from lm import checkpoint as lm_checkpoint
 from lm import config as lm_config
 from lm import hf as lm_hf
+from lm import sample
 from lm.eval import tasks, tiny_runs
 from lm.model import Transformer
 from lm.model import hf as model_hf
@@ -119,7 +120,11 @@ def test_rollout_rows_and_first_pass_ratio_is_one(workdir, tok):
     other, other_metrics = grpo.make_rollout(model, task, tok, pool, config.grpo, seed=0, index=5)
     assert not np.array_equal(other["targets"], rows["targets"])
     assert metrics_["logprob_drift"] < 1e-4 and "logprob_drift" not in other_metrics  # checked every drift_every rollouts
-    G, P = config.grpo.group_size, config.grpo.prompt_len
+    # rows as wide as the rollout's prompts: the longest rounded up as the sampler pads it, not prompt_len
+    G, N = config.grpo.group_size, config.grpo.max_new_tokens
+    P = rows["inputs"].shape[1] - N + 1
+    longest = int((rows["positions"][:, :P] >= 0).sum(1).max())   # the prompt columns of a row hold its prompt
+    assert P == sample.bucket(longest) < config.grpo.prompt_len
     completions = [rows["targets"][r, P - 1:][rows["loss_mask"][r, P - 1:] > 0] for r in range(len(rows["targets"]))]
     rewards = np.array([task.reward(chat.parse_completion(tok, c).answer, "") for c in completions])
     assert metrics_["reward"] == pytest.approx(rewards.mean()) and 0 < rewards.mean() < 1
@@ -128,8 +133,6 @@ def test_rollout_rows_and_first_pass_ratio_is_one(workdir, tok):
     want = np.where(std > 0, (grouped - grouped.mean(1, keepdims=True)) / (std + 1e-6), 0).reshape(-1)
     np.testing.assert_allclose(rows["advantages"], want, rtol=1e-5, atol=1e-6)
     assert metrics_["no_signal"] == pytest.approx(np.mean(grouped.max(1) == grouped.min(1)))
-    prompt = chat.render_for_completion(tok, pool[0][0].prompt)
-    assert rows["inputs"].shape[1] == P + config.grpo.max_new_tokens - 1 and len(prompt) <= P
     batch = {k: jnp.asarray(v) for k, v in rows.items()}
     loss_sum, weight, sums = grpo.grpo_loss(model, batch)
     assert float(sums["clip_frac"]) == 0.0 and float(sums["approx_kl"] / weight) < 1e-8

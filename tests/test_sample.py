@@ -134,6 +134,16 @@ def test_sampling_distribution_matches_filtered_softmax():
     np.testing.assert_allclose(counts, [0.5 / 0.9, 0.25 / 0.9, 0.15 / 0.9, 0.0], atol=0.015)
 
 
+def test_inverse_cdf_draw_follows_the_softmax_and_never_draws_a_filtered_token():
+    """One uniform per row (not V Gumbel draws): the softmax's frequencies; filtered (-inf) tokens first, between and
+    last are never drawn, whatever the uniform."""
+    logits = jnp.log(jnp.array([[0.0, 0.3, 0.0, 0.7, 0.0]] * 20000))
+    draws = np.asarray(jax.jit(sample.inverse_cdf_draw)(jax.random.split(jax.random.key(1), 20000), logits))
+    counts = np.bincount(draws, minlength=5) / len(draws)
+    assert counts[[0, 2, 4]].sum() == 0
+    np.testing.assert_allclose(counts, [0.0, 0.3, 0.0, 0.7, 0.0], atol=0.015)
+
+
 # ------------------------------------------------------------------------------------------------ decoding
 
 
@@ -166,6 +176,21 @@ def test_batched_equals_one_by_one(models, prompts, tok):
         n = batched.lengths[row]  # sampled tokens carry the model's log-probs too
         np.testing.assert_allclose(batched.logprobs[row, :n],
                                    forward_logprobs(model, prompt, batched.tokens[row, :n]), atol=2e-5)
+
+
+def test_repeated_prompts_prefilled_once_equal_each_alone(models, prompts, tok):
+    """Prompts that repeat (RL's G samples of a problem) are prefilled once and their cache copied: every row is
+    still what its prompt alone with its key gives."""
+    model = models["gpt2"]
+    rows = [prompts[1], prompts[1], prompts[2], prompts[1]]
+    assert sample.repeated_prompts(rows)[0].tolist() == [0, 2]
+    keys = jax.random.split(jax.random.key(5), len(rows))
+    sampling = sample.Sampling(temperature=1.0)
+    batched = sample.generate_ids(model, rows, keys, NEW, sampling, stop_ids=[tok.eot_id])
+    for row, prompt in enumerate(rows):
+        alone = sample.generate_ids(model, [prompt], keys[row:row + 1], NEW, sampling, stop_ids=[tok.eot_id])
+        np.testing.assert_array_equal(alone.tokens[0], batched.tokens[row])
+        np.testing.assert_allclose(alone.logprobs[0], batched.logprobs[row], atol=2e-5)
 
 
 def test_top_k_1_and_temperature_to_zero_equal_greedy(models, prompts, greedy, tok):

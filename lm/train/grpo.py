@@ -14,16 +14,18 @@ reference (the init parameters, frozen; its log-probs are computed here in the b
 state). Completions cut by the length limit are left out of the loss with `grpo.mask_truncated` (their rewards
 still count in their group).
 
-Rows of a training batch (all [rows, prompt_len + max_new_tokens - 1]): the prompt left-padded to
-`grpo.prompt_len` (padding at position -1, which attention ignores, as the sampler does), then the completion;
+Rows of a training batch (all [rows, W + max_new_tokens - 1]): the prompt left-padded to W, the rollout's longest
+prompt rounded up as the sampler pads it (`prompt_width`: a power of two, at least 16, at most `grpo.prompt_len`;
+padding at position -1, which attention ignores), then the completion;
 inputs/targets are that sequence shifted by one; loss_mask marks the completion's tokens as targets; old_logprobs
 (the sampler's), advantages [rows], and ref_logprobs when beta > 0.
 
 Logged every step (batch metrics): reward (total), reward_task, reward_format, no_signal (fraction of groups whose
 rewards are all equal), response_len, truncated, rollout and pass; on the first step of every
 `grpo.drift_every`-th rollout (rollout 0 included) also logprob_drift, the max |sampler log-prob - trainer
-log-prob| over the rollout's completion tokens with the very parameters that sampled them (it should be ~1e-6: a larger drift is a bug between sample.py and the model); from
-the loss: clip_frac, approx_kl (to the sampler's policy), kl (to the reference, when beta > 0), entropy.
+log-prob| over the rollout's completion tokens with the very parameters that sampled them (it should be ~1e-6: a
+larger drift is a bug between sample.py and the model); from the loss: clip_frac, approx_kl (to the sampler's
+policy), kl (to the reference, when beta > 0), entropy.
 
 Resume is bit-exact by construction: rollout r's problems, sampling key and minibatch shuffles are functions of
 (config.seed, r) only, and checkpoints fall only at rollout boundaries (`train.checkpoint_every` and
@@ -173,6 +175,14 @@ def problem_pool(task, tokenizer, grpo, seed: int):
     return [examples[i] for i in keep], [prompts[i] for i in keep], dropped
 
 
+def prompt_width(prompts, prompt_len: int) -> int:
+    """The prompt columns of a rollout's rows: its longest prompt rounded up as the sampler pads (a power of two, at
+    least 16), at most prompt_len. Padding costs the update as much as prompt tokens, and short prompts padded to a
+    long prompt_len (13 tokens to 32 in the tiny arithmetic runs) were a quarter of its columns; the few widths keep
+    the train step's compiles few."""
+    return min(sample.bucket(max(map(len, prompts))), prompt_len)
+
+
 def layout(prompts, completions, lengths, prompt_len: int, pad: int) -> dict:
     """The training rows of prompts (id lists) and completions (int [B, N], `lengths` valid per row).
 
@@ -234,9 +244,10 @@ def make_rollout(model, task, tokenizer, pool, grpo, seed: int, index: int, ref_
                                               float(grpo.format_weight))
     rewards = task_rewards + float(grpo.format_weight) * format_rewards
     advantages = np.asarray(rl_math.ADVANTAGES[grpo.advantage](rewards, G), np.float32)
-    rows = layout(row_prompts, out.tokens, out.lengths, int(grpo.prompt_len), chat.pad_id(tokenizer))
+    width = prompt_width(row_prompts, int(grpo.prompt_len))
+    rows = layout(row_prompts, out.tokens, out.lengths, width, chat.pad_id(tokenizer))
     completion_mask = rows.pop("completion_mask")
-    rows["old_logprobs"] = completion_logprobs_at(out.logprobs, out.lengths, int(grpo.prompt_len))
+    rows["old_logprobs"] = completion_logprobs_at(out.logprobs, out.lengths, width)
     rows["advantages"] = advantages
     truncated = ~out.stopped
     rows["loss_mask"] = completion_mask * (1.0 - truncated[:, None]) if grpo.mask_truncated else completion_mask
@@ -284,13 +295,14 @@ def aggregation_weight(mask, aggregation: str):
 
 
 def grpo_loss(model, batch, aggregation="token_mean", eps_low=0.2, eps_high=0.28, beta=0.0, kl="k3",
-              completion_start=0):
+              completion_start=0, max_len=None):
     """(loss_sum, weight, metric_sums) of the clipped-ratio loss (+ beta x KL to the reference) on training rows.
 
-    completion_start: the first target column that can be a completion token (prompt_len - 1): the LM head, the
-    largest matmul of a small model, and the vocabulary-wide softmaxes run only from there (TRL's logits_to_keep).
-    Dr. GRPO's constant stays the whole row length, so the loss is the same as over every column."""
-    columns = batch["targets"].shape[1]
+    completion_start: the first target column that can be a completion token (the row's prompt width - 1, or
+    -max_new_tokens: the last columns): the LM head, the largest matmul of a small model, and the vocabulary-wide
+    softmaxes run only from there (TRL's logits_to_keep). Dr. GRPO's constant is `max_len` (default the whole row
+    length), so the loss is the same as over every column."""
+    columns = batch["targets"].shape[1] if max_len is None else max_len
 
     def completions(x):
         return x[:, completion_start:]
@@ -311,9 +323,12 @@ def grpo_loss(model, batch, aggregation="token_mean", eps_low=0.2, eps_high=0.28
 
 
 def make_loss(grpo):
+    # Rows are as wide as their rollout's prompts need (prompt_width): the completions are the last max_new_tokens
+    # columns, and Dr. GRPO's constant stays prompt_len + max_new_tokens - 1 whatever the width.
     return functools.partial(grpo_loss, aggregation=grpo.aggregation, eps_low=float(grpo.eps_low),
                              eps_high=float(grpo.eps_high), beta=float(grpo.beta), kl=grpo.kl,
-                             completion_start=int(grpo.prompt_len) - 1)
+                             completion_start=-int(grpo.max_new_tokens),
+                             max_len=int(grpo.prompt_len) + int(grpo.max_new_tokens) - 1)
 
 
 # --- evaluation ----------------------------------------------------------------------------------------------------
