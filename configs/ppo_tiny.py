@@ -65,6 +65,7 @@ def ppo_section(**overrides) -> ml_collections.ConfigDict:
         no_eos_penalty=1.0,         # subtracted from the score of an answer without <|assistant_end|>
         whiten_advantages=True,
         samples_kept=4,
+        drift_every=8,              # rollouts between sampler-vs-trainer log-prob checks (one LM head pass each)
     )
     section.update(overrides)
     return ml_collections.ConfigDict(section)
