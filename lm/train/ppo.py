@@ -16,7 +16,7 @@ Roles (one program, no weight copies):
 
 One rollout: `rollout_batch` prompts (a seeded permutation of the prompt pool per epoch) are answered (temperature
 `temperature`, stop at <|assistant_end|>); the policy (log-probs, values), the reference and the reward model score
-the same token rows in one jitted program (prompt left-padded as the sampler pads it, positions -1 on padding), which
+the same token rows (prompts left-padded to the pool's longest prompt, positions -1 on padding) in one jitted program, which
 also computes the rewards, GAE and whitening (`_score`). The old-policy log-probs are the sampler's own (the same
 tokens from the same parameters), so the policy's LM head does not run in scoring; the LM heads, softmaxes and value
 head run only on the answer columns and the reward model's head only at each answer's last token. Per-token
@@ -174,7 +174,9 @@ class Rollouts:
         self.kl_coef = float(self.ppo.kl_coef)
         self.updates_per_rollout = int(self.ppo.epochs) * int(self.ppo.minibatches)
         self.frozen = None
-        self.first = sample.bucket(int(self.ppo.max_prompt_tokens))  # the first answer column of a rollout's rows
+        # The first answer column of every rollout's rows: the pool's longest prompt (one width for the whole run, so
+        # one compilation; not max_prompt_tokens, whose padding columns every trunk would run through)
+        self.first = max(len(item["ids"]) for item in pool)
 
     # --- set up on the trainer's mesh ---
     def attach(self, trainer) -> None:
