@@ -19,12 +19,20 @@ def test_gold_reward_by_hand():
 
 
 def test_peak_and_description():
-    curve = [dict(index=i, kl=i / 4, score=float(i), gold=g) for i, g in enumerate([0, 1, 2, 3, 2, 1, 0])]
+    curve = [dict(index=i, step=4 * i + 1, kl=i / 4, score=float(i), gold=g)  # 4 updates a rollout
+             for i, g in enumerate([0, 1, 2, 3, 2, 1, 0])]
     peak = hacking.peak_of(curve, 1)
     assert peak["rollout"] == 3 and peak["gold_change_after"] == -3 and peak["proxy_change_after"] == 3
+    assert peak["update"] == 12  # the updates before rollout 3
     assert peak["sqrt_kl"] == pytest.approx(math.sqrt(0.75)) and not peak["at_end"]
     line = hacking.describe("base", [peak], 7)
     assert line.startswith("base: gold peaked at rollout 3.0 of 7") and "-3.000" in line
+    assert "rollout 3, update 12, sqrt KL 0.87" in line  # per seed
+    later = dict(peak, rollout=5, update=20, sqrt_kl=1.5)
+    runs = [dict(setting="base", seed=0, peak=peak), dict(setting="kl_0.1", seed=0, peak=later)]
+    delay = hacking.delays(runs)["kl_0.1"]
+    assert delay["delay_per_seed"] == [2] and delay["update_delay_per_seed"] == [8] and delay["further_in"] == 1
+    assert "+8 updates later" in delay["line"]
 
 
 def test_experiment_end_to_end(tmp_path):
