@@ -94,6 +94,7 @@ def hacking_section(study: bool = False) -> ml_collections.ConfigDict:
         proxy_batch=16,
         proxy_lr=1e-3,
         rollouts=48 if study else 24,  # study: at 24 the base turned over in 1 of 3 seeds only
+        checkpoint_rollouts=8 if study else 0,  # 0: the PPO runs checkpoint only at their end
         smooth=5 if study else 3,   # rollouts in the moving average that finds the gold peak
     ))
 

@@ -195,7 +195,9 @@ def ppo_run(config, base, tokenizer, pool, proxy_dir, kl_coef, seed, name, out_d
     c.ppo.kl_coef = float(kl_coef)
     updates = int(c.ppo.epochs) * int(c.ppo.minibatches)
     steps = int(config.hacking.rollouts) * updates
-    c.train.update(steps=steps, checkpoint_every=steps)
+    # checkpoints every `checkpoint_rollouts` rollouts (0: only at the end): a long run killed midway resumes
+    every = int(config.hacking.get("checkpoint_rollouts", 0)) * updates or steps
+    c.train.update(steps=steps, checkpoint_every=every)
     run_dir = out_dir / f"ppo_{name}_s{seed}"
     meta = dict(reward.tokenizer_meta(tokenizer, base, {}), hacking=dict(setting=name, seed=seed))
     ppo.train_ppo(c, run_dir, base, proxy_dir, tokenizer, meta, pool, extra_metrics=gold_metrics)
