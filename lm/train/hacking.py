@@ -27,9 +27,11 @@ setting for every seed (the seed draws the pairs, the labels, the proxy's head a
 the same proxy is drawn from the base policy: KL = log n - (n - 1) / n (rl_math.best_of_n_kl).
 
 The gold peak of a run is the maximum of its gold curve smoothed over `smooth` rollouts; the report states per
-setting when gold peaked (rollout and sqrt(KL), mean over seeds) and what it did after, and ("delays") how many
-rollouts later, and how much further in sqrt(KL), each intervention's gold peaked than the base setting's, seed by
-seed.
+setting when gold peaked (rollout, optimizer updates before it, sqrt(KL) and gold; mean and per seed) and what it did
+after, and ("delays") how many rollouts and updates later, and how much further in sqrt(KL), each intervention's
+gold peaked than the base setting's, seed by seed. The study's PPO runs checkpoint every `checkpoint_rollouts`
+rollouts, so a run killed midway resumes (bit-exact) where it stopped; finished runs and proxies are reused, so
+running the seeds or settings as separate processes and then the whole study once aggregates them.
 """
 import json
 import math
