@@ -63,7 +63,8 @@ def test_experiment_end_to_end(tmp_path):
 
 def test_delays_compare_each_intervention_with_the_base_seed_by_seed():
     def run(setting, seed, rollout, gold):
-        return dict(setting=setting, seed=seed, peak=dict(rollout=rollout, gold_at_peak=gold, sqrt_kl=rollout / 10))
+        return dict(setting=setting, seed=seed, peak=dict(rollout=rollout, update=4 * rollout, gold_at_peak=gold,
+                                                         sqrt_kl=rollout / 10))
     runs = [run("base", 0, 5, 1.0), run("base", 1, 7, 1.2), run("kl_0.2", 0, 9, 1.1), run("kl_0.2", 1, 6, 1.4),
             run("pairs_512", 0, 5, 1.0), run("pairs_512", 1, 7, 1.2)]
     out = hacking.delays(runs)
