@@ -72,4 +72,4 @@ def test_delays_compare_each_intervention_with_the_base_seed_by_seed():
     assert out["kl_0.2"]["later_in"] == 1 and out["kl_0.2"]["gold_peak_gain"] == pytest.approx(0.15)
     assert out["pairs_512"]["later_in"] == 0 and out["pairs_512"]["mean_delay"] == 0
     assert out["kl_0.2"]["sqrt_kl_delay_per_seed"] == pytest.approx([0.4, -0.1]) and out["kl_0.2"]["further_in"] == 1
-    assert out["kl_0.2"]["line"].startswith("kl_0.2 vs base: gold peaked +1.5 rollouts later")
+    assert out["kl_0.2"]["line"].startswith("kl_0.2 vs base: gold peaked +1.5 rollouts / +6 updates later")
