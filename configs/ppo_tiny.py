@@ -34,6 +34,15 @@ shared 2-core machine, contended, indicative). "acc" is a proxy's accuracy on th
   than base in 3 of 3 seeds, +1.7 rollouts later on average, +0.14 gold at the peak; 2 of 3 still rising).
   Best-of-32 against the 64-pair proxy (KL 2.5): gold +0.05 to +0.17 over n=1. Outputs in /tmp/hk/final; each
   seed's run took ~25 min of the contended machine (seeds 1, 2 in parallel processes, then one aggregating pass).
+- E (the preset as below: 48 rollouts, KL 0.05 vs 0.02, 64 vs 1024 pairs, seeds 0-2, base policy: a fresh
+  default lm.main SFT run, gold 0.36 at rollout 0 vs 0.15 in D; 9 PPO runs as parallel processes, contended).
+  Peak (5-rollout smoothing) rollout / update / sqrt KL / gold, seeds 0, 1, 2: base 0/0/0.00/0.375,
+  28/112/3.35/0.535, 42/168/3.50/0.469 (seed 0: gold falls from the start, the 64-pair proxy is gamed at once);
+  KL 0.05 0/0/0.00/0.377, 27/108/2.41/0.481, 39/156/2.43/0.493 (KL held lower, gold falls more slowly: -0.04
+  after the peak vs -0.10 for base, but the peak is not later: 0 of 3 seeds); 1024 pairs 31/124/3.02/0.517,
+  28/112/2.41/0.530, 34/136/3.61/0.545 (later in 1 of 3 seeds, further in sqrt KL in 2, peak gold +0.07). Neither
+  delay holds in 3 of 3 seeds from this SFT start; a KL arm that delays the peak still needs a run whose base
+  climbs first (D's start) or a beta picked on seed 0 (not done: no time). Outputs in /tmp/ppw/w/hacking_study.
 """
 import ml_collections
 
