@@ -45,9 +45,9 @@ QUIET_COMMAND = "../shared/tools/quiet-run -- python benchmarks/bench_rlhf.py"
 sys.path.insert(0, str(REPO))
 SHAPE = dict(n_layers=2, d_model=128, n_heads=4, d_ff=512, max_len=128)
 RM = dict(batch=16, seq_len=96, pairs=256)
-# The reward model is timed twice: with the model config as it is, and with these exact compute-path switches of
-# config.model (same parameters; tests/test_attention.py), recorded apart as ours.reward_levers.
-RM_LEVERS = dict(flat_matmuls=True, fused_qkv=True)
+# The reward model is timed twice: with the model config as it is, and with this compute-path switch of config.model
+# (same parameters; tests/test_attention.py), recorded apart as ours.reward_levers (flat_matmuls is the default now).
+RM_LEVERS = dict(fused_qkv=True)
 PPO = dict(rollout_batch=32, minibatches=2, epochs=2, max_new_tokens=24, max_prompt_tokens=32)
 
 
@@ -131,7 +131,6 @@ def ours_reward(prep: dict, steps: int, mesh, levers=None) -> dict:
 def ours(prep: dict, steps: int) -> dict:
     import jax
     import ml_collections
-    import numpy as np
     from flax import nnx
 
     from lm import mesh as lm_mesh
@@ -147,7 +146,7 @@ def ours(prep: dict, steps: int) -> dict:
         result = ours_reward(prep, steps, mesh)
         result["reward_levers"] = dict(ours_reward(prep, steps, mesh, RM_LEVERS), levers=RM_LEVERS)
 
-        # PPO: one update = a rollout (sample), scoring (policy/value, reference, reward passes + GAE) and
+        # PPO: one update = a rollout (sample), scoring (value, reference and reward passes, KL, GAE: one jit) and
         # epochs x minibatches optimizer steps.
         pc = ml_collections.ConfigDict(config.to_dict())
         pc.ppo = ppo_tiny.ppo_section(rollout_batch=PPO["rollout_batch"], minibatches=PPO["minibatches"],
@@ -166,7 +165,7 @@ def ours(prep: dict, steps: int) -> dict:
         state = step = None
         for index in range(steps + 1):
             model = policy if state is None else objective_model(objective, state)
-            timed = rollout_phases(rollouts, model, index, tok, sample, chat, np)
+            timed = rollout_phases(rollouts, model, index, tok, sample, chat)
             data, _ = rollouts.rollout(model, index)  # the real code path, for the batches (not timed)
             minibatches = [{k: v[i::PPO["minibatches"]] for k, v in data.items()} for i in range(PPO["minibatches"])]
             if state is None:
@@ -198,28 +197,17 @@ def objective_model(objective, state):
     return nnx.merge(graphdef, state["params"], rest)
 
 
-def rollout_phases(rollouts, model, index, tok, sample, chat, np):
-    """Wall time of the sampling and of the scoring pass of rollout `index` (the same calls Rollouts.rollout makes)."""
+def rollout_phases(rollouts, model, index, tok, sample, chat):
+    """Wall time of the sampling and of the scoring of rollout `index` (the same calls Rollouts.rollout makes; the
+    scoring includes the sampler-vs-trainer log-prob check on every config.ppo.drift_every-th rollout)."""
     import jax
-    from flax import nnx
-
-    from lm.train import ppo
     items = rollouts.prompts_of(index)
     prompts = [item["ids"] for item in items]
     tick = time.perf_counter()
     out = sample.generate_ids(model, prompts, jax.random.fold_in(jax.random.key(0), index), PPO["max_new_tokens"],
                               sample.Sampling(), stop_ids=[tok.token_id(chat.ASSISTANT_END)], vocab_size=tok.n_vocab)
     rolled = time.perf_counter()
-    first = sample.bucket(PPO["max_prompt_tokens"])
-    tokens, positions, mask = ppo.rollout_rows(prompts, out, chat.pad_id(tok), first)
-    policy_def, policy_state = nnx.split(model)
-    scored = block(ppo._score_rows(policy_state, rollouts.frozen["reference"][1], rollouts.frozen["reward"][1],
-                                   tokens, positions, policy_def=policy_def,
-                                   reference_def=rollouts.frozen["reference"][0],
-                                   reward_def=rollouts.frozen["reward"][0]))
-    logprobs, values, ref, rv = scored
-    block(ppo._advantages(np.zeros(len(prompts), np.float32), logprobs, ref, values, mask,
-                          np.asarray(out.stopped), 0.05, 1.0, 1.0, 0.95))
+    block(rollouts.score(model, prompts, out, index))  # Rollouts.rollout's own scoring call
     return {"rollout": rolled - tick, "scoring": time.perf_counter() - rolled}
 
 

@@ -34,6 +34,15 @@ shared 2-core machine, contended, indicative). "acc" is a proxy's accuracy on th
   than base in 3 of 3 seeds, +1.7 rollouts later on average, +0.14 gold at the peak; 2 of 3 still rising).
   Best-of-32 against the 64-pair proxy (KL 2.5): gold +0.05 to +0.17 over n=1. Outputs in /tmp/hk/final; each
   seed's run took ~25 min of the contended machine (seeds 1, 2 in parallel processes, then one aggregating pass).
+- E (the preset as below: 48 rollouts, KL 0.05 vs 0.02, 64 vs 1024 pairs, seeds 0-2, base policy: a fresh
+  default lm.main SFT run, gold 0.36 at rollout 0 vs 0.15 in D; 9 PPO runs as parallel processes, contended).
+  Peak (5-rollout smoothing) rollout / update / sqrt KL / gold, seeds 0, 1, 2: base 0/0/0.00/0.375,
+  28/112/3.35/0.535, 42/168/3.50/0.469 (seed 0: gold falls from the start, the 64-pair proxy is gamed at once);
+  KL 0.05 0/0/0.00/0.377, 27/108/2.41/0.481, 39/156/2.43/0.493 (KL held lower, gold falls more slowly: -0.04
+  after the peak vs -0.10 for base, but the peak is not later: 0 of 3 seeds); 1024 pairs 31/124/3.02/0.517,
+  28/112/2.41/0.530, 34/136/3.61/0.545 (later in 1 of 3 seeds, further in sqrt KL in 2, peak gold +0.07). Neither
+  delay holds in 3 of 3 seeds from this SFT start; a KL arm that delays the peak still needs a run whose base
+  climbs first (D's start) or a beta picked on seed 0 (not done: no time). Outputs in /tmp/ppw/w/hacking_study.
 """
 import ml_collections
 
@@ -65,6 +74,7 @@ def ppo_section(**overrides) -> ml_collections.ConfigDict:
         no_eos_penalty=1.0,         # subtracted from the score of an answer without <|assistant_end|>
         whiten_advantages=True,
         samples_kept=4,
+        drift_every=8,              # rollouts between sampler-vs-trainer log-prob checks (one LM head pass each)
     )
     section.update(overrides)
     return ml_collections.ConfigDict(section)
@@ -81,7 +91,8 @@ def hacking_section(study: bool = False) -> ml_collections.ConfigDict:
         # reward-model pairs and KL coefficients: the first of each is the base setting, the others should delay
         # the gold turnover
         pairs=(64, 1024) if study else (64,),
-        kl_coefs=(0.02, 0.3) if study else (0.02,),
+        # (0.3 held sqrt KL at ~1.3, where gold barely moves: no peak to delay; a moderate one slows the climb)
+        kl_coefs=(0.02, 0.05) if study else (0.02,),
         # Bradley-Terry labels: P(a preferred) = sigmoid((gold_a - gold_b) / this). Gold gaps between two answers
         # are ~0.2-1 (one digit more: ~0.2), so 0.05 makes the labels mostly, not always, follow the gold order
         label_temperature=0.05,
@@ -91,7 +102,8 @@ def hacking_section(study: bool = False) -> ml_collections.ConfigDict:
         proxy_steps=120,
         proxy_batch=16,
         proxy_lr=1e-3,
-        rollouts=24,
+        rollouts=48 if study else 24,  # study: at 24 the base turned over in 1 of 3 seeds only
+        checkpoint_rollouts=8 if study else 0,  # 0: the PPO runs checkpoint only at their end
         smooth=5 if study else 3,   # rollouts in the moving average that finds the gold peak
     ))
 

@@ -19,12 +19,20 @@ def test_gold_reward_by_hand():
 
 
 def test_peak_and_description():
-    curve = [dict(index=i, kl=i / 4, score=float(i), gold=g) for i, g in enumerate([0, 1, 2, 3, 2, 1, 0])]
+    curve = [dict(index=i, step=4 * i + 1, kl=i / 4, score=float(i), gold=g)  # 4 updates a rollout
+             for i, g in enumerate([0, 1, 2, 3, 2, 1, 0])]
     peak = hacking.peak_of(curve, 1)
     assert peak["rollout"] == 3 and peak["gold_change_after"] == -3 and peak["proxy_change_after"] == 3
+    assert peak["update"] == 12  # the updates before rollout 3
     assert peak["sqrt_kl"] == pytest.approx(math.sqrt(0.75)) and not peak["at_end"]
     line = hacking.describe("base", [peak], 7)
     assert line.startswith("base: gold peaked at rollout 3.0 of 7") and "-3.000" in line
+    assert "rollout 3, update 12, sqrt KL 0.87" in line  # per seed
+    later = dict(peak, rollout=5, update=20, sqrt_kl=1.5)
+    runs = [dict(setting="base", seed=0, peak=peak), dict(setting="kl_0.1", seed=0, peak=later)]
+    delay = hacking.delays(runs)["kl_0.1"]
+    assert delay["delay_per_seed"] == [2] and delay["update_delay_per_seed"] == [8] and delay["further_in"] == 1
+    assert "+8 updates later" in delay["line"]
 
 
 def test_experiment_end_to_end(tmp_path):
@@ -55,7 +63,8 @@ def test_experiment_end_to_end(tmp_path):
 
 def test_delays_compare_each_intervention_with_the_base_seed_by_seed():
     def run(setting, seed, rollout, gold):
-        return dict(setting=setting, seed=seed, peak=dict(rollout=rollout, gold_at_peak=gold, sqrt_kl=rollout / 10))
+        return dict(setting=setting, seed=seed, peak=dict(rollout=rollout, update=4 * rollout, gold_at_peak=gold,
+                                                         sqrt_kl=rollout / 10))
     runs = [run("base", 0, 5, 1.0), run("base", 1, 7, 1.2), run("kl_0.2", 0, 9, 1.1), run("kl_0.2", 1, 6, 1.4),
             run("pairs_512", 0, 5, 1.0), run("pairs_512", 1, 7, 1.2)]
     out = hacking.delays(runs)
@@ -63,4 +72,4 @@ def test_delays_compare_each_intervention_with_the_base_seed_by_seed():
     assert out["kl_0.2"]["later_in"] == 1 and out["kl_0.2"]["gold_peak_gain"] == pytest.approx(0.15)
     assert out["pairs_512"]["later_in"] == 0 and out["pairs_512"]["mean_delay"] == 0
     assert out["kl_0.2"]["sqrt_kl_delay_per_seed"] == pytest.approx([0.4, -0.1]) and out["kl_0.2"]["further_in"] == 1
-    assert out["kl_0.2"]["line"].startswith("kl_0.2 vs base: gold peaked +1.5 rollouts later")
+    assert out["kl_0.2"]["line"].startswith("kl_0.2 vs base: gold peaked +1.5 rollouts / +6 updates later")

@@ -27,9 +27,11 @@ setting for every seed (the seed draws the pairs, the labels, the proxy's head a
 the same proxy is drawn from the base policy: KL = log n - (n - 1) / n (rl_math.best_of_n_kl).
 
 The gold peak of a run is the maximum of its gold curve smoothed over `smooth` rollouts; the report states per
-setting when gold peaked (rollout and sqrt(KL), mean over seeds) and what it did after, and ("delays") how many
-rollouts later, and how much further in sqrt(KL), each intervention's gold peaked than the base setting's, seed by
-seed.
+setting when gold peaked (rollout, optimizer updates before it, sqrt(KL) and gold; mean and per seed) and what it did
+after, and ("delays") how many rollouts and updates later, and how much further in sqrt(KL), each intervention's
+gold peaked than the base setting's, seed by seed. The study's PPO runs checkpoint every `checkpoint_rollouts`
+rollouts, so a run killed midway resumes (bit-exact) where it stopped; finished runs and proxies are reused, so
+running the seeds or settings as separate processes and then the whole study once aggregates them.
 """
 import json
 import math
@@ -195,7 +197,9 @@ def ppo_run(config, base, tokenizer, pool, proxy_dir, kl_coef, seed, name, out_d
     c.ppo.kl_coef = float(kl_coef)
     updates = int(c.ppo.epochs) * int(c.ppo.minibatches)
     steps = int(config.hacking.rollouts) * updates
-    c.train.update(steps=steps, checkpoint_every=steps)
+    # checkpoints every `checkpoint_rollouts` rollouts (0: only at the end): a long run killed midway resumes
+    every = int(config.hacking.get("checkpoint_rollouts", 0)) * updates or steps
+    c.train.update(steps=steps, checkpoint_every=every)
     run_dir = out_dir / f"ppo_{name}_s{seed}"
     meta = dict(reward.tokenizer_meta(tokenizer, base, {}), hacking=dict(setting=name, seed=seed))
     ppo.train_ppo(c, run_dir, base, proxy_dir, tokenizer, meta, pool, extra_metrics=gold_metrics)
@@ -245,7 +249,9 @@ def peak_of(curve: list[dict], width: int) -> dict:
     proxy = smooth([r["score"] for r in curve], width)
     i = int(np.argmax(gold))
     sqrt_kl = [math.sqrt(max(r["kl"], 0.0)) for r in curve]
-    return dict(rollout=int(curve[i]["index"]), sqrt_kl=sqrt_kl[i], gold_at_peak=float(gold[i]),
+    # updates: the optimizer updates the policy had when it sampled that rollout (its first update's step - 1)
+    return dict(rollout=int(curve[i]["index"]), update=int(curve[i]["step"]) - 1, sqrt_kl=sqrt_kl[i],
+                gold_at_peak=float(gold[i]),
                 gold_gain_at_peak=float(gold[i] - gold[0]), gold_change_after=float(gold[-1] - gold[i]),
                 proxy_change_after=float(proxy[-1] - proxy[i]), final_sqrt_kl=sqrt_kl[-1],
                 at_end=i == len(curve) - 1)
@@ -255,30 +261,37 @@ def describe(name: str, peaks: list[dict], rollouts: int) -> str:
     """One line: when gold peaked (mean over seeds) and what it did after."""
     mean = lambda key: float(np.mean([p[key] for p in peaks]))
     at_end = sum(p["at_end"] for p in peaks)
-    line = (f"{name}: gold peaked at rollout {mean('rollout'):.1f} of {rollouts} (sqrt KL {mean('sqrt_kl'):.2f}; "
-            f"seeds: {', '.join(str(p['rollout']) for p in peaks)}), then changed by {mean('gold_change_after'):+.3f} "
-            f"to the end while the proxy changed by {mean('proxy_change_after'):+.3f}")
+    per_seed = "; ".join(f"rollout {p['rollout']}, update {p['update']}, sqrt KL {p['sqrt_kl']:.2f}, gold "
+                         f"{p['gold_at_peak']:.3f}, after {p['gold_change_after']:+.3f}" for p in peaks)
+    line = (f"{name}: gold peaked at rollout {mean('rollout'):.1f} of {rollouts} (update {mean('update'):.0f}, "
+            f"sqrt KL {mean('sqrt_kl'):.2f}, gold {mean('gold_at_peak'):.3f}), then changed by "
+            f"{mean('gold_change_after'):+.3f} to the end while the proxy changed by "
+            f"{mean('proxy_change_after'):+.3f}; per seed: {per_seed}")
     if at_end:
         line += f" ({at_end} of {len(peaks)} seeds still rising at the end: no turnover within the run)"
     return line
 
 
 def delays(runs: list[dict]) -> dict:
-    """Each intervention against the base setting, seed by seed: how many rollouts later its gold peaked (a run
-    still rising at its end counts its last rollout: a lower bound on the delay) and the gold it reached."""
+    """Each intervention against the base setting, seed by seed: how many rollouts (and optimizer updates) later its
+    gold peaked, and how much further in sqrt(KL) (a run still rising at its end counts its last rollout: a lower
+    bound on the delay), and the gold it reached."""
     base = {r["seed"]: r["peak"] for r in runs if r["setting"] == "base"}
     out = {}
     for name in dict.fromkeys(r["setting"] for r in runs if r["setting"] != "base"):
         pairs = [(r["peak"], base[r["seed"]]) for r in runs if r["setting"] == name and r["seed"] in base]
         later = [p["rollout"] - b["rollout"] for p, b in pairs]
+        updates = [p["update"] - b["update"] for p, b in pairs]
         further = [p["sqrt_kl"] - b["sqrt_kl"] for p, b in pairs]
         out[name] = dict(delay_per_seed=later, mean_delay=float(np.mean(later)), later_in=sum(d > 0 for d in later),
+                         update_delay_per_seed=updates, mean_update_delay=float(np.mean(updates)),
                          sqrt_kl_delay_per_seed=further, mean_sqrt_kl_delay=float(np.mean(further)),
                          further_in=sum(d > 0 for d in further),
                          seeds=len(later), gold_peak_gain=float(np.mean([p["gold_at_peak"] - b["gold_at_peak"]
                                                                          for p, b in pairs])))
-        out[name]["line"] = (f"{name} vs base: gold peaked {out[name]['mean_delay']:+.1f} rollouts later on average "
-                             f"(per seed {later}; later in {out[name]['later_in']} of {len(later)} seeds), at "
+        out[name]["line"] = (f"{name} vs base: gold peaked {out[name]['mean_delay']:+.1f} rollouts / "
+                             f"{out[name]['mean_update_delay']:+.0f} updates later on average (per seed {later} "
+                             f"rollouts, {updates} updates; later in {out[name]['later_in']} of {len(later)} seeds), at "
                              f"{out[name]['mean_sqrt_kl_delay']:+.2f} sqrt(KL) (per seed "
                              f"{', '.join(f'{d:+.2f}' for d in further)}; further in {out[name]['further_in']}), "
                              f"peak gold {out[name]['gold_peak_gain']:+.3f}")

@@ -16,7 +16,10 @@ Roles (one program, no weight copies):
 
 One rollout: `rollout_batch` prompts (a seeded permutation of the prompt pool per epoch) are answered (temperature
 `temperature`, stop at <|assistant_end|>); the policy (log-probs, values), the reference and the reward model score
-the same token rows in one jitted pass (prompt left-padded as the sampler pads it, positions -1 on padding). Per-token
+the same token rows (prompts left-padded to the pool's longest prompt, positions -1 on padding) in one jitted program, which
+also computes the rewards, GAE and whitening (`_score`). The old-policy log-probs are the sampler's own (the same
+tokens from the same parameters), so the policy's LM head does not run in scoring; the LM heads, softmaxes and value
+head run only on the answer columns and the reward model's head only at each answer's last token. Per-token
 reward = -kl_coef * k1 (log pi - log pi_ref) on every answer token, plus the score at the last one, less
 `no_eos_penalty` for an answer that never emitted <|assistant_end|> (rl_math.ppo_token_rewards); GAE (gamma, lam);
 advantages whitened over the rollout. Then `epochs` passes over `minibatches` minibatches (a seeded permutation per
@@ -26,8 +29,9 @@ entropy, token-mean. The KL coefficient is fixed, or adaptive (kl_target > 0: rl
 Metrics: every update logs its own (policy_loss, value_loss, entropy, clip_frac, value_clip_frac, approx_kl) and its
 rollout's (rollout/score, rollout/score_raw, rollout/kl (k1 summed over an answer, mean over answers: the KL of the
 answer distribution), rollout/kl_k3, rollout/kl_coef, rollout/response_length, rollout/end_rate,
-rollout/value_explained_variance, rollout/logprob_diff: the largest |sampler log-prob - trainer log-prob| of the
-same tokens with the same parameters, ~1e-6; a drift is a bug). <run>/samples/<rollout>.json keeps a few answers.
+rollout/value_explained_variance, and every `drift_every`-th rollout (rollout 0 included) rollout/logprob_diff: the
+largest |sampler log-prob - trainer log-prob| of the same tokens with the same parameters, ~1e-6; a drift is a bug,
+and since the sampler's log-probs are the old-policy log-probs, one the PPO ratio would inherit). <run>/samples/<rollout>.json keeps a few answers.
 
 Resume is bit-exact: rollout r is a pure function of (seed, r) and the parameters at its start (its prompts and its
 sampling key are derived from them), checkpoints are only taken at rollout boundaries (checkpoint_every must be a
@@ -53,7 +57,6 @@ from lm.data import pipeline, preferences
 from lm.eval import tasks
 from lm.tokenizer import chat
 from lm.train import loop, reward, rl_math
-from lm.train.losses import sequence_token_logprobs
 
 RUN_DIR = "ppo"
 
@@ -92,31 +95,52 @@ def prompt_pool(ppo_config, tokenizer, seed: int) -> tuple[list[dict], dict]:
 
 # --- the rollout's scoring pass ------------------------------------------------------------------------------------
 
-@functools.partial(jax.jit, static_argnames=("policy_def", "reference_def", "reward_def"))
-def _score_rows(policy_state, reference_state, reward_state, tokens, positions, *, policy_def, reference_def,
-                reward_def):
-    """Policy log-probs and values, reference log-probs (of targets = tokens[:, 1:]) and the reward model's value
-    at every position of the full rows."""
+@functools.partial(jax.jit, static_argnames=("defs", "first", "whiten", "check_drift"))
+def _score(states, tokens, positions, mask, sampler_logprobs, lengths, ended, coefs, *, defs, first, whiten,
+           check_drift):
+    """The whole scoring of a rollout in one program: values, reference log-probs, reward score, KL, per-token
+    rewards, GAE, whitening. The old-policy log-probs are the sampler's (the same tokens from the same parameters);
+    with `check_drift` the policy's LM head also runs and `drift` is the largest |sampler - trainer| log-prob.
+
+    Only what is needed is computed: the trunks run over the full rows (an answer token attends to its prompt), but
+    the LM heads and vocabulary softmaxes only over the answer columns (from target column first - 1, as GRPO's
+    `completion_start`), the value head likewise, and the reward model's head at each row's last token only.
+    Per-token outputs come back over the answer columns [B, M]; `full_width` pads them to the training rows."""
+    (policy_def, reference_def, reward_def), (policy_state, reference_state, reward_state) = defs, states
+    kl_coef, no_eos_penalty, gamma, lam, mean, std = coefs
+    inputs, input_positions, start = tokens[:, :-1], positions[:, :-1], first - 1
+    targets, mask = tokens[:, 1 + start:], mask[:, start:]
     policy = nnx.merge(policy_def, policy_state)
-    inputs, targets, input_positions = tokens[:, :-1], tokens[:, 1:], positions[:, :-1]
-    hidden = policy.hidden(inputs, input_positions)
-    logprobs = lm_model.token_logprobs(policy.logits(hidden), targets)
+    hidden = policy.hidden(inputs, input_positions)[:, start:]
     values = policy.scalar_head(hidden)
     reference = nnx.merge(reference_def, reference_state)
-    reference_logprobs = sequence_token_logprobs(reference, inputs, targets, input_positions)
-    reward_values = nnx.merge(reward_def, reward_state).values(tokens, positions)
-    return logprobs, values, reference_logprobs, reward_values
-
-
-@jax.jit
-def _advantages(score, logprobs, reference_logprobs, values, mask, ended, kl_coef, no_eos_penalty, gamma, lam):
+    reference_logprobs = lm_model.token_logprobs(
+        reference.logits(reference.hidden(inputs, input_positions)[:, start:]), targets)
+    reward_model = nnx.merge(reward_def, reward_state)
+    last = lm_model.at_positions(reward_model.hidden(tokens, positions), first + lengths - 1)
+    raw = reward_model.scalar_head(last)
+    score = (raw - mean) / jnp.maximum(std, 1e-6)
+    logprobs = jnp.where(mask > 0, sampler_logprobs, 0.0)
     k1 = rl_math.kl_k1(logprobs, reference_logprobs)
     rewards = rl_math.ppo_token_rewards(score, k1, mask, kl_coef, no_eos_penalty, ended)
     advantages, returns = rl_math.gae(rewards, values, mask, gamma, lam)
-    return dict(advantages=advantages, returns=returns,
-                kl=rl_math.masked_sum(k1, mask, axis=1),
-                kl_k3=rl_math.masked_sum(rl_math.kl_k3(logprobs, reference_logprobs), mask, axis=1),
-                explained_variance=rl_math.explained_variance(values, returns, mask))
+    out = dict(old_logprobs=logprobs, old_values=values, returns=returns,
+               advantages=rl_math.whiten(advantages, mask) if whiten else advantages, score=score, raw=raw,
+               kl=rl_math.masked_sum(k1, mask, axis=1),
+               kl_k3=rl_math.masked_sum(rl_math.kl_k3(logprobs, reference_logprobs), mask, axis=1),
+               explained_variance=rl_math.explained_variance(values, returns, mask))
+    if check_drift:
+        live = lm_model.token_logprobs(policy.logits(hidden), targets)
+        out["drift"] = jnp.max(jnp.where(mask > 0, jnp.abs(sampler_logprobs - live), 0.0))
+    return out
+
+
+PER_TOKEN = ("old_logprobs", "old_values", "returns", "advantages")
+
+
+def full_width(answer_columns: np.ndarray, first: int) -> np.ndarray:
+    """[B, M] over the answer columns -> [B, first - 1 + M] over the training rows' target columns (0 before)."""
+    return np.pad(answer_columns, ((0, 0), (first - 1, 0)))
 
 
 def rollout_rows(prompts: list, out: sample.TokenOutput, pad: int, P: int):
@@ -150,6 +174,9 @@ class Rollouts:
         self.kl_coef = float(self.ppo.kl_coef)
         self.updates_per_rollout = int(self.ppo.epochs) * int(self.ppo.minibatches)
         self.frozen = None
+        # The first answer column of every rollout's rows: the pool's longest prompt (one width for the whole run, so
+        # one compilation; not max_prompt_tokens, whose padding columns every trunk would run through)
+        self.first = max(len(item["ids"]) for item in pool)
 
     # --- set up on the trainer's mesh ---
     def attach(self, trainer) -> None:
@@ -194,42 +221,45 @@ class Rollouts:
         out = sample.generate_ids(model, prompts, key, int(ppo.max_new_tokens),
                                   sample.Sampling(temperature=float(ppo.get("temperature", 1.0))),
                                   stop_ids=[tok.token_id(chat.ASSISTANT_END)], vocab_size=tok.n_vocab)
-        first = sample.bucket(int(ppo.max_prompt_tokens))
-        tokens, positions, mask = rollout_rows(prompts, out, chat.pad_id(tok), first)
-        policy_def, policy_state = nnx.split(model)
-        rows = lm_mesh.named_sharding(self.mesh, ("batch", None), tokens.shape)
-        logprobs, values, reference_logprobs, reward_values = jax.device_get(_score_rows(
-            policy_state, self.frozen["reference"][1], self.frozen["reward"][1],
-            *jax.device_put((tokens, positions), rows), policy_def=policy_def,
-            reference_def=self.frozen["reference"][0], reward_def=self.frozen["reward"][0]))
-        raw = reward_values[np.arange(len(prompts)), first + out.lengths - 1]
-        score = (raw - self.stats["mean"]) / max(self.stats["std"], 1e-6)
+        scored, (tokens, positions, mask) = self.score(model, prompts, out, index)
         ended = np.asarray(out.stopped)
-        adv = jax.device_get(_advantages(score, logprobs, reference_logprobs, values, mask, ended,
-                                         self.kl_coef, float(ppo.no_eos_penalty), float(ppo.gamma), float(ppo.lam)))
-        advantages = adv["advantages"]
-        if ppo.get("whiten_advantages", True):
-            advantages = np.asarray(rl_math.whiten(advantages, mask))
-        on = mask[:, first - 1:] > 0
-        sampler_diff = np.abs(out.logprobs - logprobs[:, first - 1:])
-        metrics = {"rollout/score": float(np.mean(score)), "rollout/score_raw": float(np.mean(raw)),
-                   "rollout/kl": float(np.mean(adv["kl"])), "rollout/kl_k3": float(np.mean(adv["kl_k3"])),
+        metrics = {"rollout/score": float(np.mean(scored["score"])),
+                   "rollout/score_raw": float(np.mean(scored["raw"])),
+                   "rollout/kl": float(np.mean(scored["kl"])), "rollout/kl_k3": float(np.mean(scored["kl_k3"])),
                    "rollout/kl_coef": self.kl_coef, "rollout/response_length": float(np.mean(out.lengths)),
-                   "rollout/end_rate": float(np.mean(ended)), "rollout/index": float(index),
-                   "rollout/logprob_diff": float(np.max(np.where(on, sampler_diff, 0.0)))}
-        if np.isfinite(adv["explained_variance"]):
-            metrics["rollout/value_explained_variance"] = float(adv["explained_variance"])
+                   "rollout/end_rate": float(np.mean(ended)), "rollout/index": float(index)}
+        if "drift" in scored:
+            metrics["rollout/logprob_diff"] = float(scored["drift"])
+        if np.isfinite(scored["explained_variance"]):
+            metrics["rollout/value_explained_variance"] = float(scored["explained_variance"])
         answers = [chat.parse_completion(tok, out.tokens[b, :out.lengths[b]]).answer for b in range(len(items))]
         extra = self.extra_metrics(items, answers, ended) if self.extra_metrics else {}
         metrics.update({f"rollout/{name}": float(np.mean(v)) for name, v in extra.items()})
-        self._write_samples(index, items, answers, score, ended, adv["kl"], extra)
+        self._write_samples(index, items, answers, scored["score"], ended, scored["kl"], extra)
         if float(ppo.get("kl_target", 0.0)) > 0:  # the coefficient for the next rollout
             self.kl_coef = float(rl_math.adaptive_kl(self.kl_coef, metrics["rollout/kl"], float(ppo.kl_target),
                                                      float(ppo.kl_horizon), len(prompts)))
         data = dict(inputs=tokens[:, :-1], targets=tokens[:, 1:], positions=positions[:, :-1], loss_mask=mask,
-                    old_logprobs=logprobs, old_values=values, advantages=advantages.astype(np.float32),
-                    returns=adv["returns"])
+                    **{name: full_width(scored[name], self.first) for name in PER_TOKEN})
         return data, metrics
+
+    def score(self, model, prompts, out, index: int):
+        """The scoring of rollout `index` (sampled by `model`): ({name: numpy array} of `_score`, the training rows
+        (tokens, positions, mask) of rollout_rows). Every `drift_every`-th rollout (rollout 0 included) also checks
+        the sampler's log-probs against the trainer's."""
+        ppo = self.ppo
+        tokens, positions, mask = rollout_rows(prompts, out, chat.pad_id(self.tokenizer), self.first)
+        policy_def, policy_state = nnx.split(model)
+        rows = lm_mesh.named_sharding(self.mesh, ("batch", None), tokens.shape)
+        coefs = (self.kl_coef, float(ppo.no_eos_penalty), float(ppo.gamma), float(ppo.lam),
+                 float(self.stats["mean"]), float(self.stats["std"]))
+        scored = _score(
+            (policy_state, self.frozen["reference"][1], self.frozen["reward"][1]),
+            *jax.device_put((tokens, positions, mask), rows), out.logprobs, out.lengths, out.stopped,
+            np.asarray(coefs, np.float32), defs=(policy_def, self.frozen["reference"][0], self.frozen["reward"][0]),
+            first=self.first, whiten=bool(ppo.get("whiten_advantages", True)),
+            check_drift=index % int(ppo.get("drift_every", 1)) == 0)
+        return jax.device_get(scored), (tokens, positions, mask)
 
     def _write_samples(self, index, items, answers, score, ended, kl, extra):
         if jax.process_index() != 0:
@@ -289,6 +319,8 @@ def check_config(config) -> None:
         if value % updates:
             raise ConfigError(f"config.train.{key}={value} must be a multiple of config.ppo.epochs x "
                               f"config.ppo.minibatches = {updates}: checkpoints fall on rollout boundaries")
+    if int(ppo.get("drift_every", 1)) < 1:
+        raise ConfigError(f"config.ppo.drift_every={ppo.drift_every}: must be >= 1 (rollouts between checks)")
     if int(train.get("grad_accum", 1)) != 1:
         raise ConfigError("config.train.grad_accum must be 1 for PPO (one update per minibatch)")
 
