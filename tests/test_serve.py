@@ -34,7 +34,8 @@ class Server:
 
     def __init__(self, workdir, log_path, *args, timeout=180):
         env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
-                   XLA_FLAGS=os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "").strip())
+                   XLA_FLAGS=os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8",
+                                                                     "").strip())
         self.log_path = log_path
         self.log = open(log_path, "w")
         self.process = subprocess.Popen([sys.executable, "-m", "lm.serve", f"--workdir={workdir}", "--port=0", *args],
