@@ -17,8 +17,8 @@ Roles (one program, no weight copies):
 One rollout: `rollout_batch` prompts (a seeded permutation of the prompt pool per epoch) are answered (temperature
 `temperature`, stop at <|assistant_end|>); the policy (log-probs, values), the reference and the reward model score
 the same token rows (prompts left-padded to the pool's longest prompt, positions -1 on padding) in one jitted
-program, which also computes the rewards, GAE and whitening (`_score`). The old-policy log-probs are the sampler's own (the same
-tokens from the same parameters), so the policy's LM head does not run in scoring; the LM heads, softmaxes and value
+program, which also computes the rewards, GAE and whitening (`_score`). The old-policy log-probs are the sampler's
+own (the same tokens from the same parameters), so the policy's LM head does not run in scoring; the LM heads, softmaxes and value
 head run only on the answer columns and the reward model's head only at each answer's last token. Per-token
 reward = -kl_coef * k1 (log pi - log pi_ref) on every answer token, plus the score at the last one, less
 `no_eos_penalty` for an answer that never emitted <|assistant_end|> (rl_math.ppo_token_rewards); GAE (gamma, lam);
