@@ -70,7 +70,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model = model_for_depth(12)
     c.train = ml_collections.ConfigDict(dict(
         steps=1000,
-        schedule_steps=0,        # lr decay horizon (0: train.steps); fix it to continue a run without stretching the decay
+        schedule_steps=0,        # lr decay horizon (0: train.steps); fix it to continue a run without stretching
+                                 # the decay
         batch_size=32,           # global, in sequences
         seq_len=1024,
         grad_accum=1,

@@ -8,6 +8,10 @@ from the rollout (prompts x group_size / minibatches rows of prompt_len + max_ne
 Measured for issue #16's goal (held-out greedy pass@1 +10 points over SFT, pass@8 moving much less), 2 CPU cores shared
 with other jobs (contended: steps count, not seconds), 128 held-out draws, eval_seed 0.
 
+Quiet (2026-12-02, second session; benchmarks/grpo_goal.py on a default lm.main run, quiet-run OK): SFT greedy
+0.289, pass@8 0.703 -> greedy 0.453 / 0.484 / 0.477 (+0.16 / +0.20 / +0.19), pass@8 0.73 / 0.77 / 0.73, 100-107 s a
+seed: the goal on every seed (benchmarks/results/grpo_goal.json). The contended runs that chose the settings:
+
 From the pipeline's own SFT model at 500 SFT steps (configs/sft_tiny.py's default since 2026-12-02; a default lm.main
 run's pretrained model, SFT greedy 0.289, pass@1 0.229, pass@8 0.695 on these draws), this default, 3 seeds run side by
 side (the same command as benchmarks/grpo_goal.py, contended at load ~25: 16.5-16.7 min a seed means nothing): seeds

@@ -33,7 +33,8 @@ def tok():
 
 def grpo_config(**overrides):
     base = {**MODEL, "grpo.prompts": 8, "grpo.group_size": 8, "grpo.prompt_len": 32, "grpo.max_new_tokens": 6,
-            "grpo.minibatches": 2, "grpo.drift_every": 2, "grpo.train_problems": 200, "grpo.eval_problems": 0, "train.seq_len": 37,
+            "grpo.minibatches": 2, "grpo.drift_every": 2, "grpo.train_problems": 200, "grpo.eval_problems": 0,
+            "train.seq_len": 37,
             "train.steps": 16,
             "train.lr": 1e-2, "train.eval_every": 0, "train.checkpoint_every": 4, "train.keep_checkpoints": 5,
             "mesh.data": 8}
@@ -119,7 +120,8 @@ def test_rollout_rows_and_first_pass_ratio_is_one(workdir, tok):
     jax.tree.map(np.testing.assert_array_equal, rows, again)  # keyed by (seed, index)
     other, other_metrics = grpo.make_rollout(model, task, tok, pool, config.grpo, seed=0, index=5)
     assert not np.array_equal(other["targets"], rows["targets"])
-    assert metrics_["logprob_drift"] < 1e-4 and "logprob_drift" not in other_metrics  # checked every drift_every rollouts
+    # the drift is checked every drift_every rollouts
+    assert metrics_["logprob_drift"] < 1e-4 and "logprob_drift" not in other_metrics
     # rows as wide as the rollout's prompts: the longest rounded up as the sampler pads it, not prompt_len
     G, N = config.grpo.group_size, config.grpo.max_new_tokens
     P = rows["inputs"].shape[1] - N + 1
@@ -220,7 +222,8 @@ def test_gsm8k_config_runs_two_steps_on_a_tiny_hf_model(shared_data, tmp_path):
         config.model = model_config
     lm_hf.save_run(tmp_path / "w" / "sft", model, config, tok)
     overrides = {"grpo.prompts": 2, "grpo.group_size": 4, "grpo.prompt_len": 192, "grpo.max_new_tokens": 8,
-                 "grpo.minibatches": 1, "grpo.train_problems": 64, "grpo.beta": 0.05, "grpo.dtype": "float32", "grpo.eval_problems": 2,
+                 "grpo.minibatches": 1, "grpo.train_problems": 64, "grpo.beta": 0.05, "grpo.dtype": "float32",
+                 "grpo.eval_problems": 2,
                  "grpo.eval_samples": 2, "grpo.eval_ks": (1, 2), "train.steps": 2, "train.eval_every": 2,
                  "train.checkpoint_every": 2, "mesh.data": 8}
     config = lm_config.load("configs/grpo_gsm8k.py", overrides)

@@ -40,7 +40,8 @@ def test_experiment_end_to_end(tmp_path):
     config = tiny_config("configs/ppo_tiny.py:hacking", hacking__policy="none", hacking__seeds=(0,),
                          hacking__pairs=(16, 32), hacking__kl_coefs=(0.05, 0.5), hacking__rollouts=3,
                          hacking__proxy_steps=4, hacking__proxy_batch=8, hacking__bon_n=(1, 2, 4),
-                         hacking__bon_prompts=8, hacking__eval_pairs=16, ppo__rollout_batch=16, ppo__minibatches=2, ppo__epochs=1,
+                         hacking__bon_prompts=8, hacking__eval_pairs=16, ppo__rollout_batch=16, ppo__minibatches=2,
+                         ppo__epochs=1,
                          ppo__max_new_tokens=8, ppo__max_prompt_tokens=32, ppo__n_prompts=64,
                          train__batch_size=8, train__seq_len=40, model__init_std=0.2)
     report = hacking.run(config, workdir)

@@ -34,7 +34,8 @@ class Server:
 
     def __init__(self, workdir, log_path, *args, timeout=180):
         env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
-                   XLA_FLAGS=os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "").strip())
+                   XLA_FLAGS=os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8",
+                                                                     "").strip())
         self.log_path = log_path
         self.log = open(log_path, "w")
         self.process = subprocess.Popen([sys.executable, "-m", "lm.serve", f"--workdir={workdir}", "--port=0", *args],
@@ -307,8 +308,8 @@ def test_bad_requests_get_an_openai_error_and_the_server_goes_on(server, path, b
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert (error["param"], error["code"], error["type"]) == (param, code, "invalid_request_error")
     assert server.alive()
-    ok = httpx.post(server.url + "/v1/chat/completions", json={"model": "sft", "messages": HI, "max_tokens": 2, "temperature": 0},
-                    timeout=120)
+    ok = httpx.post(server.url + "/v1/chat/completions",
+                    json={"model": "sft", "messages": HI, "max_tokens": 2, "temperature": 0}, timeout=120)
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
 
 

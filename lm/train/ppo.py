@@ -16,9 +16,9 @@ Roles (one program, no weight copies):
 
 One rollout: `rollout_batch` prompts (a seeded permutation of the prompt pool per epoch) are answered (temperature
 `temperature`, stop at <|assistant_end|>); the policy (log-probs, values), the reference and the reward model score
-the same token rows (prompts left-padded to the pool's longest prompt, positions -1 on padding) in one jitted program, which
-also computes the rewards, GAE and whitening (`_score`). The old-policy log-probs are the sampler's own (the same
-tokens from the same parameters), so the policy's LM head does not run in scoring; the LM heads, softmaxes and value
+the same token rows (prompts left-padded to the pool's longest prompt, positions -1 on padding) in one jitted
+program, which also computes the rewards, GAE and whitening (`_score`). The old-policy log-probs are the sampler's
+own (the same tokens from the same parameters), so the policy's LM head does not run in scoring; the LM heads, softmaxes and value
 head run only on the answer columns and the reward model's head only at each answer's last token. Per-token
 reward = -kl_coef * k1 (log pi - log pi_ref) on every answer token, plus the score at the last one, less
 `no_eos_penalty` for an answer that never emitted <|assistant_end|> (rl_math.ppo_token_rewards); GAE (gamma, lam);
@@ -31,7 +31,8 @@ rollout's (rollout/score, rollout/score_raw, rollout/kl (k1 summed over an answe
 answer distribution), rollout/kl_k3, rollout/kl_coef, rollout/response_length, rollout/end_rate,
 rollout/value_explained_variance, and every `drift_every`-th rollout (rollout 0 included) rollout/logprob_diff: the
 largest |sampler log-prob - trainer log-prob| of the same tokens with the same parameters, ~1e-6; a drift is a bug,
-and since the sampler's log-probs are the old-policy log-probs, one the PPO ratio would inherit). <run>/samples/<rollout>.json keeps a few answers.
+and since the sampler's log-probs are the old-policy log-probs, one the PPO ratio would inherit).
+<run>/samples/<rollout>.json keeps a few answers.
 
 Resume is bit-exact: rollout r is a pure function of (seed, r) and the parameters at its start (its prompts and its
 sampling key are derived from them), checkpoints are only taken at rollout boundaries (checkpoint_every must be a
