@@ -163,16 +163,23 @@ def test_logprobs_equal_a_forward_pass(models, prompts, greedy, family):
                                    atol=2e-5)
 
 
-def test_batched_equals_one_by_one(models, prompts, tok):
-    """Row b of a batch (left-padded, sampled with key b) is what prompt b alone with key b gives."""
-    model = models["gpt2"]
-    keys = jax.random.split(jax.random.key(3), len(prompts))
+def assert_rows_equal_alone(model, rows, keys, tok):
+    """Samples `rows` as one batch (row b with keys[b], temperature 1) and asserts every row's tokens and log-probs
+    are what its prompt alone with its key gives; -> the batch's TokenOutput."""
     sampling = sample.Sampling(temperature=1.0)
-    batched = sample.generate_ids(model, prompts, keys, NEW, sampling, stop_ids=[tok.eot_id])
-    for row, prompt in enumerate(prompts):
+    batched = sample.generate_ids(model, rows, keys, NEW, sampling, stop_ids=[tok.eot_id])
+    for row, prompt in enumerate(rows):
         alone = sample.generate_ids(model, [prompt], keys[row:row + 1], NEW, sampling, stop_ids=[tok.eot_id])
         np.testing.assert_array_equal(alone.tokens[0], batched.tokens[row])
         np.testing.assert_allclose(alone.logprobs[0], batched.logprobs[row], atol=2e-5)
+    return batched
+
+
+def test_batched_equals_one_by_one(models, prompts, tok):
+    """Row b of a batch (left-padded, sampled with key b) is what prompt b alone with key b gives."""
+    model = models["gpt2"]
+    batched = assert_rows_equal_alone(model, prompts, jax.random.split(jax.random.key(3), len(prompts)), tok)
+    for row, prompt in enumerate(prompts):
         n = batched.lengths[row]  # sampled tokens carry the model's log-probs too
         np.testing.assert_allclose(batched.logprobs[row, :n],
                                    forward_logprobs(model, prompt, batched.tokens[row, :n]), atol=2e-5)
@@ -181,16 +188,9 @@ def test_batched_equals_one_by_one(models, prompts, tok):
 def test_repeated_prompts_prefilled_once_equal_each_alone(models, prompts, tok):
     """Prompts that repeat (RL's G samples of a problem) are prefilled once and their cache copied: every row is
     still what its prompt alone with its key gives."""
-    model = models["gpt2"]
     rows = [prompts[1], prompts[1], prompts[2], prompts[1]]
     assert sample.repeated_prompts(rows)[0].tolist() == [0, 2]
-    keys = jax.random.split(jax.random.key(5), len(rows))
-    sampling = sample.Sampling(temperature=1.0)
-    batched = sample.generate_ids(model, rows, keys, NEW, sampling, stop_ids=[tok.eot_id])
-    for row, prompt in enumerate(rows):
-        alone = sample.generate_ids(model, [prompt], keys[row:row + 1], NEW, sampling, stop_ids=[tok.eot_id])
-        np.testing.assert_array_equal(alone.tokens[0], batched.tokens[row])
-        np.testing.assert_allclose(alone.logprobs[0], batched.logprobs[row], atol=2e-5)
+    assert_rows_equal_alone(models["gpt2"], rows, jax.random.split(jax.random.key(5), len(rows)), tok)
 
 
 def test_top_k_1_and_temperature_to_zero_equal_greedy(models, prompts, greedy, tok):

@@ -97,8 +97,8 @@ def gold_pairs(model, tokenizer, pool, config, n_pairs: int, seed: int, temperat
     """`n_pairs` preference pairs of the base policy's completions (two to one prompt) labelled by a Bradley-Terry
     sample of the gold reward at `temperature` (0: the gold order, ties dropped): [(PreferencePair of the answer
     texts, chosen row ids, rejected row ids, prompt length)], a row being prompt ids + completion ids exactly as PPO
-    scores them
-    (thinking included: re-rendering only the answer text would hide from the proxy what PPO then shows it).
+    scores them (thinking included: re-rendering only the answer text would hide from the proxy what PPO then shows
+    it).
     Identical completions are dropped and counted; one whose answer is empty (e.g. thinking that never ended)
     stays, with gold 0."""
     rng = np.random.default_rng([seed, 17])
@@ -293,8 +293,7 @@ def delays(runs: list[dict]) -> dict:
         out[name]["line"] = (f"{name} vs base: gold peaked {out[name]['mean_delay']:+.1f} rollouts / "
                              f"{out[name]['mean_update_delay']:+.0f} updates later on average (per seed {later} "
                              f"rollouts, {updates} updates; later in {out[name]['later_in']} of {len(later)} seeds), "
-                             f"at "
-                             f"{out[name]['mean_sqrt_kl_delay']:+.2f} sqrt(KL) (per seed "
+                             f"at {out[name]['mean_sqrt_kl_delay']:+.2f} sqrt(KL) (per seed "
                              f"{', '.join(f'{d:+.2f}' for d in further)}; further in {out[name]['further_in']}), "
                              f"peak gold {out[name]['gold_peak_gain']:+.3f}")
     return out
