@@ -17,6 +17,26 @@ import sys
 import time
 
 MAX_FOREIGN_LOAD = 0.1   # busy cores not ours above which figures are not a result
+VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16")
+
+
+def machine() -> dict:
+    """Which CPU the figures come from: ratios against torch/TRL move with the host (two hosts that both call
+    themselves "Intel Xeon Processor" differed by 15-25% for PyTorch), so results record family/model/stepping,
+    caches and the vector extensions the kernels can use."""
+    info = {}
+    for line in open("/proc/cpuinfo"):
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in ("vendor_id", "cpu family", "model", "model name", "stepping", "flags") and key not in info:
+            info[key] = value.strip()
+    flags = set(info.pop("flags", "").split())
+    caches = {}
+    for index in sorted(pathlib.Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        level, kind = (index / "level").read_text().strip(), (index / "type").read_text().strip()
+        caches[f"L{level}{'' if kind == 'Unified' else kind[0].lower()}"] = (index / "size").read_text().strip()
+    return dict(cpu=info, cores=os.cpu_count(), caches=caches,
+                vector_flags=[flag for flag in VECTOR_FLAGS if flag in flags])
 
 
 def busy_cpu_seconds() -> float:
@@ -67,7 +87,7 @@ class ForeignLoad:
 
     def fields(self) -> dict:
         return dict(foreign_load_cores=self.cores, max_foreign_load=self.max_load, timed_seconds=round(self.wall, 1),
-                    verdict=self.verdict, quiet_run=os.environ.get("QUIET_RUN") == "1")
+                    verdict=self.verdict, quiet_run=os.environ.get("QUIET_RUN") == "1", machine=machine())
 
 
 def write_if_quiet(report: dict, path, load: ForeignLoad) -> None:
