@@ -351,11 +351,17 @@ def left_pad(prompts, length: int):
     return tokens, positions
 
 
+@functools.partial(jax.jit, static_argnames="batch")
+def _fold_in_rows(key, *, batch):
+    """[batch] keys fold_in(key, b). Jitted: the eager vmap took ~4 ms of Python per call, per RL rollout."""
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(batch))
+
+
 def _row_keys(key, batch):
     if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.wrap_key_data(key)
     if key.shape == ():
-        return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(batch))
+        return _fold_in_rows(key, batch=batch)
     if key.shape != (batch,):
         raise ValueError(f"key batch of shape {key.shape}: need one key or {batch} keys")
     return key
