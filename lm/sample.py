@@ -117,11 +117,22 @@ def choose(logits, keys, sampling: Sampling, greedy_rows=None):
 
     greedy_rows bool [B]: rows that take the argmax although `sampling` samples (temperature 0 in a mixed batch).
     """
-    best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    best = first_argmax(logits)
     if sampling.greedy:
         return best
     drawn = inverse_cdf_draw(keys, sampling_logits(logits, sampling))
     return drawn if greedy_rows is None else jnp.where(greedy_rows, best, drawn)
+
+
+def first_argmax(x):
+    """int32 [B]: jnp.argmax(x [B, V], axis=-1) (the first maximum) for x without NaNs, as two plain reductions.
+    XLA's CPU backend runs argmax's (value, index) reduction unvectorised: 0.3 ms for 32 x 2,048, more than the
+    rest of a decode step's sampling (a max and a min of indices: ~10x less)."""
+    top = jnp.max(x, axis=-1, keepdims=True)
+    return jnp.min(jnp.where(x == top, jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape[-1]), axis=-1)
+
+
+CDF_BLOCK = 64  # vocabulary entries per block of the two-level cumulative sum in inverse_cdf_draw
 
 
 def inverse_cdf_draw(keys, logits):
@@ -129,13 +140,35 @@ def inverse_cdf_draw(keys, logits):
 
     The same distribution as jax.random.categorical, whose Gumbel trick draws V uniforms per row: on CPU those
     random bits cost more than the whole decode step of a small model. The token is the first whose cumulative
-    probability passes u x total; tokens of probability 0 (filtered, -inf) are never drawn: a flat stretch of the
-    cumulative sum is never the first to pass, and the rounding case u x total == total takes the last token of
-    positive probability (the argmax of the cumulative sum), not a trailing filtered one."""
+    probability passes u x total; tokens of probability 0 (filtered, -inf) are never drawn: a flat stretch of a
+    cumulative sum is never the first to pass, and the rounding case where u x total is not passed takes the last
+    entry of positive probability of the stretch searched, not a trailing filtered one.
+
+    The search is two-level: the block (CDF_BLOCK entries) whose cumulative mass passes, then the entry inside it.
+    XLA's CPU backend runs a cumsum over V as a reduce-window (0.4 ms a step for 32 x 2,048); over V / 64 block
+    sums and one block's 64 entries it costs ~10x less."""
     uniforms = jax.vmap(lambda key: jax.random.uniform(key, ()))(keys)
-    cumulative = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)
-    passed = jnp.sum(cumulative <= (uniforms[:, None] * cumulative[:, -1:]), axis=-1)
-    return jnp.minimum(passed, jnp.argmax(cumulative, axis=-1)).astype(jnp.int32)
+    probs = jax.nn.softmax(logits, axis=-1)
+    B, V = probs.shape
+    block = min(CDF_BLOCK, V)
+    blocks = -(-V // block)
+    probs = jnp.pad(probs, ((0, 0), (0, blocks * block - V))).reshape(B, blocks, block)
+    block_mass = jnp.cumsum(jnp.sum(probs, axis=-1), axis=-1)           # [B, blocks]
+    threshold = uniforms * block_mass[:, -1]
+    chosen = _first_passing(block_mass, threshold, jnp.zeros_like(threshold))  # [B]
+    rows = jnp.arange(B)
+    before = jnp.where(chosen > 0, block_mass[rows, jnp.maximum(chosen - 1, 0)], 0.0)
+    inside = before[:, None] + jnp.cumsum(probs[rows, chosen], axis=-1)  # [B, block]
+    return (chosen * block + _first_passing(inside, threshold, before)).astype(jnp.int32)
+
+
+def _first_passing(cumulative, threshold, start):
+    """The first index whose cumulative value [B, n] (from `start` [B] on) passes threshold [B]; if none does
+    (rounding), the last index where the cumulative value still grows (the last of positive probability)."""
+    passed = jnp.sum(cumulative <= threshold[:, None], axis=-1)
+    grows = jnp.concatenate([cumulative[:, :1] > start[:, None], cumulative[:, 1:] > cumulative[:, :-1]], axis=-1)
+    last = jnp.max(jnp.where(grows, jnp.arange(cumulative.shape[-1]), 0), axis=-1)
+    return jnp.minimum(passed, last)
 
 
 # ------------------------------------------------------------------------------------------------ the decode program
@@ -318,11 +351,17 @@ def left_pad(prompts, length: int):
     return tokens, positions
 
 
+@functools.partial(jax.jit, static_argnames="batch")
+def _fold_in_rows(key, *, batch):
+    """[batch] keys fold_in(key, b). Jitted: the eager vmap took ~4 ms of Python per call, per RL rollout."""
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(batch))
+
+
 def _row_keys(key, batch):
     if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.wrap_key_data(key)
     if key.shape == ():
-        return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(batch))
+        return _fold_in_rows(key, batch=batch)
     if key.shape != (batch,):
         raise ValueError(f"key batch of shape {key.shape}: need one key or {batch} keys")
     return key
