@@ -60,32 +60,38 @@ class TransformerWithScalarHead(Transformer):
         return self.scalar_head(self.hidden(tokens, positions, mask=mask))
 
     def hidden_at(self, tokens, index, positions=None, mask=None):
-        """The final hidden states at `index` only: tokens [B, T], index int [B, n] -> [B, n, d_model], equal to
-        `hidden(tokens, positions, mask=mask)` read there. The last block runs its keys and values over all T
-        tokens but its queries, attention output and MLP at the n read positions only: a reward model reads one
-        state per answer, so this skips most of the last block (about 5/6 of it at d_ff = 4 d_model)."""
-        index = jnp.asarray(index, jnp.int32)
-        if self.spec.scan_layers:  # the stacked blocks run in one scan: read the full pass
-            return jnp.take_along_axis(self.hidden(tokens, positions, mask=mask), index[..., None], axis=1)
-        self._read_at = index  # read by _run_blocks inside this call only (Transformer.hidden calls it)
-        try:
-            return self.hidden(tokens, positions, mask=mask)
-        finally:
-            del self._read_at
-
-    def _run_blocks(self, x, rope, mask, cache):
-        index = getattr(self, "_read_at", None)
-        if index is None or cache is not None:
-            return super()._run_blocks(x, rope, mask, cache)
-        blocks = list(self.blocks)
-        for block in blocks[:-1]:
-            x, _ = block(x, rope, mask, None)
-        return _last_block_at(blocks[-1], x, rope, mask, index), None
+        """`hidden_at(self, ...)`: the final hidden states at `index` only, [B, n, d_model]."""
+        return hidden_at(self, tokens, index, positions, mask)
 
     def scores(self, tokens, lengths):
         """One scalar per right-padded row, read at its last real token: tokens [B, T], lengths [B] -> float32 [B]
         (the reward model's score of a whole sequence)."""
         return self.scalar_head(self.hidden_at(tokens, last_token_index(lengths)[:, None]))[:, 0]
+
+
+def hidden_at(model, tokens, index, positions=None, mask=None):
+    """The final hidden states of a Transformer (or one with a scalar head) at `index` only: tokens [B, T], index
+    int [B, n] -> [B, n, d_model], equal to `model.hidden(tokens, positions, mask=mask)` read there. The last
+    block runs its keys and values over all T tokens but its queries, attention output and MLP at the n read
+    positions only: a reward model reads one state per answer (most of the last block skipped: about 5/6 of it at
+    d_ff = 4 d_model), PPO's scoring reads the answer columns only."""
+    index = jnp.asarray(index, jnp.int32)
+    if model.spec.scan_layers:  # the stacked blocks run in one scan: read the full pass
+        return jnp.take_along_axis(model.hidden(tokens, positions, mask=mask), index[..., None], axis=1)
+
+    def run_blocks(x, rope, attend, cache):  # Transformer.hidden's blocks, the last one at `index` only
+        blocks = list(model.blocks)
+        for block in blocks[:-1]:
+            x, _ = block(x, rope, attend, None)
+        return _last_block_at(blocks[-1], x, rope, attend, index), None
+
+    # Transformer.hidden embeds, calls self._run_blocks, then the final norm: for this call only, an instance
+    # attribute shadows the method (set past nnx's attribute checks: it is not module state).
+    object.__setattr__(model, "_run_blocks", run_blocks)
+    try:
+        return model.hidden(tokens, positions, mask=mask)
+    finally:
+        object.__delattr__(model, "_run_blocks")
 
 
 def _project(x, weight, bias, dtype):

@@ -113,12 +113,13 @@ def _score(states, tokens, positions, mask, sampler_logprobs, lengths, ended, co
     kl_coef, no_eos_penalty, gamma, lam, mean, std = coefs
     inputs, input_positions, start = tokens[:, :-1], positions[:, :-1], first - 1
     targets, mask = tokens[:, 1 + start:], mask[:, start:]
+    answer = jnp.broadcast_to(jnp.arange(start, inputs.shape[1]), (inputs.shape[0], inputs.shape[1] - start))
     policy = nnx.merge(policy_def, policy_state)
-    hidden = policy.hidden(inputs, input_positions)[:, start:]
+    hidden = lm_model.hidden_at(policy, inputs, answer, input_positions)  # the last blocks at the answer columns
     values = policy.scalar_head(hidden)
     reference = nnx.merge(reference_def, reference_state)
     reference_logprobs = lm_model.token_logprobs(
-        reference.logits(reference.hidden(inputs, input_positions)[:, start:]), targets)
+        reference.logits(lm_model.hidden_at(reference, inputs, answer, input_positions)), targets)
     reward_model = nnx.merge(reward_def, reward_state)
     raw = reward_model.scalar_head(reward_model.hidden_at(tokens, (first + lengths - 1)[:, None], positions))[:, 0]
     score = (raw - mean) / jnp.maximum(std, 1e-6)
