@@ -141,7 +141,7 @@ def ours(prep: dict, steps: int) -> dict:
     from configs import ppo_tiny
 
     config, tok = prep["config"], prep["tok"]
-    mesh = lm_mesh.make_mesh(dict(data=1, fsdp=1, tensor=1))
+    mesh = lm_mesh.make_mesh(dict(data=jax.device_count(), fsdp=1, tensor=1))  # the host devices (XLA_FLAGS)
     with jax.set_mesh(mesh):
         result = ours_reward(prep, steps, mesh)
         result["reward_levers"] = dict(ours_reward(prep, steps, mesh, RM_LEVERS), levers=RM_LEVERS)
@@ -181,6 +181,7 @@ def ours(prep: dict, steps: int) -> dict:
                     phases[k].append(timed[k])
         result["ppo_seconds"] = {k: statistics.median(v) for k, v in phases.items()}
         result["ppo_seconds"]["update"] = sum(result["ppo_seconds"].values())
+    result.update(host_devices=jax.device_count(), xla_flags=os.environ.get("XLA_FLAGS", ""))
     return result
 
 
@@ -348,6 +349,9 @@ def main():
     parser.add_argument("--worker", default="")
     parser.add_argument("--spec", default="")
     parser.add_argument("--no_save", action="store_true")
+    parser.add_argument("--host_devices", type=int, default=1,
+                        help="our side data-parallel over this many host devices (XLA_FLAGS="
+                             "--xla_force_host_platform_device_count; recorded as ours.host_devices)")
     parser.add_argument("--max_foreign_load", type=float, default=0.1,
                         help="foreign busy cores above which the run is contended (results not written)")
     args = parser.parse_args()
@@ -356,6 +360,9 @@ def main():
         print(json.dumps(result))
         return
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if args.host_devices > 1:  # before jax is imported (prepare imports it)
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={args.host_devices}").strip()
     print(f"quiet run: {QUIET_COMMAND}", flush=True)
     out = pathlib.Path(tempfile.mkdtemp(prefix="bench_rlhf_"))
     prep = prepare(out)

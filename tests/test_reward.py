@@ -100,7 +100,8 @@ def test_one_row_a_pair_scores_as_two_rows():
     config = tiny_config()
     model = TransformerWithScalarHead(config.model, rngs=nnx.Rngs(0), head_init_std=0.5)
     batch = reward.rows_at(pair_rows(kinds=("rambling", "wrong")), np.arange(8))
-    want = [np.asarray(model.scores(jnp.asarray(batch[side]), jnp.asarray(batch[f"{side}_lengths"])))
+    # each side alone, read from the full pass at its last token (model.scores and pair_scores use hidden_at)
+    want = [np.asarray(model.values(jnp.asarray(batch[side])))[np.arange(8), batch[f"{side}_lengths"] - 1]
             for side in ("chosen", "rejected")]
     prefix = reward.shared_prefix(batch)
     assert prefix.min() > 10  # the prompt is shared ...
@@ -116,6 +117,24 @@ def test_one_row_a_pair_scores_as_two_rows():
         for g, w in zip(got, want):
             np.testing.assert_allclose(np.asarray(g), w, atol=1e-5)
     assert np.std(want[0] - want[1]) > 1e-3
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_hidden_at_equals_the_full_pass_read_there(family):
+    """hidden_at (the last block's queries and MLP at the read positions only) = hidden read at those positions,
+    plain causal, with padding positions, and with a pair mask; jitted and not."""
+    config = tiny_config(model__family=family, model__n_layers=2)
+    model = TransformerWithScalarHead(config.model, rngs=nnx.Rngs(0), head_init_std=0.5)
+    tokens = jax.random.randint(jax.random.key(1), (3, 12), 0, 266)
+    lengths = np.array([12, 7, 9])
+    positions = jnp.asarray(np.where(np.arange(12) < lengths[:, None], np.arange(12), -1), jnp.int32)
+    mask = jax.random.bernoulli(jax.random.key(2), 0.7, (3, 12, 12)) | jnp.eye(12, dtype=bool)[None]
+    index = jnp.asarray([[11, 3], [6, 0], [8, 5]])
+    jitted = nnx.jit(lambda m, t, i, p, k: m.hidden_at(t, i, p, mask=k))
+    for p, k in ((None, None), (positions, None), (positions, mask), (None, mask)):
+        want = np.take_along_axis(np.asarray(model.hidden(tokens, p, mask=k)), np.asarray(index)[..., None], axis=1)
+        np.testing.assert_allclose(np.asarray(model.hidden_at(tokens, index, p, mask=k)), want, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(jitted(model, tokens, index, p, k)), want, atol=1e-5)
 
 
 def test_bucket_widths():

@@ -18,8 +18,9 @@ One rollout: `rollout_batch` prompts (a seeded permutation of the prompt pool pe
 `temperature`, stop at <|assistant_end|>); the policy (log-probs, values), the reference and the reward model score
 the same token rows (prompts left-padded to the pool's longest prompt, positions -1 on padding) in one jitted
 program, which also computes the rewards, GAE and whitening (`_score`). The old-policy log-probs are the sampler's
-own (the same tokens from the same parameters), so the policy's LM head does not run in scoring; the LM heads, softmaxes and value
-head run only on the answer columns and the reward model's head only at each answer's last token. Per-token
+own (the same tokens from the same parameters), so the policy's LM head does not run in scoring; the LM heads,
+softmaxes and value head run only on the answer columns, and the reward model's last block (past its keys and
+values) and head only at each answer's last token (TransformerWithScalarHead.hidden_at). Per-token
 reward = -kl_coef * k1 (log pi - log pi_ref) on every answer token, plus the score at the last one, less
 `no_eos_penalty` for an answer that never emitted <|assistant_end|> (rl_math.ppo_token_rewards); GAE (gamma, lam);
 advantages whitened over the rollout. Then `epochs` passes over `minibatches` minibatches (a seeded permutation per
@@ -105,21 +106,22 @@ def _score(states, tokens, positions, mask, sampler_logprobs, lengths, ended, co
 
     Only what is needed is computed: the trunks run over the full rows (an answer token attends to its prompt), but
     the LM heads and vocabulary softmaxes only over the answer columns (from target column first - 1, as GRPO's
-    `completion_start`), the value head likewise, and the reward model's head at each row's last token only.
+    `completion_start`), the value head likewise, and the reward model's last block and head at each row's last
+    token only (hidden_at).
     Per-token outputs come back over the answer columns [B, M]; `full_width` pads them to the training rows."""
     (policy_def, reference_def, reward_def), (policy_state, reference_state, reward_state) = defs, states
     kl_coef, no_eos_penalty, gamma, lam, mean, std = coefs
     inputs, input_positions, start = tokens[:, :-1], positions[:, :-1], first - 1
     targets, mask = tokens[:, 1 + start:], mask[:, start:]
+    answer = jnp.broadcast_to(jnp.arange(start, inputs.shape[1]), (inputs.shape[0], inputs.shape[1] - start))
     policy = nnx.merge(policy_def, policy_state)
-    hidden = policy.hidden(inputs, input_positions)[:, start:]
+    hidden = lm_model.hidden_at(policy, inputs, answer, input_positions)  # the last blocks at the answer columns
     values = policy.scalar_head(hidden)
     reference = nnx.merge(reference_def, reference_state)
     reference_logprobs = lm_model.token_logprobs(
-        reference.logits(reference.hidden(inputs, input_positions)[:, start:]), targets)
+        reference.logits(lm_model.hidden_at(reference, inputs, answer, input_positions)), targets)
     reward_model = nnx.merge(reward_def, reward_state)
-    last = lm_model.at_positions(reward_model.hidden(tokens, positions), first + lengths - 1)
-    raw = reward_model.scalar_head(last)
+    raw = reward_model.scalar_head(reward_model.hidden_at(tokens, (first + lengths - 1)[:, None], positions))[:, 0]
     score = (raw - mean) / jnp.maximum(std, 1e-6)
     logprobs = jnp.where(mask > 0, sampler_logprobs, 0.0)
     k1 = rl_math.kl_k1(logprobs, reference_logprobs)

@@ -256,10 +256,18 @@ def model_batches(batches, max_len: int):
 # --- the objective -------------------------------------------------------------------------------------------------
 
 def pair_scores(model, batch):
-    """(chosen scores [B], rejected scores [B]) of a `pack_pairs` batch, in one forward pass."""
-    values = model.values(batch["tokens"], batch["positions"], pair_mask(batch["segments"]))
-    return (values[batch["chosen_row"], batch["chosen_index"]],
-            values[batch["rejected_row"], batch["rejected_index"]])
+    """(chosen scores [B], rejected scores [B]) of a `pack_pairs` batch, in one forward pass whose last block runs
+    only at the read positions (TransformerWithScalarHead.hidden_at): both ends of a shared row, or each plain
+    row's end (pack_pairs puts pair i's chosen in row i, its rejected in row i or B + i)."""
+    n = batch["chosen_row"].shape[0]
+    shared = batch["tokens"].shape[0] == n
+    if shared:
+        index = jnp.stack([batch["chosen_index"], batch["rejected_index"]], axis=1)
+    else:
+        index = jnp.concatenate([batch["chosen_index"], batch["rejected_index"]])[:, None]
+    hidden = model.hidden_at(batch["tokens"], index, batch["positions"], pair_mask(batch["segments"]))
+    values = model.scalar_head(hidden)
+    return (values[:, 0], values[:, 1]) if shared else (values[:n, 0], values[n:, 0])
 
 
 def make_loss(margin: float = 0.0, center_coef: float = 0.0):
