@@ -90,9 +90,9 @@ def hacking_section(study: bool = False) -> ml_collections.ConfigDict:
         seeds=(0, 1, 2) if study else (0,),
         # reward-model pairs and KL coefficients: the first of each is the base setting, the others should delay
         # the gold turnover
-        pairs=(64, 1024) if study else (64,),
+        pairs=(128, 1024) if study else (64,),
         # (0.3 held sqrt KL at ~1.3, where gold barely moves: no peak to delay; a moderate one slows the climb)
-        kl_coefs=(0.02, 0.05) if study else (0.02,),
+        kl_coefs=(0.01, 0.03) if study else (0.02,),
         # Bradley-Terry labels: P(a preferred) = sigmoid((gold_a - gold_b) / this). Gold gaps between two answers
         # are ~0.2-1 (one digit more: ~0.2), so 0.05 makes the labels mostly, not always, follow the gold order
         label_temperature=0.05,
@@ -102,7 +102,7 @@ def hacking_section(study: bool = False) -> ml_collections.ConfigDict:
         proxy_steps=120,
         proxy_batch=16,
         proxy_lr=1e-3,
-        rollouts=48 if study else 24,  # study: at 24 the base turned over in 1 of 3 seeds only
+        rollouts=32 if study else 24,  # study F: 32 (time); at 24 with 64 pairs and beta 0.02 1 of 3 turned over
         checkpoint_rollouts=8 if study else 0,  # 0: the PPO runs checkpoint only at their end
         smooth=5 if study else 3,   # rollouts in the moving average that finds the gold peak
     ))
