@@ -43,6 +43,12 @@ shared 2-core machine, contended, indicative). "acc" is a proxy's accuracy on th
   28/112/2.41/0.530, 34/136/3.61/0.545 (later in 1 of 3 seeds, further in sqrt KL in 2, peak gold +0.07). Neither
   delay holds in 3 of 3 seeds from this SFT start; a KL arm that delays the peak still needs a run whose base
   climbs first (D's start) or a beta picked on seed 0 (not done: no time). Outputs in /tmp/ppw/w/hacking_study.
+- F (the preset as below: 32 rollouts, 128 vs 1024 pairs, beta 0.01 vs 0.03, seeds 0-2, base: the 500-step SFT
+  of a default lm.main run; settings fixed in advance, not tuned on seed 0). acc 128 pairs 0.655, 1024 0.775.
+  Peak rollout / sqrt KL, seeds 0, 1, 2: base 9/2.52 (then -0.16 gold), 27/4.24 (-0.015), 10/2.87 (-0.06);
+  beta 0.03 31/2.53, 30/2.68, 31/2.56 (later in 3 of 3, 2 still rising at the end; not further in sqrt KL: the
+  penalty delays in updates, not along KL); 1024 pairs 28/3.02, 29/2.69, 3/2.09 (later in 2 of 3, further in 1).
+  Outputs in /tmp/hack6/hacking; benchmarks/results/hacking.json.
 """
 import ml_collections
 
@@ -90,9 +96,9 @@ def hacking_section(study: bool = False) -> ml_collections.ConfigDict:
         seeds=(0, 1, 2) if study else (0,),
         # reward-model pairs and KL coefficients: the first of each is the base setting, the others should delay
         # the gold turnover
-        pairs=(64, 1024) if study else (64,),
-        # (0.3 held sqrt KL at ~1.3, where gold barely moves: no peak to delay; a moderate one slows the climb)
-        kl_coefs=(0.02, 0.05) if study else (0.02,),
+        pairs=(128, 1024) if study else (64,),
+        # (0.3 held sqrt KL at ~1.3, no peak to delay; 0.05 vs 0.02 did not delay; 0.03 vs 0.01 did, in updates)
+        kl_coefs=(0.01, 0.03) if study else (0.02,),
         # Bradley-Terry labels: P(a preferred) = sigmoid((gold_a - gold_b) / this). Gold gaps between two answers
         # are ~0.2-1 (one digit more: ~0.2), so 0.05 makes the labels mostly, not always, follow the gold order
         label_temperature=0.05,
@@ -102,7 +108,7 @@ def hacking_section(study: bool = False) -> ml_collections.ConfigDict:
         proxy_steps=120,
         proxy_batch=16,
         proxy_lr=1e-3,
-        rollouts=48 if study else 24,  # study: at 24 the base turned over in 1 of 3 seeds only
+        rollouts=32 if study else 24,  # study F: 32 (time); at 24 with 64 pairs and beta 0.02 1 of 3 turned over
         checkpoint_rollouts=8 if study else 0,  # 0: the PPO runs checkpoint only at their end
         smooth=5 if study else 3,   # rollouts in the moving average that finds the gold peak
     ))
