@@ -54,7 +54,7 @@ TORCH_OPTIMIZERS = {"loop": dict(foreach=False), "foreach": dict(foreach=True), 
 
 # bench_train's flags (--sizes, --levers: each an lm worker of its own next to `lm`, --rounds, --torch_threads: a
 # torch worker each, --peak_probes, --max_foreign_load, --output), with this benchmark's defaults
-for _name, _default in (("levers", []), ("rounds", 5), ("torch_threads", [str(os.cpu_count())]), ("peak_probes", 3),
+for _name, _default in (("levers", []), ("rounds", 3), ("torch_threads", [str(os.cpu_count())]), ("peak_probes", 3),
                         ("output", str(RESULTS))):
     flags.FLAGS.set_default(_name, _default)
 _CALL_SECONDS = flags.DEFINE_float("call_seconds", 0.3, "Target seconds of one component's timed calls a round.")
