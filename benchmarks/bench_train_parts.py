@@ -359,14 +359,16 @@ def main(argv):
     probes = [bench_train.peak_probe() for _ in range(max(1, bench_train._PROBES.value))]
     peak = float(np.median(probes))
     results = {}
-    with quiet.ForeignLoad(max_load=bench_train._MAX_FOREIGN.value) as total:  # the whole run; per shape in results[...]["foreign_load_cores"]
+    # the whole run (compiles included); each shape's timed rounds are in results[...]["foreign_load_cores"]
+    with quiet.ForeignLoad(max_load=bench_train._MAX_FOREIGN.value) as total:
         for name in sizes:
             results[name] = run_size(name, bench_train.SIZES[name], peak, levers)
     total.cores = max([total.cores] + [r["foreign_load_cores"] for r in results.values()])
     report = dict(benchmark="training step by component, lm (JAX) vs PyTorch nanoGPT-style GPT, fp32 CPU",
                   command="python benchmarks/bench_train_parts.py " + " ".join(sys.argv[1:]),
                   versions=dict(jax=jax.__version__, torch=torch.__version__, cpus=os.cpu_count()),
-                  matmul_peak_gflops=round(peak / 1e9, 1), matmul_peak_probes_gflops=[round(p / 1e9, 1) for p in probes],
+                  matmul_peak_gflops=round(peak / 1e9, 1),
+                  matmul_peak_probes_gflops=[round(p / 1e9, 1) for p in probes],
                   torch_threads=bench_train._TORCH_THREADS.value,
                   levers={lever: bench_train.LEVERS[lever] for lever in levers}, sizes=results)
     print(f"\nmatmul peak {report['matmul_peak_gflops']} GFLOP/s; worst foreign load {total.cores} cores")
