@@ -263,6 +263,7 @@ def start_workers(size, all_variants):
         parent, child = context.Pipe()
         process = context.Process(target=worker, args=(variant, size, child), daemon=True)
         process.start()
+        child.close()  # a worker that dies then makes recv raise instead of hanging
         workers[name] = (process, parent)
         started[name] = parent.recv()
     return workers, started
