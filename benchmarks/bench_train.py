@@ -121,12 +121,18 @@ class Block(torch.nn.Module):
         self.c_fc, self.mlp_proj = torch.nn.Linear(d, d_ff), torch.nn.Linear(d_ff, d)
 
     def forward(self, x):
+        x = x + self.attend(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+    def attend(self, x):
         B, T, C = x.shape
-        q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
+        q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).contiguous().view(B, T, C)
-        x = x + self.c_proj(y)
-        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+        return self.c_proj(y)
+
+    def mlp(self, x):
+        return self.mlp_proj(F.gelu(self.c_fc(x), approximate="tanh"))
 
 
 class TorchGPT(torch.nn.Module):
@@ -140,20 +146,32 @@ class TorchGPT(torch.nn.Module):
                 torch.nn.init.normal_(p, std=0.02)
 
     def forward(self, idx, targets):
-        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
+        x = self.embed(idx)
         for block in self.blocks:
             x = block(x)
+        return self.loss(x, targets)
+
+    def embed(self, idx):
+        return self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
+
+    def loss(self, x, targets):
+        """Final norm, tied head and mean cross-entropy of the last block's output x [B, T, d]."""
         logits = self.ln_f(x) @ self.wte.weight.T
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
+
+
+def torch_adamw(model, **kind):
+    """nanoGPT's AdamW (decay on the weight matrices, not on embeddings, norms or biases); kind: foreach / fused."""
+    decay = [p for p in model.parameters() if p.dim() >= 2 and p is not model.wte.weight and p is not model.wpe.weight]
+    rest = [p for p in model.parameters() if all(p is not q for q in decay)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                             lr=1e-3, betas=(0.9, 0.95), eps=1e-8, **kind)
 
 
 def torch_trainer(size, batches):
     model = TorchGPT(size["vocab_size"], size["seq_len"], size["d_model"], size["n_layers"], size["n_heads"],
                      size["d_ff"])
-    decay = [p for p in model.parameters() if p.dim() >= 2 and p is not model.wte.weight and p is not model.wpe.weight]
-    rest = [p for p in model.parameters() if all(p is not q for q in decay)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-                            lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
+    opt = torch_adamw(model)
     data = [(torch.from_numpy(b["inputs"]).long(), torch.from_numpy(b["targets"]).long()) for b in batches]
     n_params = sum(p.numel() for p in model.parameters())
 
@@ -245,6 +263,7 @@ def start_workers(size, all_variants):
         parent, child = context.Pipe()
         process = context.Process(target=worker, args=(variant, size, child), daemon=True)
         process.start()
+        child.close()  # a worker that dies then makes recv raise instead of hanging
         workers[name] = (process, parent)
         started[name] = parent.recv()
     return workers, started
