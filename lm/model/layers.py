@@ -201,6 +201,24 @@ class Attention(nnx.Module):
             out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.implementation, kv_heads_first=True,
                             block=self.block)
             new_cache = (k_cache, v_cache)
+        return self._output(out), new_cache
+
+    def read_at(self, x, rope, mask, index):
+        """`self(x, rope, mask, None)[0]` at positions index int [B, n] only -> [B, n, d]: keys and values over all
+        T tokens, queries and the output projection at the n read positions. mask None (plain causal) or bool
+        [B or 1, T, T]."""
+        q = self._project(take_positions(x, index), self.q, self.q_bias)
+        k, v = self._project(x, self.k, self.k_bias), self._project(x, self.v, self.v_bias)
+        if rope is not None:
+            q, k = apply_rope(q, tuple(take_positions(t, index) for t in rope)), apply_rope(k, rope)
+        if mask is None:
+            mask = jnp.arange(x.shape[1])[None, None, :] <= index[..., None]
+        else:
+            mask = take_positions(mask, index)
+        return self._output(attention(q, k, v, mask, "xla"))
+
+    def _output(self, out):
+        """The output projection: attention out [B, T, H, D] -> [B, T, d]."""
         if self.flat:
             B, T, h, hd = out.shape
             y = dense(out.reshape(B, T, h * hd), self.o[...].astype(self.dtype).reshape(h * hd, -1), flat=True)
@@ -208,7 +226,7 @@ class Attention(nnx.Module):
             y = jnp.einsum("bthd,hde->bte", out, self.o[...].astype(self.dtype))
         if self.o_bias is not None:
             y = y + self.o_bias[...].astype(self.dtype)
-        return y, new_cache
+        return y
 
     def _qkv(self, x):
         """x [B, T, d] -> q [B, T, H, D], k, v [B, T, K, D]."""
@@ -233,6 +251,11 @@ class Attention(nnx.Module):
         else:
             y = jnp.einsum("btd,dhk->bthk", x, w[...].astype(self.dtype))
         return y if b is None else y + b[...].astype(self.dtype)
+
+
+def take_positions(x, index):
+    """x [B, T, ...] at positions index int [B, n] -> [B, n, ...] (x's batch may be 1: it broadcasts)."""
+    return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
 def _write_cache(cache, new, layer, index):

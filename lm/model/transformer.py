@@ -21,7 +21,7 @@ from flax import nnx
 from lm import mesh as lm_mesh
 from lm.config import ConfigError
 from lm.model.layers import (ATTENTION_IMPLEMENTATIONS, MLP, Attention, LayerNorm, RMSNorm, constrain, param,
-                             rope_tables)
+                             rope_tables, take_positions)
 
 RESIDUAL = ("batch", "length", "embed")
 REMAT_POLICIES = {
@@ -132,6 +132,12 @@ class Block(nnx.Module):
         x = constrain(x + self.mlp(self.mlp_norm(x)), RESIDUAL)
         return x, kv_cache
 
+    def read_at(self, x, rope, mask, index):
+        """`self(x, rope, mask, None)[0]` at positions index [B, n] only -> [B, n, d]: the attention's keys and
+        values over all of x, everything else at the n read positions."""
+        x = take_positions(x, index) + self.attn.read_at(self.attn_norm(x), rope, mask, index)
+        return x + self.mlp(self.mlp_norm(x))
+
 
 def _stacked_blocks(spec, rngs):
     """One Block whose parameters have a leading `layers` axis, for jax.lax.scan over depth."""
@@ -171,7 +177,17 @@ class Transformer(nnx.Module):
         hidden, cache = out
         return self.logits(hidden), cache
 
-    def hidden(self, tokens, positions=None, cache=None, mask=None):
+    def hidden_at(self, tokens, index, positions=None, mask=None):
+        """`self.hidden(tokens, positions, mask=mask)` at positions index int [B, n] only -> [B, n, d_model]. The last
+        block runs its keys and values over all T tokens, its queries, attention output and MLP at the n read
+        positions only: a reward model reads one state per answer (about 5/6 of the last block skipped at
+        d_ff = 4 d_model), PPO's scoring the answer columns."""
+        index = jnp.asarray(index, jnp.int32)
+        if self.spec.scan_layers:  # the stacked blocks run in one scan: read the full pass
+            return take_positions(self.hidden(tokens, positions, mask=mask), index)
+        return self.hidden(tokens, positions, mask=mask, read_at=index)
+
+    def hidden(self, tokens, positions=None, cache=None, mask=None, read_at=None):
         """tokens int32 [B, T] -> the final (normed) hidden states [B, T, d_model] in the compute dtype, the input
         of the LM head and of scalar heads; with `cache`, -> (hidden, updated cache). Arguments as `__call__`;
         mask bool [B, T, T] (without a cache) narrows the causal mask further: True where a token may attend
@@ -194,7 +210,7 @@ class Transformer(nnx.Module):
             x = x + jnp.take(pos_table, safe_positions, axis=0).astype(spec.dtype)
         rope = rope_tables(safe_positions, spec.head_dim, spec.rope_theta) if spec.family == "llama" else None
         x = constrain(x, RESIDUAL)
-        x, kv = self._run_blocks(x, rope, attend, cache)
+        x, kv = self._run_blocks(x, rope, attend, cache, read_at)
         x = self.final_norm(x)
         if cache is None:
             return x
@@ -230,8 +246,9 @@ class Transformer(nnx.Module):
         return dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                     pos=jnp.full((batch_size, max_len), -1, jnp.int32), index=jnp.zeros((), jnp.int32))
 
-    def _run_blocks(self, x, rope, mask, cache):
-        """The blocks in order; with a cache, the stacked (k, v) is threaded through and each layer writes its slice."""
+    def _run_blocks(self, x, rope, mask, cache, read_at=None):
+        """The blocks in order; with a cache, the stacked (k, v) is threaded through and each layer writes its slice;
+        with read_at (hidden_at's positions, unstacked blocks, no cache), the last block runs there only."""
         index = None if cache is None else cache["index"]
         kv = None if cache is None else (cache["k"], cache["v"])
         if self.spec.scan_layers:
@@ -242,9 +259,12 @@ class Transformer(nnx.Module):
                 return step(*carry, *layer), None
             layers = (state, jnp.arange(self.spec.n_layers, dtype=jnp.int32))
             return jax.lax.scan(layer_step, (x, kv), layers)[0]
-        for i, block in enumerate(self.blocks):
+        blocks = list(self.blocks)
+        for i, block in enumerate(blocks if read_at is None else blocks[:-1]):
             graphdef, state = nnx.split(block)
             x, kv = self._block_step(graphdef, rope, mask, index)(x, kv, state, i)
+        if read_at is not None:
+            return blocks[-1].read_at(x, rope, mask, read_at), kv
         return x, kv
 
     def _block_step(self, graphdef, rope, mask, index):

@@ -20,7 +20,7 @@ the same token rows (prompts left-padded to the pool's longest prompt, positions
 program, which also computes the rewards, GAE and whitening (`_score`). The old-policy log-probs are the sampler's
 own (the same tokens from the same parameters), so the policy's LM head does not run in scoring; the LM heads,
 softmaxes and value head run only on the answer columns, and the reward model's last block (past its keys and
-values) and head only at each answer's last token (TransformerWithScalarHead.hidden_at). Per-token
+values) and head only at each answer's last token (Transformer.hidden_at). Per-token
 reward = -kl_coef * k1 (log pi - log pi_ref) on every answer token, plus the score at the last one, less
 `no_eos_penalty` for an answer that never emitted <|assistant_end|> (rl_math.ppo_token_rewards); GAE (gamma, lam);
 advantages whitened over the rollout. Then `epochs` passes over `minibatches` minibatches (a seeded permutation per
@@ -115,11 +115,11 @@ def _score(states, tokens, positions, mask, sampler_logprobs, lengths, ended, co
     targets, mask = tokens[:, 1 + start:], mask[:, start:]
     answer = jnp.broadcast_to(jnp.arange(start, inputs.shape[1]), (inputs.shape[0], inputs.shape[1] - start))
     policy = nnx.merge(policy_def, policy_state)
-    hidden = lm_model.hidden_at(policy, inputs, answer, input_positions)  # the last blocks at the answer columns
+    hidden = policy.hidden_at(inputs, answer, input_positions)  # the last blocks at the answer columns
     values = policy.scalar_head(hidden)
     reference = nnx.merge(reference_def, reference_state)
     reference_logprobs = lm_model.token_logprobs(
-        reference.logits(lm_model.hidden_at(reference, inputs, answer, input_positions)), targets)
+        reference.logits(reference.hidden_at(inputs, answer, input_positions)), targets)
     reward_model = nnx.merge(reward_def, reward_state)
     raw = reward_model.scalar_head(reward_model.hidden_at(tokens, (first + lengths - 1)[:, None], positions))[:, 0]
     score = (raw - mean) / jnp.maximum(std, 1e-6)

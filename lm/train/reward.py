@@ -257,7 +257,7 @@ def model_batches(batches, max_len: int):
 
 def pair_scores(model, batch):
     """(chosen scores [B], rejected scores [B]) of a `pack_pairs` batch, in one forward pass whose last block runs
-    only at the read positions (TransformerWithScalarHead.hidden_at): both ends of a shared row, or each plain
+    only at the read positions (Transformer.hidden_at): both ends of a shared row, or each plain
     row's end (pack_pairs puts pair i's chosen in row i, its rejected in row i or B + i)."""
     n = batch["chosen_row"].shape[0]
     shared = batch["tokens"].shape[0] == n
