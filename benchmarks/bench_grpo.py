@@ -37,7 +37,7 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.quiet import busy_cpu_seconds, own_cpu_seconds  # noqa: E402
+from benchmarks.quiet import busy_cpu_seconds, machine, own_cpu_seconds  # noqa: E402
 VOCAB = 2048
 
 
@@ -226,7 +226,7 @@ def main():
     result = dict(prompts=args.prompts, group=args.group, new_tokens=args.new_tokens, steps=args.steps,
                   verdict=verdict, foreign_load_cores=foreign, max_foreign_load=args.max_foreign_load,
                   quiet_run=os.environ.get("QUIET_RUN") == "1", load_average=list(os.getloadavg()),
-                  cpu_count=os.cpu_count(), ratios=ratios, results=results)
+                  cpu_count=os.cpu_count(), machine=machine(), ratios=ratios, results=results)
     print(json.dumps(ratios, indent=1))
     if verdict == "CONTENDED":
         print(json.dumps(result))

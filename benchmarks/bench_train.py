@@ -25,7 +25,6 @@ import json
 import multiprocessing
 import os
 import pathlib
-import platform
 import sys
 import time
 
@@ -39,7 +38,7 @@ import torch.nn.functional as F  # noqa: E402
 from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks.quiet import busy_cpu_seconds, own_cpu_seconds  # noqa: E402
+from benchmarks.quiet import busy_cpu_seconds, machine, own_cpu_seconds  # noqa: E402
 from lm import config as lm_config  # noqa: E402
 from lm import mesh as lm_mesh  # noqa: E402
 from lm import model as lm_model  # noqa: E402
@@ -388,7 +387,7 @@ def make_report(results, probes, levers, complete: bool) -> dict:
         quiet_run=os.environ.get("QUIET_RUN") == "1", foreign_load_cores=foreign,
         verdict="TOO-SHORT" if too_short else ("CONTENDED" if contended else "OK"),
         complete=complete, max_foreign_load=_MAX_FOREIGN.value,
-        machine=dict(cpus=os.cpu_count(), processor=platform.processor() or platform.machine()),
+        machine=machine(),
         versions=dict(jax=jax.__version__, torch=torch.__version__),
         matmul_peak_gflops=round(peak / 1e9, 1), matmul_peak_probes_gflops=[round(p / 1e9, 1) for p in probes],
         levers={lever: dict(overrides=LEVERS[lever][0], xla_flags=LEVERS[lever][1]) for lever in levers},
