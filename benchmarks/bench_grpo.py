@@ -43,8 +43,9 @@ VOCAB = 2048
 
 # ------------------------------------------------------------------------------------------------ shared setup (ours)
 
-def prepare(directory: pathlib.Path, prompts: int) -> dict:
-    """Tokenizer, the random tiny model as a run (W/sft) and in HF format (W/hf), and the prompt texts."""
+def prepare(directory: pathlib.Path, prompts: int, model_config: str = "configs/tiny.py", hf_export: bool = True) -> dict:
+    """Tokenizer, a random model of model_config's shape as a run (W/sft) and in HF format (W/hf, if hf_export),
+    and the prompt texts."""
     import pydoc_data.topics
 
     from lm import config as lm_config
@@ -54,14 +55,15 @@ def prepare(directory: pathlib.Path, prompts: int) -> dict:
 
     docs = list(pydoc_data.topics.topics.values())[:80]
     tok = tiny_runs.arithmetic_tokenizer(VOCAB, directory / "tokenizer", extra_texts=docs, problems=200)
-    config = lm_config.load("configs/tiny.py", {"model.vocab_size": tok.n_vocab})
+    config = lm_config.load(model_config, {"model.vocab_size": tok.n_vocab})
     model = tiny_runs.random_run(directory / "sft", config, tok)
-    hf.export_hf(model, config.model, directory / "hf", bos_token_id=tok.eot_id, eos_token_id=tok.eot_id,
-                 pad_token_id=chat.pad_id(tok))
+    if hf_export:
+        hf.export_hf(model, config.model, directory / "hf", bos_token_id=tok.eot_id, eos_token_id=tok.eot_id,
+                     pad_token_id=chat.pad_id(tok))
     examples = tasks.Arithmetic().examples("train", prompts, seed=0)
     prompt_texts = [tok.decode(chat.render_for_completion(tok, e.prompt)) for e in examples]
     return dict(tokenizer_json=str(directory / "tokenizer" / "tokenizer.json"), prompts=prompt_texts,
-                pad=chat.pad_id(tok), eot=tok.eot_id)
+                pad=chat.pad_id(tok), eot=tok.eot_id, n_vocab=tok.n_vocab)
 
 
 def pin(threads: int) -> None:

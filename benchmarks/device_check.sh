@@ -5,12 +5,15 @@
 #      tokens/s and MFU against the dense bf16 peak (H200: 989 TFLOP/s; goal >= 50%), cuDNN attention through
 #      jax.nn.dot_product_attention (config.model.attention=dot_product);
 #   3. decode tokens/s of gpt2_124m through lm.sample.generate_ids (KV cache, greedy) at batch 1 and 64;
-#   4. one GRPO step's rollout / update split, when lm/train/grpo.py and benchmarks/gpu_grpo.py exist (else skipped).
+#   4. GRPO steps of a random gpt2_124m-shaped model (16 prompts x 8 samples, 128 new tokens): the rollout / update
+#      split of the median step (benchmarks/gpu_grpo.py, the same code as bench_grpo.py's side against TRL).
 # Each stage writes a JSON file under $OUT (default /tmp/device_check) and prints one summary line.
 #
-# The GPU image has no ml-collections (lm.config needs it): carry its pure-Python wheel. Once, here:
+# The GPU image (Python 3.12) has no ml-collections (lm.config needs it) and no rustbpe (the GRPO stage trains its
+# small BPE): carry their wheels. Once, here:
 #   echo /.whl/ >> .git/info/exclude
-#   python3 -m pip download --no-deps --only-binary=:all: -d .whl ml-collections==1.1.0
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl ml-collections==1.1.0 \
+#       rustbpe==0.1.0
 # then, with the device tool: run(command="bash benchmarks/device_check.sh", carry=[".whl"], timeout_s=540).
 # (absl-py and PyYAML, its only dependencies, are in the image.)
 #
@@ -36,15 +39,16 @@ stage() {  # stage NAME SECONDS COMMAND...: runs COMMAND with a time limit, logs
   [ "$rc" -eq 0 ] || status=1
 }
 
-if ! $PY -c "import ml_collections" 2>/dev/null; then
-  if ls .whl/ml_collections-*.whl >/dev/null 2>&1; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/ml_collections-*.whl \
+for module in ml_collections rustbpe; do
+  $PY -c "import $module" 2>/dev/null && continue
+  if ls .whl/"$module"-*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/"$module"-*.whl \
       && export PYTHONPATH="$PYTHONPATH:/tmp/site"
   else
-    echo "ml_collections is not installed and no .whl/ml_collections-*.whl was carried (see the header of $0)"
+    echo "$module is not installed and no .whl/$module-*.whl was carried (see the header of $0)"
     exit 2
   fi
-fi
+done
 $PY -c "import jax; print('jax', jax.__version__, jax.devices())"
 
 stage imports 120 $PY -c "
@@ -58,6 +62,7 @@ if [ "$TINY" = 1 ]; then
   LLAMA="--config=configs/tiny.py:llama --config.model.vocab_size=512"
   STEPS="--config.train.seq_len=64 --batch_size=4 --steps=3 --warmup=1 --log_every=1"
   DECODE="--batches=1,4 --prompt_len=8 --new_tokens=8 --repeats=1"
+  GRPO="--model_config=configs/tiny.py --prompts=2 --group=4 --new_tokens=8 --steps=4"
   LIMIT=300  # generous for a loaded machine; about 30 s each on a quiet one
 else
   GPT2="--config=configs/gpt2_124m.py"
@@ -66,6 +71,7 @@ else
          --config.model.n_heads=16 --config.model.n_kv_heads=8 --config.model.d_ff=2816"
   STEPS="--config.train.seq_len=1024 --batch_size=32 --steps=60 --warmup=10 --log_every=20"
   DECODE="--batches=1,64 --prompt_len=128 --new_tokens=256 --repeats=3"
+  GRPO="--model_config=configs/gpt2_124m.py --prompts=16 --group=8 --new_tokens=128 --steps=6"
   LIMIT=200
 fi
 
@@ -76,11 +82,8 @@ stage train_llama $LIMIT $PY benchmarks/gpu_train.py $LLAMA $STEPS --output="$OU
 # shellcheck disable=SC2086
 stage decode $LIMIT $PY benchmarks/gpu_train.py --decode $GPT2 $DECODE --output="$OUT/decode.json"
 
-if [ -f lm/train/grpo.py ] && [ -f benchmarks/gpu_grpo.py ]; then
-  stage grpo $LIMIT $PY benchmarks/gpu_grpo.py --output="$OUT/grpo.json"
-else
-  echo "=== grpo: skipped (needs lm/train/grpo.py and a benchmarks/gpu_grpo.py harness)"
-fi
+# shellcheck disable=SC2086
+stage grpo $LIMIT $PY benchmarks/gpu_grpo.py $GRPO --output="$OUT/grpo.json"
 
 echo "=== summary"
 for f in "$OUT"/*.json; do [ -f "$f" ] && echo "$(basename "$f"): $(tr -d '\n ' < "$f" | cut -c1-400)"; done
