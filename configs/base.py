@@ -77,6 +77,8 @@ def get_config() -> ml_collections.ConfigDict:
         grad_accum=1,
         loss_chunk=0,            # 0: off; N > 0 scores N positions at a time, never building the full float32 logits
         fused_loss=False,        # cross-entropy with its own backward, gradients formed chunk by chunk (losses.py)
+        cpu_ynn_fusions=False,   # CPU: XLA's YNNPACK fusions in the train step (off: a faster step; sampling keeps
+                                 # them, it decodes faster with them; lm/__init__.py, loop.train_step_compiler_options)
         lr=6e-4,
         schedule="cosine",
         warmup_steps=100,

@@ -3,14 +3,18 @@ scalar-head regression started from another run): bit-exact resume, live paramet
 (values, fresh heads, shape and missing-parameter errors, meta, resume wins), per-batch metrics and extra evals in
 metrics.jsonl, tokens counted from loss_mask, the final checkpoint saved before a failing final eval, and an empty
 eval split skipped."""
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+import lm
 from lm import checkpoint as lm_checkpoint
 from lm import config as lm_config
+from lm import mesh as lm_mesh
 from lm.model import Transformer, TransformerWithScalarHead
 from lm.train import loop, losses, metrics
 
@@ -202,3 +206,30 @@ def test_checkpoint_meta_is_computed_from_the_saved_parameters(tmp_path):
         assert meta["embed_sum"] == pytest.approx(float(np.sum(np.asarray(params["embed"]), dtype=np.float64)), rel=1e-5)
         sums.append(meta["embed_sum"])
     assert sums[0] != sums[1]
+
+
+def test_train_step_on_cpu_compiles_without_ynnpack_fusions(monkeypatch):
+    """The train step's per-compile XLA option turns YNNPACK off (train.cpu_ynn_fusions=True keeps XLA's default)
+    and changes no loss; a fusion type in XLA_FLAGS wins; a non-CPU mesh gets no CPU option."""
+    jax.devices()  # XLA reads XLA_FLAGS (the 8 devices) once, when the backend starts; the option reads it each time
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    runs = {}
+    for ynn in (False, True):
+        config = make_config(train__cpu_ynn_fusions=ynn)
+        mesh = lm_mesh.make_mesh(config.mesh)
+        with jax.set_mesh(mesh):
+            batches = [loop.global_batch(toy_batch(step), mesh) for step in range(3)]
+            state, compiled = loop.fresh_state_and_step(toy_objective(config), config.train, mesh, batches[0])
+            losses_seen = []
+            for batch in batches:
+                state, step_metrics = compiled(state, batch)
+                losses_seen.append(float(step_metrics["loss"]))
+        runs[ynn] = "__ynn_fusion" in compiled.as_text(), losses_seen
+        assert loop.train_step_compiler_options(config.train, mesh) == ({} if ynn else {lm.YNN_FUSION_TYPE: ""})
+    assert runs[False][0] is False and runs[True][0] is True
+    np.testing.assert_allclose(runs[False][1], runs[True][1], rtol=1e-5)
+    monkeypatch.setenv("XLA_FLAGS", f"--{lm.YNN_FUSION_TYPE}=individual_dot")
+    assert loop.train_step_compiler_options(make_config().train, mesh) == {}
+    monkeypatch.delenv("XLA_FLAGS")
+    gpu_mesh = types.SimpleNamespace(devices=np.array([types.SimpleNamespace(platform="gpu")]))
+    assert loop.train_step_compiler_options(make_config().train, gpu_mesh) == {}

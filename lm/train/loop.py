@@ -31,6 +31,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+import lm
 from lm import checkpoint as lm_checkpoint
 from lm import config as lm_config
 from lm import mesh as lm_mesh
@@ -145,14 +146,28 @@ def abstract_batch(batch: dict) -> dict:
     return {name: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for name, x in batch.items()}
 
 
-def compile_train_step(train_step, spec: lm_state.StateSpec, batch_shapes: dict, mesh):
-    """jax.jit with explicit shardings and the state donated, lowered and compiled once; logs memory and FLOPs."""
+def train_step_compiler_options(train_config, mesh) -> dict:
+    """Per-compile XLA options of the train step (only it gets them; sampling, decoding and evals compile at XLA's
+    defaults). On a CPU mesh without train.cpu_ynn_fusions: YNNPACK fusions off (see lm/__init__.py for what that
+    wins and loses), unless XLA_FLAGS sets the fusion type (the user's flag, or LM_XLA_DEFAULTS=1's): a compile
+    option would override it, so then there is none. Other backends get nothing (they reject CPU options)."""
+    if train_config.get("cpu_ynn_fusions", False) or f"--{lm.YNN_FUSION_TYPE}" in lm.xla_flags_given():
+        return {}
+    if any(device.platform != "cpu" for device in mesh.devices.flat):
+        return {}
+    return {lm.YNN_FUSION_TYPE: ""}
+
+
+def compile_train_step(train_step, spec: lm_state.StateSpec, batch_shapes: dict, mesh, train_config):
+    """jax.jit with explicit shardings and the state donated, lowered and compiled once with
+    `train_step_compiler_options`; logs memory and FLOPs."""
     replicated = NamedSharding(mesh, PartitionSpec())
     batch_shardings = {name: x.sharding for name, x in batch_shapes.items()}
     jitted = jax.jit(train_step, in_shardings=(spec.shardings, batch_shardings),
                      out_shardings=(spec.shardings, replicated), donate_argnums=0)
-    compiled = jitted.lower(spec.abstract, batch_shapes).compile()
-    log_compiled(compiled, "train step")
+    options = train_step_compiler_options(train_config, mesh)
+    compiled = jitted.lower(spec.abstract, batch_shapes).compile(compiler_options=options or None)
+    log_compiled(compiled, "train step" + "".join(f", {k}={v!r}" for k, v in options.items()))
     return compiled
 
 
@@ -164,7 +179,7 @@ def fresh_state_and_step(objective: Objective, train_config, mesh, example_batch
     state = lm_state.init_state(objective.make_model, tx, spec)
     train_step = make_train_step(objective, spec, tx, optim.learning_rate(train_config),
                                  int(train_config.get("grad_accum", 1)), mesh)
-    return state, compile_train_step(train_step, spec, abstract_batch(example_batch), mesh)
+    return state, compile_train_step(train_step, spec, abstract_batch(example_batch), mesh, train_config)
 
 
 def log_compiled(compiled, name: str) -> dict:
@@ -357,7 +372,8 @@ class Trainer:
                 logging.warning("new batch shapes %s: compiling the train step again", signature)
             train_step = make_train_step(self.objective, self.spec, self.tx, self.schedule,
                                          int(self.config.train.get("grad_accum", 1)), self.mesh)
-            self._compiled[signature] = compile_train_step(train_step, self.spec, abstract_batch(batch), self.mesh)
+            self._compiled[signature] = compile_train_step(train_step, self.spec, abstract_batch(batch), self.mesh,
+                                                           self.config.train)
             tokens = all_tokens(batch)
             logging.info("model FLOPs per step: %.3e (%d tokens x %.3e FLOPs/token)",
                          tokens * self.objective.flops_per_token, tokens, self.objective.flops_per_token)
