@@ -206,7 +206,8 @@ def rollout_phases(rollouts, model, index, tok, sample, chat):
     prompts = [item["ids"] for item in items]
     tick = time.perf_counter()
     out = sample.generate_ids(model, prompts, jax.random.fold_in(jax.random.key(0), index), PPO["max_new_tokens"],
-                              sample.Sampling(), stop_ids=[tok.token_id(chat.ASSISTANT_END)], vocab_size=tok.n_vocab)
+                              sample.Sampling(), stop_ids=[tok.token_id(chat.ASSISTANT_END)], vocab_size=tok.n_vocab,
+                              values=True)
     rolled = time.perf_counter()
     block(rollouts.score(model, prompts, out, index))  # Rollouts.rollout's own scoring call
     return {"rollout": rolled - tick, "scoring": time.perf_counter() - rolled}

@@ -158,7 +158,7 @@ def _dpo(workdir, report) -> list:
 
 def _ppo(workdir, report) -> list:
     first, last = report.get("first") or {}, report.get("last") or {}
-    keys = ("score", "kl", "kl_k3", "response_length", "end_rate", "value_explained_variance", "logprob_diff")
+    keys = ("score", "kl", "kl_k3", "response_length", "end_rate", "value_explained_variance", "logprob_diff", "value_diff")
     lines = ["PPO against the reward model with a KL penalty to the SFT reference: first and last rollout."]
     lines += [""] + _table([(k, first.get(k), last.get(k)) for k in keys if k in first or k in last],
                            ("metric", "first rollout", "last rollout"))

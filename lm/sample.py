@@ -188,6 +188,8 @@ class TokenOutput:
     stopped: np.ndarray         # bool [B]: ended by a stop token or sequence (else by max_new_tokens)
     top_ids: np.ndarray | None = None    # int32 [B, max_new_tokens, n]: the model's most probable next tokens
     top_probs: np.ndarray | None = None  # float32 [B, max_new_tokens, n]
+    values: np.ndarray | None = None     # float32 [B, max_new_tokens]: with values=True, the model's scalar head at
+    #                                      the state each token was chosen from (PPO's value of its prefix); 0 after
 
 
 @dataclasses.dataclass
@@ -264,7 +266,7 @@ def repeated_prompts(prompts):
 
 def generate_ids(model, prompts, key, max_new_tokens: int, sampling: Sampling = Sampling(), stop_ids=(),
                  stop_sequences=(), vocab_size: int | None = None, top_candidates: int = 0,
-                 mesh=None, temperatures=None) -> TokenOutput:
+                 mesh=None, temperatures=None, values: bool = False) -> TokenOutput:
     """Generates up to `max_new_tokens` after each prompt (lists of token ids, any lengths).
 
     key: one PRNG key (row b uses fold_in(key, b)) or a batch of keys, one per prompt.
@@ -273,14 +275,19 @@ def generate_ids(model, prompts, key, max_new_tokens: int, sampling: Sampling = 
     top_candidates: also return the n most probable next tokens of each step (for display).
     mesh: the mesh to run on, rows split over its batch axes (default: the one the parameters live on, if any).
     temperatures: one per prompt instead of sampling.temperature (0: that row is greedy); the filters are shared.
+    values: also return the model's scalar head (a TransformerWithScalarHead: PPO's policy + value) at the final
+    hidden state each token was chosen from, which the decode computes anyway: PPO's scoring then needs no pass of
+    the policy's trunk.
     """
+    if values and not hasattr(model, "scalar_head"):
+        raise ValueError(f"generate_ids(values=True) needs a model with a scalar head, not {type(model).__name__}")
     request, state = _request(model, prompts, key, max_new_tokens, sampling, stop_ids, stop_sequences, vocab_size,
                               top_candidates, mesh, temperatures)
     with _on_mesh(request.mesh):
         tokens, positions = _place_rows(request)
         out = _decode(state, tokens, positions, request.row_keys, request.stops, request.temperature,
                       request.greedy_rows, request.sources, max_new_tokens=max_new_tokens, mesh=request.mesh,
-                      **request.static)
+                      values=values, **request.static)
         out = jax.device_get(out)
     return TokenOutput(**{name: np.asarray(value) for name, value in out.items()})
 
@@ -381,11 +388,11 @@ def _stop_table(stop_ids, stop_sequences):
     return table
 
 
-def _last_logits(model, tokens, positions, cache):
-    """(logits [B, V] at the last position of every row, cache): the prefill runs the LM head, its largest matmul
-    for long prompts, on one position only. Left padding puts every row's last prompt token there."""
+def _last_hidden(model, tokens, positions, cache):
+    """(final hidden state [B, d] at the last position of every row, cache): the prefill runs the LM head, its
+    largest matmul for long prompts, on one position only. Left padding puts every row's last prompt token there."""
     hidden, cache = model.hidden(tokens, positions=positions, cache=cache)
-    return model.logits(hidden[:, -1]), cache
+    return hidden[:, -1], cache
 
 
 def _choose_next(step, logits, done, window, row_keys, stops, temperature, greedy_rows, *, sampling, vocab_size,
@@ -410,31 +417,37 @@ def _choose_next(step, logits, done, window, row_keys, stops, temperature, greed
 
 
 def _start(model, tokens, positions, row_keys, stops, temperature, greedy_rows, sources=None, *, cache_len, mesh,
-           **choice):
-    """Prefill and choose token 0: (carry for `_advance`, what step 0 emits). sources: `repeated_prompts`."""
+           values=False, **choice):
+    """Prefill and choose token 0: (carry for `_advance`, what step 0 emits). sources: `repeated_prompts`;
+    values: also emit the scalar head at the state token 0 was chosen from."""
     B = tokens.shape[0]
     if sources is None:
         cache = _place_cache(model.init_cache(B, cache_len), mesh)
-        logits, cache = _last_logits(model, tokens, positions, cache)
-    else:  # each distinct prompt once, its logits and cache rows copied to every row that repeats it
+        hidden, cache = _last_hidden(model, tokens, positions, cache)
+    else:  # each distinct prompt once, its state and cache rows copied to every row that repeats it
         distinct, source = sources
-        logits, cache = _last_logits(model, tokens[distinct], positions[distinct],
+        hidden, cache = _last_hidden(model, tokens[distinct], positions[distinct],
                                      model.init_cache(distinct.shape[0], cache_len))
-        logits = logits[source]
+        hidden = hidden[source]
         cache = dict(cache, k=cache["k"][:, source], v=cache["v"][:, source], pos=cache["pos"][source])
     window = jnp.full((B, stops.shape[1]), NOT_YET, jnp.int32)  # the last generated tokens, for stop matching
-    token, emitted, done, window = _choose_next(0, logits, jnp.zeros((B,), bool), window, row_keys, stops,
-                                                temperature, greedy_rows, **choice)
+    token, emitted, done, window = _choose_next(0, model.logits(hidden), jnp.zeros((B,), bool), window, row_keys,
+                                                stops, temperature, greedy_rows, **choice)
+    if values:
+        emitted["values"] = model.scalar_head(hidden)
     carry = dict(step=jnp.int32(1), token=token, position=positions[:, -1] + 1, cache=cache, done=done,
                  window=window)
     return carry, emitted
 
 
-def _advance(model, carry, row_keys, stops, temperature, greedy_rows, *, mesh, **choice):
+def _advance(model, carry, row_keys, stops, temperature, greedy_rows, *, mesh, values=False, **choice):
     """Feed the last token, choose the next: (carry, what step carry["step"] emits)."""
-    logits, cache = model(carry["token"][:, None], positions=carry["position"][:, None], cache=carry["cache"])
-    token, emitted, done, window = _choose_next(carry["step"], logits[:, 0], carry["done"], carry["window"],
+    hidden, cache = model.hidden(carry["token"][:, None], positions=carry["position"][:, None], cache=carry["cache"])
+    hidden = hidden[:, 0]
+    token, emitted, done, window = _choose_next(carry["step"], model.logits(hidden), carry["done"], carry["window"],
                                                 row_keys, stops, temperature, greedy_rows, **choice)
+    if values:
+        emitted["values"] = jnp.where(carry["done"], 0.0, model.scalar_head(hidden))
     carry = dict(step=carry["step"] + 1, token=token, position=carry["position"] + 1,
                  cache=_place_cache(cache, mesh), done=done, window=window)
     return carry, emitted
@@ -443,7 +456,7 @@ def _advance(model, carry, row_keys, stops, temperature, greedy_rows, *, mesh, *
 _CHOICE = ("graphdef", "sampling", "vocab_size", "top_candidates", "mesh")
 
 
-@functools.partial(jax.jit, static_argnames=_CHOICE + ("max_new_tokens",))
+@functools.partial(jax.jit, static_argnames=_CHOICE + ("max_new_tokens", "values"))
 def _decode(state, tokens, positions, row_keys, stops, temperature, greedy_rows, sources, *, graphdef,
             max_new_tokens, mesh, **choice):
     """The whole decode in one program: `_start`, then a while_loop of `_advance`; the TokenOutput fields."""

@@ -64,8 +64,8 @@ def test_updates_move_policy_and_value_and_log_probs_agree(workdir, straight):
     # the sampler's log-probs (the old-policy ones) against the trainer's: rollout 0, then every drift_every-th
     assert all("rollout/logprob_diff" in r for r in lines[:4]) and not any("rollout/logprob_diff" in r
                                                                             for r in lines[4:])
-    for r in lines[:4]:
-        assert r["rollout/logprob_diff"] < 1e-4
+    for r in lines[:4]:  # and the sampler's values (the old values) against the value head of a forward pass
+        assert r["rollout/logprob_diff"] < 1e-4 and r["rollout/value_diff"] < 1e-4
     for r in lines:
         for key in ("entropy", "clip_frac", "approx_kl", "value_loss", "policy_loss", "rollout/kl_k3",
                     "rollout/end_rate", "rollout/response_length", "rollout/score"):

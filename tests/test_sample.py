@@ -21,7 +21,7 @@ from lm import model as lm_model
 from lm import mesh as lm_mesh
 from lm.eval import icl
 from lm.eval import report as eval_report
-from lm.model import Transformer
+from lm.model import Transformer, TransformerWithScalarHead
 from lm.tokenizer import train as tokenizer_train
 
 NEW = 12
@@ -191,6 +191,30 @@ def test_repeated_prompts_prefilled_once_equal_each_alone(models, prompts, tok):
     rows = [prompts[1], prompts[1], prompts[2], prompts[1]]
     assert sample.repeated_prompts(rows)[0].tolist() == [0, 2]
     assert_rows_equal_alone(models["gpt2"], rows, jax.random.split(jax.random.key(5), len(rows)), tok)
+
+
+def test_values_are_the_value_head_of_a_forward_pass(prompts, tok):
+    """generate_ids(values=True) reads a TransformerWithScalarHead's head at the state each token was chosen from:
+    values[b, i] = the head at the last prompt token (i = 0) or at generated token i - 1 of one forward pass over the
+    unpadded sequence, 0 after a row stops; repeated prompts (prefilled once) included. Plain models are refused."""
+    model = TransformerWithScalarHead(model_config("llama", tok.n_vocab), rngs=nnx.Rngs(2), head_init_std=0.5)
+    rows = [prompts[2], prompts[0], prompts[2], prompts[3]]
+    stop = int(sample.generate_ids(model, rows[:1], jax.random.key(4), 3, sample.Sampling()).tokens[0, 2])
+    out = sample.generate_ids(model, rows, jax.random.split(jax.random.key(4), len(rows)), NEW, sample.Sampling(),
+                              stop_ids=[stop], values=True)
+    plain = sample.generate_ids(model, rows, jax.random.split(jax.random.key(4), len(rows)), NEW, sample.Sampling(),
+                                stop_ids=[stop])
+    np.testing.assert_array_equal(out.tokens, plain.tokens)
+    assert out.lengths.min() < NEW  # a row stopped early
+    for row, prompt in enumerate(rows):
+        n = out.lengths[row]
+        tokens = np.zeros((1, WIDTH), np.int32)
+        tokens[0, :len(prompt) + n] = list(prompt) + out.tokens[row, :n].tolist()
+        values = np.asarray(model.values(jnp.asarray(tokens)))[0]
+        np.testing.assert_allclose(out.values[row, :n], values[len(prompt) - 1:len(prompt) - 1 + n], atol=1e-5)
+        assert (out.values[row, n:] == 0).all()
+    with pytest.raises(ValueError, match="scalar head"):
+        sample.generate_ids(Transformer(model_config(), rngs=nnx.Rngs(0)), rows, jax.random.key(0), 2, values=True)
 
 
 def test_top_k_1_and_temperature_to_zero_equal_greedy(models, prompts, greedy, tok):

@@ -15,12 +15,13 @@ Roles (one program, no weight copies):
   reward run's mean and std.
 
 One rollout: `rollout_batch` prompts (a seeded permutation of the prompt pool per epoch) are answered (temperature
-`temperature`, stop at <|assistant_end|>); the policy (log-probs, values), the reference and the reward model score
-the same token rows (prompts left-padded to the pool's longest prompt, positions -1 on padding) in one jitted
-program, which also computes the rewards, GAE and whitening (`_score`). The old-policy log-probs are the sampler's
-own (the same tokens from the same parameters), so the policy's LM head does not run in scoring; the LM heads,
-softmaxes and value head run only on the answer columns, and the reward model's last block (past its keys and
-values) and head only at each answer's last token (Transformer.hidden_at). Per-token
+`temperature`, stop at <|assistant_end|>); the reference and the reward model score the same token rows (prompts
+left-padded to the pool's longest prompt, positions -1 on padding) in one jitted program, which also computes the
+rewards, GAE and whitening (`_score`). The old-policy log-probs and values are the sampler's own (the same tokens
+from the same parameters; generate_ids(values=True) reads the value head at the states the decode computes anyway),
+so the policy's trunk does not run in scoring; the reference's LM head and softmax run only on the answer columns,
+and the reward model's last block (past its keys and values) and head only at each answer's last token
+(Transformer.hidden_at). Per-token
 reward = -kl_coef * k1 (log pi - log pi_ref) on every answer token, plus the score at the last one, less
 `no_eos_penalty` for an answer that never emitted <|assistant_end|> (rl_math.ppo_token_rewards); GAE (gamma, lam);
 advantages whitened over the rollout. Then `epochs` passes over `minibatches` minibatches (a seeded permutation per
@@ -32,7 +33,8 @@ rollout's (rollout/score, rollout/score_raw, rollout/kl (k1 summed over an answe
 answer distribution), rollout/kl_k3, rollout/kl_coef, rollout/response_length, rollout/end_rate,
 rollout/value_explained_variance, and every `drift_every`-th rollout (rollout 0 included) rollout/logprob_diff: the
 largest |sampler log-prob - trainer log-prob| of the same tokens with the same parameters, ~1e-6; a drift is a bug,
-and since the sampler's log-probs are the old-policy log-probs, one the PPO ratio would inherit).
+and since the sampler's log-probs are the old-policy log-probs, one the PPO ratio would inherit; rollout/value_diff
+likewise for the values).
 <run>/samples/<rollout>.json keeps a few answers.
 
 Resume is bit-exact: rollout r is a pure function of (seed, r) and the parameters at its start (its prompts and its
@@ -98,25 +100,25 @@ def prompt_pool(ppo_config, tokenizer, seed: int) -> tuple[list[dict], dict]:
 # --- the rollout's scoring pass ------------------------------------------------------------------------------------
 
 @functools.partial(jax.jit, static_argnames=("defs", "first", "whiten", "check_drift"))
-def _score(states, tokens, positions, mask, sampler_logprobs, lengths, ended, coefs, *, defs, first, whiten,
-           check_drift):
-    """The whole scoring of a rollout in one program: values, reference log-probs, reward score, KL, per-token
-    rewards, GAE, whitening. The old-policy log-probs are the sampler's (the same tokens from the same parameters);
-    with `check_drift` the policy's LM head also runs and `drift` is the largest |sampler - trainer| log-prob.
+def _score(states, tokens, positions, mask, sampler_logprobs, sampler_values, lengths, ended, coefs, *, defs, first,
+           whiten, check_drift):
+    """The whole scoring of a rollout in one program: reference log-probs, reward score, KL, per-token rewards,
+    GAE, whitening. The old-policy log-probs and values are the sampler's (the same tokens from the same
+    parameters: generate_ids(values=True) reads the value head at the states it chose each token from), so the
+    policy's trunk does not run here; with `check_drift` it does, with its LM head, and `drift` is the largest
+    |sampler - trainer| log-prob and `value_drift` the largest |sampler - trainer| value.
 
-    Only what is needed is computed: the trunks run over the full rows (an answer token attends to its prompt), but
-    the LM heads and vocabulary softmaxes only over the answer columns (from target column first - 1, as GRPO's
-    `completion_start`), the value head likewise, and the reward model's last block and head at each row's last
-    token only (hidden_at).
-    Per-token outputs come back over the answer columns [B, M]; `full_width` pads them to the training rows."""
+    Only what is needed is computed: the reference's trunk runs over the full rows (an answer token attends to its
+    prompt), but its LM head and vocabulary softmax only over the answer columns (from target column first - 1, as
+    GRPO's `completion_start`), and the reward model's last block and head at each row's last token only
+    (hidden_at). Per-token outputs come back over the answer columns [B, M]; `full_width` pads them to the training
+    rows."""
     (policy_def, reference_def, reward_def), (policy_state, reference_state, reward_state) = defs, states
     kl_coef, no_eos_penalty, gamma, lam, mean, std = coefs
     inputs, input_positions, start = tokens[:, :-1], positions[:, :-1], first - 1
     targets, mask = tokens[:, 1 + start:], mask[:, start:]
     answer = jnp.broadcast_to(jnp.arange(start, inputs.shape[1]), (inputs.shape[0], inputs.shape[1] - start))
-    policy = nnx.merge(policy_def, policy_state)
-    hidden = policy.hidden_at(inputs, answer, input_positions)  # the last blocks at the answer columns
-    values = policy.scalar_head(hidden)
+    values = jnp.where(mask > 0, sampler_values, 0.0)
     reference = nnx.merge(reference_def, reference_state)
     reference_logprobs = lm_model.token_logprobs(
         reference.logits(reference.hidden_at(inputs, answer, input_positions)), targets)
@@ -133,8 +135,11 @@ def _score(states, tokens, positions, mask, sampler_logprobs, lengths, ended, co
                kl_k3=rl_math.masked_sum(rl_math.kl_k3(logprobs, reference_logprobs), mask, axis=1),
                explained_variance=rl_math.explained_variance(values, returns, mask))
     if check_drift:
+        policy = nnx.merge(policy_def, policy_state)
+        hidden = policy.hidden_at(inputs, answer, input_positions)  # the last blocks at the answer columns
         live = lm_model.token_logprobs(policy.logits(hidden), targets)
         out["drift"] = jnp.max(jnp.where(mask > 0, jnp.abs(sampler_logprobs - live), 0.0))
+        out["value_drift"] = jnp.max(jnp.where(mask > 0, jnp.abs(values - policy.scalar_head(hidden)), 0.0))
     return out
 
 
@@ -223,7 +228,7 @@ class Rollouts:
         key = jax.random.fold_in(jax.random.key(self.config.seed), index)
         out = sample.generate_ids(model, prompts, key, int(ppo.max_new_tokens),
                                   sample.Sampling(temperature=float(ppo.get("temperature", 1.0))),
-                                  stop_ids=[tok.token_id(chat.ASSISTANT_END)], vocab_size=tok.n_vocab)
+                                  stop_ids=[tok.token_id(chat.ASSISTANT_END)], vocab_size=tok.n_vocab, values=True)
         scored, (tokens, positions, mask) = self.score(model, prompts, out, index)
         ended = np.asarray(out.stopped)
         metrics = {"rollout/score": float(np.mean(scored["score"])),
@@ -233,6 +238,7 @@ class Rollouts:
                    "rollout/end_rate": float(np.mean(ended)), "rollout/index": float(index)}
         if "drift" in scored:
             metrics["rollout/logprob_diff"] = float(scored["drift"])
+            metrics["rollout/value_diff"] = float(scored["value_drift"])
         if np.isfinite(scored["explained_variance"]):
             metrics["rollout/value_explained_variance"] = float(scored["explained_variance"])
         answers = [chat.parse_completion(tok, out.tokens[b, :out.lengths[b]]).answer for b in range(len(items))]
@@ -247,9 +253,9 @@ class Rollouts:
         return data, metrics
 
     def score(self, model, prompts, out, index: int):
-        """The scoring of rollout `index` (sampled by `model`): ({name: numpy array} of `_score`, the training rows
-        (tokens, positions, mask) of rollout_rows). Every `drift_every`-th rollout (rollout 0 included) also checks
-        the sampler's log-probs against the trainer's."""
+        """The scoring of rollout `index` (sampled by `model`, generate_ids(values=True)): ({name: numpy array} of
+        `_score`, the training rows (tokens, positions, mask) of rollout_rows). Every `drift_every`-th rollout
+        (rollout 0 included) also checks the sampler's log-probs and values against the trainer's."""
         ppo = self.ppo
         tokens, positions, mask = rollout_rows(prompts, out, chat.pad_id(self.tokenizer), self.first)
         policy_def, policy_state = nnx.split(model)
@@ -258,7 +264,7 @@ class Rollouts:
                  float(self.stats["mean"]), float(self.stats["std"]))
         scored = _score(
             (policy_state, self.frozen["reference"][1], self.frozen["reward"][1]),
-            *jax.device_put((tokens, positions, mask), rows), out.logprobs, out.lengths, out.stopped,
+            *jax.device_put((tokens, positions, mask), rows), out.logprobs, out.values, out.lengths, out.stopped,
             np.asarray(coefs, np.float32), defs=(policy_def, self.frozen["reference"][0], self.frozen["reward"][0]),
             first=self.first, whiten=bool(ppo.get("whiten_advantages", True)),
             check_drift=index % int(ppo.get("drift_every", 1)) == 0)
