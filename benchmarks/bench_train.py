@@ -1,9 +1,9 @@
 """Training step time of lm vs a nanoGPT-style PyTorch GPT (fp32, CPU), and of each of lm's compute levers.
 
 Same shapes (GPT-2 family: learned positions, LayerNorm, GELU MLP, biases, tied embeddings; parameter counts checked
-equal), same synthetic batches, AdamW with global-norm clipping on both sides, the loss read back every step on both
-sides (as the training loop does). PyTorch uses F.scaled_dot_product_attention(is_causal=True) and runs with 1 and
-with all threads (both reported; lm is compared with the faster). lm runs once as configured (`base`) and once per
+equal), same synthetic batches, AdamW with global-norm clipping on both sides (torch's fused AdamW, its fastest
+here), the loss read back every step on both sides (as the training loop does). PyTorch uses
+F.scaled_dot_product_attention(is_causal=True) and runs with 1 and with all threads (both reported; lm is compared with the faster). lm runs once as configured (`base`) and once per
 lever in --levers, each lever alone on top of `base` (and `all`: every model lever together), so one run gives the
 per-lever table. Every variant lives in its own worker process (thread pools never compete; an XLA flag applies to
 one worker only), and rounds are interleaved (torch, lm, lm+lever, ..., then again) so machine noise hits all alike;
@@ -69,8 +69,9 @@ LEVERS = {
     "single_thread_eigen": ({}, "--xla_cpu_multi_thread_eigen=false"),
     "legacy_runtime": ({}, "--xla_cpu_use_thunk_runtime=false"),
     # jaxlib 0.10.2 routes dots (and some reductions) through YNNPACK "__ynn_fusion"s; these narrow or disable that
-    # (LM_XLA_DEFAULTS=1 turns it off for a whole lm process, lm/__init__.py). A flag without "=" only removes a
-    # setting of it: ynn_on is jaxlib's own default even under LM_XLA_DEFAULTS=1.
+    # (the train step compiles with it off on CPU: lm.train.loop.train_step_compiler_options, so `base` is ynn_off;
+    # LM_XLA_DEFAULTS=1 turns it off for a whole lm process). A fusion type in XLA_FLAGS wins over the train step's
+    # option, and a flag without "=" only removes a setting of it: ynn_on is jaxlib's own default.
     "ynn_off": ({}, "--xla_cpu_experimental_ynn_fusion_type="),
     "ynn_on": ({}, "--xla_cpu_experimental_ynn_fusion_type"),
     "ynn_dots_only": ({}, "--xla_cpu_experimental_ynn_fusion_type=individual_dot"),
@@ -84,7 +85,7 @@ LEVERS = {
     "all": ({"model.fused_qkv": True, "train.fused_loss": True, "train.loss_chunk": 32},
             "--xla_cpu_experimental_ynn_fusion_type="),
 }
-DEFAULT_LEVERS = ["ynn_off", "ynn_dots_only", "xla_attention", "fused_loss", "fused_loss32", "dp2", "all"]
+DEFAULT_LEVERS = ["ynn_on", "ynn_dots_only", "xla_attention", "fused_loss", "fused_loss32", "dp2", "all"]
 
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Interleaved rounds (each times every variant once).")
 _ROUND_SECONDS = flags.DEFINE_float("round_seconds", 2.0, "Target seconds of one variant's round (sets the steps).")
@@ -170,7 +171,9 @@ def torch_adamw(model, **kind):
 def torch_trainer(size, batches):
     model = TorchGPT(size["vocab_size"], size["seq_len"], size["d_model"], size["n_layers"], size["n_heads"],
                      size["d_ff"])
-    opt = torch_adamw(model)
+    # fused: torch's fastest AdamW on this CPU (bench_train_parts: the default for-loop one is 1.7-2.6x slower),
+    # so the peer runs at its best setting
+    opt = torch_adamw(model, fused=True)
     data = [(torch.from_numpy(b["inputs"]).long(), torch.from_numpy(b["targets"]).long()) for b in batches]
     n_params = sum(p.numel() for p in model.parameters())
 
@@ -389,6 +392,7 @@ def make_report(results, probes, levers, complete: bool) -> dict:
         complete=complete, max_foreign_load=_MAX_FOREIGN.value,
         machine=machine(),
         versions=dict(jax=jax.__version__, torch=torch.__version__),
+        torch_optimizer="torch.optim.AdamW(fused=True)",
         matmul_peak_gflops=round(peak / 1e9, 1), matmul_peak_probes_gflops=[round(p / 1e9, 1) for p in probes],
         levers={lever: dict(overrides=LEVERS[lever][0], xla_flags=LEVERS[lever][1]) for lever in levers},
         sizes=results)
