@@ -125,11 +125,12 @@ def plain_grpo_loss(model, batch, aggregation, eps_low, eps_high, beta, completi
 
 @pytest.mark.parametrize("aggregation", sorted(rl_math.AGGREGATIONS))
 def test_fused_loss_and_gradients_equal_the_plain_path(aggregation):
-    """grpo_loss (head, log-softmax and per-token loss fused, chunk by chunk: losses.head_token_loss) gives the
-    loss, metrics and parameter gradients of the plain path, whole or in chunks that do not divide the columns;
-    under jit, with masked tokens far off the policy (old log-probs 1e30, reference -50)."""
-    config = lm_config.load("configs/tiny.py", {**MODEL, "model.vocab_size": 50, "model.dtype": "float32",
-                                                "train.seq_len": 16})
+    """grpo_loss (the last block at the completion columns only, head, log-softmax and per-token loss fused chunk
+    by chunk: losses.head_token_loss) gives the loss, metrics and parameter gradients of the plain path, whole or
+    in chunks that do not divide the columns; under jit, with left padding, and with masked tokens far off the
+    policy (old log-probs 1e30, reference -50)."""
+    config = lm_config.load("configs/tiny.py", {**MODEL, "model.n_layers": 2, "model.vocab_size": 50,
+                                                "model.dtype": "float32", "train.seq_len": 16})
     model = Transformer(config.model, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(1)
     B, T, N = 6, 11, 7   # N completion columns

@@ -320,11 +320,12 @@ def grpo_loss(model, batch, aggregation="token_mean", eps_low=0.2, eps_high=0.28
     """(loss_sum, weight, metric_sums) of the clipped-ratio loss (+ beta x KL to the reference) on training rows.
 
     completion_start: the first target column that can be a completion token (the row's prompt width - 1, or
-    -max_new_tokens: the last columns): the LM head, the largest matmul of a small model, and the vocabulary-wide
-    log-softmax run only from there (TRL's logits_to_keep). Dr. GRPO's constant is `max_len` (default the whole row
-    length), so the loss is the same as over every column. The head, its log-softmax, the per-token loss
-    (`clipped_token_loss`) and their gradients run fused, `chunk` positions at a time (losses.head_token_loss):
-    one exponential per logit gives the log-probs, the entropy metric and the gradient."""
+    -max_new_tokens: the last columns): the LM head, the largest matmul of a small model, the vocabulary-wide
+    log-softmax and the last block's queries and MLP (`Transformer.hidden_at`) run only from there (TRL's
+    logits_to_keep). Dr. GRPO's constant is `max_len` (default the whole row length), so the loss is the same as
+    over every column. The head, its log-softmax, the per-token loss (`clipped_token_loss`) and their gradients
+    run fused, `chunk` positions at a time (losses.head_token_loss): one exponential per logit gives the
+    log-probs, the entropy metric and the gradient."""
     columns = batch["targets"].shape[1] if max_len is None else max_len
 
     def completions(x):
@@ -335,9 +336,12 @@ def grpo_loss(model, batch, aggregation="token_mean", eps_low=0.2, eps_high=0.28
     if "ref_logprobs" in batch:
         data.append(completions(batch["ref_logprobs"]))
     token_loss = functools.partial(clipped_token_loss, eps_low=eps_low, eps_high=eps_high, beta=beta, kl=kl)
-    loss, logp, entropy = losses.head_token_loss(
-        model, completions(model.hidden(batch["inputs"], batch["positions"])), completions(batch["targets"]),
-        token_loss, data, chunk)
+    rows, T = batch["targets"].shape
+    start = completion_start % T if completion_start else 0
+    hidden = model.hidden_at(batch["inputs"], jnp.broadcast_to(jnp.arange(start, T, dtype=jnp.int32),
+                                                               (rows, T - start)), batch["positions"])
+    loss, logp, entropy = losses.head_token_loss(model, hidden, completions(batch["targets"]), token_loss, data,
+                                                 chunk)
     _, clip_frac = rl_math.ppo_clip_loss(logp, old_logprobs, batch["advantages"], mask, eps_low, eps_high)
     metrics = dict(clip_frac=clip_frac, approx_kl=rl_math.approx_kl(logp, old_logprobs, mask),
                    entropy=rl_math.masked_mean(entropy, mask))
