@@ -13,6 +13,10 @@ Fused cross-entropy (`config.train.fused_loss`): the pretraining / SFT loss thro
 forms the head's and the hidden states' gradients chunk by chunk in the forward pass (`loss_chunk` positions at a
 time, 128 when 0) with no recomputation and no float32 logits in memory. For `lm_loss` only (a masked sum); the
 log-probs themselves (scoring, RL) stay on `token_logprobs_from_hidden`.
+
+Fused per-token losses (`head_token_loss`, GRPO's loss): the same idea for any loss that is a sum of per-token terms
+of the log-probs (a policy-gradient term times its aggregation weight): the head, one log-softmax and the gradient
+chunk by chunk, with the log-probs and the entropy returned as metrics.
 """
 import functools
 
