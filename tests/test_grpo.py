@@ -15,7 +15,7 @@ from lm import config as lm_config
 from lm import hf as lm_hf
 from lm import sample
 from lm.eval import tasks, tiny_runs
-from lm.model import Transformer
+from lm.model import Transformer, token_logprobs
 from lm.model import hf as model_hf
 from lm.tokenizer import chat
 from lm.tokenizer import train as tokenizer_train
@@ -103,6 +103,60 @@ def test_loss_equals_a_numpy_reference(workdir, tok, aggregation):
     want_kl = ((np.exp(ref - logp) - (ref - logp) - 1) * mask).sum() / mask.sum()
     np.testing.assert_allclose(float(sums["clip_frac"] / weight), clipped[mask > 0].mean(), rtol=1e-6)
     np.testing.assert_allclose(float(sums["kl"] / weight), want_kl, rtol=1e-5)
+
+
+def plain_grpo_loss(model, batch, aggregation, eps_low, eps_high, beta, completion_start, max_len):
+    """grpo_loss as it was before the fused head: materialised logits, token_logprobs, rl_math's clipped loss and
+    KL aggregated over the completion columns, entropy from the logits."""
+    def completions(x):
+        return x[:, completion_start:]
+    logits = model.logits(completions(model.hidden(batch["inputs"], batch["positions"])))
+    logp = token_logprobs(logits, completions(batch["targets"]))
+    mask, old = completions(batch["loss_mask"]), completions(batch["old_logprobs"])
+    loss, clip_frac = rl_math.ppo_clip_loss(logp, old, batch["advantages"], mask, eps_low, eps_high, aggregation,
+                                            max_len=max_len)
+    per_token = rl_math.kl_k3(logp, completions(batch["ref_logprobs"]))
+    loss = loss + beta * rl_math.aggregate(per_token, mask, aggregation, max_len=max_len)
+    weight = grpo.aggregation_weight(mask, aggregation)
+    metrics = dict(clip_frac=clip_frac, approx_kl=rl_math.approx_kl(logp, old, mask), kl=rl_math.masked_mean(
+        per_token, mask), entropy=rl_math.entropy_from_logits(jax.lax.stop_gradient(logits), mask))
+    return loss * weight, weight, {name: value * weight for name, value in metrics.items()}
+
+
+@pytest.mark.parametrize("aggregation", sorted(rl_math.AGGREGATIONS))
+def test_fused_loss_and_gradients_equal_the_plain_path(aggregation):
+    """grpo_loss (the last block at the completion columns only, head, log-softmax and per-token loss fused chunk
+    by chunk: losses.head_token_loss) gives the loss, metrics and parameter gradients of the plain path, whole or
+    in chunks that do not divide the columns; under jit, with left padding, and with masked tokens far off the
+    policy (old log-probs 1e30, reference -50)."""
+    config = lm_config.load("configs/tiny.py", {**MODEL, "model.n_layers": 2, "model.vocab_size": 50,
+                                                "model.dtype": "float32", "train.seq_len": 16})
+    model = Transformer(config.model, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(1)
+    B, T, N = 6, 11, 7   # N completion columns
+    mask = (rng.random((B, T)) < 0.8).astype(np.float32)
+    mask[:, :T - N] = 0
+    mask[2] = 0   # a row without tokens
+    old = np.where(mask > 0, rng.normal(-4, 0.4, (B, T)), 1e30).astype(np.float32)
+    ref = np.where(mask > 0, rng.normal(-4, 0.4, (B, T)), -50.0).astype(np.float32)
+    batch = dict(inputs=rng.integers(0, 50, (B, T)), targets=rng.integers(0, 50, (B, T)),
+                 positions=np.broadcast_to(np.arange(T), (B, T)) - rng.integers(0, 3, (B, 1)), loss_mask=mask,
+                 old_logprobs=old, ref_logprobs=ref, advantages=rng.normal(0, 1, B).astype(np.float32))
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    kwargs = dict(aggregation=aggregation, eps_low=0.2, eps_high=0.28, beta=0.1, completion_start=-N, max_len=20)
+    graphdef, params = nnx.split(model)
+
+    def value_and_grad(loss):
+        def of_params(p, batch):
+            loss_sum, weight, sums = loss(nnx.merge(graphdef, p), batch, **kwargs)
+            return loss_sum, (weight, sums)
+        return jax.jit(jax.value_and_grad(of_params, has_aux=True))(params, batch)
+
+    want = value_and_grad(plain_grpo_loss)
+    for chunk in (0, 3, N):
+        got = value_and_grad(lambda *a, **k: grpo.grpo_loss(*a, **k, chunk=chunk))
+        assert all(np.isfinite(x).all() for x in jax.tree.leaves(got))
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6), got, want)
 
 
 # --- a rollout: layout, rewards, advantages, drift ----------------------------------------------------------------

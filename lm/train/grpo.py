@@ -62,6 +62,7 @@ REPORT = "grpo_report.json"
 TASKS = {"arithmetic": tasks.Arithmetic, "compare_decimals": tasks.CompareDecimals,
          "count_letters": tasks.CountLetters, "identity": tasks.Identity, "gsm8k": tasks.GSM8K}
 REPO = pathlib.Path(__file__).resolve().parents[2]
+HEAD_CHUNK = 8  # completion positions per chunk of the fused head + loss (grpo_loss): of 4 / 8 / 16, 8 was fastest
 
 
 # --- config --------------------------------------------------------------------------------------------------------
@@ -294,30 +295,58 @@ def aggregation_weight(mask, aggregation: str):
     return jnp.float32(mask.shape[0])
 
 
+def clipped_token_loss(logp, old_logprobs, advantages, loss_mask, weight, *ref_logprobs, eps_low, eps_high,
+                       beta=0.0, kl="k3"):
+    """Each token's share of grpo_loss's loss: weight x (the clipped-ratio term of rl_math.ppo_clip_loss, + beta x
+    the KL estimate to the reference when ref_logprobs are given), 0 where loss_mask is 0; all arrays [..., T].
+    weight: the aggregation's weight of each token (`token_weights`), so the loss is the sum over tokens."""
+    keep = loss_mask > 0
+    advantages = jnp.where(keep, advantages, 0.0)
+    ratio = jnp.exp(jnp.where(keep, logp - old_logprobs, 0.0))
+    per_token = jnp.maximum(-advantages * ratio, -advantages * jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high))
+    if ref_logprobs:
+        per_token = per_token + beta * jnp.where(keep, rl_math.KL_ESTIMATORS[kl](logp, ref_logprobs[0]), 0.0)
+    return weight * per_token
+
+
+def token_weights(mask, aggregation: str, max_len=None):
+    """d aggregate(x) / dx, float32 [B, T]: every aggregation is linear in the per-token values x, so
+    rl_math.aggregate(x, mask, aggregation) == sum(token_weights(mask, aggregation) * x)."""
+    return jax.grad(lambda x: rl_math.aggregate(x, mask, aggregation, max_len=max_len))(jnp.zeros(mask.shape))
+
+
 def grpo_loss(model, batch, aggregation="token_mean", eps_low=0.2, eps_high=0.28, beta=0.0, kl="k3",
-              completion_start=0, max_len=None):
+              completion_start=0, max_len=None, chunk=0):
     """(loss_sum, weight, metric_sums) of the clipped-ratio loss (+ beta x KL to the reference) on training rows.
 
     completion_start: the first target column that can be a completion token (the row's prompt width - 1, or
-    -max_new_tokens: the last columns): the LM head, the largest matmul of a small model, and the vocabulary-wide
-    softmaxes run only from there (TRL's logits_to_keep). Dr. GRPO's constant is `max_len` (default the whole row
-    length), so the loss is the same as over every column."""
+    -max_new_tokens: the last columns): the LM head, the largest matmul of a small model, the vocabulary-wide
+    log-softmax and the last block's queries and MLP (`Transformer.hidden_at`) run only from there (TRL's
+    logits_to_keep). Dr. GRPO's constant is `max_len` (default the whole row length), so the loss is the same as
+    over every column. The head, its log-softmax, the per-token loss (`clipped_token_loss`) and their gradients
+    run fused, `chunk` positions at a time (losses.head_token_loss): one exponential per logit gives the
+    log-probs, the entropy metric and the gradient."""
     columns = batch["targets"].shape[1] if max_len is None else max_len
 
     def completions(x):
         return x[:, completion_start:]
-    logits = model.logits(completions(model.hidden(batch["inputs"], batch["positions"])))
-    logp = lm_model.token_logprobs(logits, completions(batch["targets"]))
     mask = completions(batch["loss_mask"]).astype(jnp.float32)
     old_logprobs = completions(batch["old_logprobs"])
-    loss, clip_frac = rl_math.ppo_clip_loss(logp, old_logprobs, batch["advantages"], mask,
-                                            eps_low, eps_high, aggregation, max_len=columns)
-    metrics = dict(clip_frac=clip_frac, approx_kl=rl_math.approx_kl(logp, old_logprobs, mask),
-                   entropy=rl_math.entropy_from_logits(jax.lax.stop_gradient(logits), mask))
+    data = [old_logprobs, batch["advantages"], mask, token_weights(mask, aggregation, columns)]
     if "ref_logprobs" in batch:
-        per_token = rl_math.KL_ESTIMATORS[kl](logp, completions(batch["ref_logprobs"]))
-        metrics["kl"] = rl_math.masked_mean(per_token, mask)
-        loss = loss + beta * rl_math.aggregate(per_token, mask, aggregation, max_len=columns)
+        data.append(completions(batch["ref_logprobs"]))
+    token_loss = functools.partial(clipped_token_loss, eps_low=eps_low, eps_high=eps_high, beta=beta, kl=kl)
+    rows, T = batch["targets"].shape
+    start = completion_start % T if completion_start else 0
+    hidden = model.hidden_at(batch["inputs"], jnp.broadcast_to(jnp.arange(start, T, dtype=jnp.int32),
+                                                               (rows, T - start)), batch["positions"])
+    loss, logp, entropy = losses.head_token_loss(model, hidden, completions(batch["targets"]), token_loss, data,
+                                                 chunk)
+    _, clip_frac = rl_math.ppo_clip_loss(logp, old_logprobs, batch["advantages"], mask, eps_low, eps_high)
+    metrics = dict(clip_frac=clip_frac, approx_kl=rl_math.approx_kl(logp, old_logprobs, mask),
+                   entropy=rl_math.masked_mean(entropy, mask))
+    if "ref_logprobs" in batch:
+        metrics["kl"] = rl_math.masked_mean(rl_math.KL_ESTIMATORS[kl](logp, completions(batch["ref_logprobs"])), mask)
     weight = aggregation_weight(mask, aggregation)
     return loss * weight, weight, {name: value * weight for name, value in metrics.items()}
 
@@ -328,7 +357,7 @@ def make_loss(grpo):
     return functools.partial(grpo_loss, aggregation=grpo.aggregation, eps_low=float(grpo.eps_low),
                              eps_high=float(grpo.eps_high), beta=float(grpo.beta), kl=grpo.kl,
                              completion_start=-int(grpo.max_new_tokens),
-                             max_len=int(grpo.prompt_len) + int(grpo.max_new_tokens) - 1)
+                             max_len=int(grpo.prompt_len) + int(grpo.max_new_tokens) - 1, chunk=HEAD_CHUNK)
 
 
 # --- evaluation ----------------------------------------------------------------------------------------------------
