@@ -176,8 +176,11 @@ def keep_cpu_heap(temp_bytes: int) -> None:
     train step page-faulted its whole temp buffer in again, zero-filled by the kernel: at bench_train's small shape
     (45 MiB of temps) 11.5k faults and ~22 ms of system time in a ~100 ms step, none of it in the step's parts timed
     alone (their temps, under 32 MiB, are reused from the heap). Large blocks from the heap (mmap off) with the heap
-    trimmed only above twice the largest temp buffer keep those pages. Skipped off glibc, and when the environment
-    sets MALLOC_MMAP_MAX_ or MALLOC_TRIM_THRESHOLD_ (the user's choice)."""
+    trimmed only above twice the largest temp buffer keep those pages. Where the executing thread allocates from a
+    non-main glibc arena (heaps of at most 64 MiB), larger temp buffers are still mmapped each call (bench_train's
+    medium shape: ~290 MiB, 75k faults a step; MALLOC_ARENA_MAX=1 at process start removes them, without a faster
+    step in a contended A/B). Skipped off glibc, and when the environment sets MALLOC_MMAP_MAX_ or
+    MALLOC_TRIM_THRESHOLD_ (the user's choice)."""
     global _kept_heap
     if any(name in os.environ for name in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")):
         return
