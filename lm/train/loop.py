@@ -16,8 +16,10 @@ source (`Objective(on_policy=True)`) is called as `train_batches(start_step, cur
 each time it makes a batch (the loop asks for the batch of step s only after step s - 1 has run).
 """
 import contextlib
+import ctypes
 import dataclasses
 import math
+import os
 import pathlib
 import time
 from typing import Any, Callable, Iterable, Iterator
@@ -153,21 +155,60 @@ def train_step_compiler_options(train_config, mesh) -> dict:
     option would override it, so then there is none. Other backends get nothing (they reject CPU options)."""
     if train_config.get("cpu_ynn_fusions", False) or f"--{lm.YNN_FUSION_TYPE}" in lm.xla_flags_given():
         return {}
-    if any(device.platform != "cpu" for device in mesh.devices.flat):
+    if not _cpu_mesh(mesh):
         return {}
     return {lm.YNN_FUSION_TYPE: ""}
 
 
+def _cpu_mesh(mesh) -> bool:
+    return all(device.platform == "cpu" for device in mesh.devices.flat)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+_kept_heap = 0  # the heap trim threshold keep_cpu_heap set (bytes)
+
+
+def keep_cpu_heap(temp_bytes: int) -> None:
+    """Keeps the pages of a CPU program's temp buffer mapped from one call to the next (Linux, glibc).
+
+    XLA's CPU runtime allocates a compiled program's temp buffer (all its intermediates, one block) on every call.
+    glibc serves a block above its mmap threshold (at most 32 MiB) with a fresh mmap and unmaps it on free, so each
+    train step page-faulted its whole temp buffer in again, zero-filled by the kernel: at bench_train's small shape
+    (45 MiB of temps) 11.5k faults and ~22 ms of system time in a ~100 ms step, none of it in the step's parts timed
+    alone (their temps, under 32 MiB, are reused from the heap). Large blocks from the heap (mmap off) with the heap
+    trimmed only above twice the largest temp buffer keep those pages. Where the executing thread allocates from a
+    non-main glibc arena (heaps of at most 64 MiB), larger temp buffers are still mmapped each call (bench_train's
+    medium shape: ~290 MiB, 75k faults a step; MALLOC_ARENA_MAX=1 at process start removes them, without a faster
+    step in a contended A/B). Skipped off glibc, and when the environment sets MALLOC_MMAP_MAX_ or
+    MALLOC_TRIM_THRESHOLD_ (the user's choice)."""
+    global _kept_heap
+    if any(name in os.environ for name in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")):
+        return
+    threshold = min(2 * temp_bytes + (64 << 20), 2 ** 31 - 1)
+    if threshold <= _kept_heap:
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        if not (libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, threshold)):
+            return
+    except (OSError, AttributeError):  # not glibc
+        return
+    _kept_heap = threshold
+    logging.info("CPU heap: mmap off, trimmed above %d MiB (temp buffers stay mapped across steps)", threshold >> 20)
+
+
 def compile_train_step(train_step, spec: lm_state.StateSpec, batch_shapes: dict, mesh, train_config):
     """jax.jit with explicit shardings and the state donated, lowered and compiled once with
-    `train_step_compiler_options`; logs memory and FLOPs."""
+    `train_step_compiler_options`; logs memory and FLOPs. On CPU, `keep_cpu_heap` for its temp buffer."""
     replicated = NamedSharding(mesh, PartitionSpec())
     batch_shardings = {name: x.sharding for name, x in batch_shapes.items()}
     jitted = jax.jit(train_step, in_shardings=(spec.shardings, batch_shardings),
                      out_shardings=(spec.shardings, replicated), donate_argnums=0)
     options = train_step_compiler_options(train_config, mesh)
     compiled = jitted.lower(spec.abstract, batch_shapes).compile(compiler_options=options or None)
-    log_compiled(compiled, "train step" + "".join(f", {k}={v!r}" for k, v in options.items()))
+    info = log_compiled(compiled, "train step" + "".join(f", {k}={v!r}" for k, v in options.items()))
+    if _cpu_mesh(mesh):
+        keep_cpu_heap(info.get("temp_size_in_bytes", 0))
     return compiled
 
 
