@@ -3,6 +3,10 @@ scalar-head regression started from another run): bit-exact resume, live paramet
 (values, fresh heads, shape and missing-parameter errors, meta, resume wins), per-batch metrics and extra evals in
 metrics.jsonl, tokens counted from loss_mask, the final checkpoint saved before a failing final eval, and an empty
 eval split skipped."""
+import os
+import resource
+import subprocess
+import sys
 import types
 
 import jax
@@ -233,3 +237,43 @@ def test_train_step_on_cpu_compiles_without_ynnpack_fusions(monkeypatch):
     monkeypatch.delenv("XLA_FLAGS")
     gpu_mesh = types.SimpleNamespace(devices=np.array([types.SimpleNamespace(platform="gpu")]))
     assert loop.train_step_compiler_options(make_config().train, gpu_mesh) == {}
+
+
+HEAP_PROBE = """
+import ctypes, resource, sys
+from lm.train import loop
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+SIZE = 48 << 20  # above glibc's largest mmap threshold (32 MiB): by default mapped afresh by every malloc
+
+def touch_faults():  # page faults of filling a fresh 48 MiB block (a train step's temp buffer, as XLA allocates it)
+    block = libc.malloc(SIZE)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    ctypes.memset(block, 1, SIZE)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    libc.free(block)
+    return faults
+
+touch_faults()
+default = touch_faults()
+loop.keep_cpu_heap(SIZE)
+touch_faults()
+print(default, touch_faults())
+"""
+
+
+@pytest.mark.parametrize("user_setting", [False, True])
+def test_cpu_heap_keeps_a_temp_buffers_pages_between_steps(user_setting):
+    """keep_cpu_heap: a freed block the size of a train step's temps is reused with its pages still mapped (no page
+    faults the next time), where glibc's default maps and faults in all ~12k pages again; a MALLOC_* setting in the
+    environment is the user's and is left alone. In a subprocess: mallopt is process-wide."""
+    env = dict(os.environ, MALLOC_TRIM_THRESHOLD_="134217728") if user_setting else \
+        {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", HEAP_PROBE], env=env, capture_output=True, text=True, check=True)
+    default, kept = map(int, out.stdout.split())
+    pages = (48 << 20) // resource.getpagesize()
+    if user_setting:  # the user's trim threshold alone does not stop the mmap: faults as before
+        assert kept > pages // 2
+    else:
+        assert default > pages // 2 and kept < pages // 20
