@@ -297,15 +297,12 @@ def aggregation_weight(mask, aggregation: str):
 
 def clipped_token_loss(logp, old_logprobs, advantages, loss_mask, weight, *ref_logprobs, eps_low, eps_high,
                        beta=0.0, kl="k3"):
-    """Each token's share of grpo_loss's loss: weight x (the clipped-ratio term of rl_math.ppo_clip_loss, + beta x
+    """Each token's share of grpo_loss's loss: weight x (the clipped-ratio term, rl_math.ppo_clip_terms, + beta x
     the KL estimate to the reference when ref_logprobs are given), 0 where loss_mask is 0; all arrays [..., T].
     weight: the aggregation's weight of each token (`token_weights`), so the loss is the sum over tokens."""
-    keep = loss_mask > 0
-    advantages = jnp.where(keep, advantages, 0.0)
-    ratio = jnp.exp(jnp.where(keep, logp - old_logprobs, 0.0))
-    per_token = jnp.maximum(-advantages * ratio, -advantages * jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high))
+    per_token, _ = rl_math.ppo_clip_terms(logp, old_logprobs, advantages, loss_mask, eps_low, eps_high)
     if ref_logprobs:
-        per_token = per_token + beta * jnp.where(keep, rl_math.KL_ESTIMATORS[kl](logp, ref_logprobs[0]), 0.0)
+        per_token = per_token + beta * jnp.where(loss_mask > 0, rl_math.KL_ESTIMATORS[kl](logp, ref_logprobs[0]), 0.0)
     return weight * per_token
 
 

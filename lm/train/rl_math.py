@@ -191,14 +191,12 @@ def aggregate(x, mask, aggregation: str = "token_mean", max_len=None):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def ppo_clip_loss(logp, logp_old, advantages, mask, eps_low: float = 0.2, eps_high: float | None = None,
-                  aggregation: str = "token_mean", max_len=None):
-    """PPO's clipped surrogate with DAPO's decoupled clip range: (loss, clip_frac).
+def ppo_clip_terms(logp, logp_old, advantages, mask, eps_low: float = 0.2, eps_high: float | None = None):
+    """PPO's clipped surrogate per token, with DAPO's decoupled clip range: (terms, clipped), both [B, T].
 
-    ratio = exp(logp - logp_old); per token max(-A * ratio, -A * clip(ratio, 1 - eps_low, 1 + eps_high)), aggregated by
-    name. `eps_high=None` means eps_low (symmetric PPO). advantages are [B, T] (PPO/GAE) or [B] (GRPO, broadcast over
-    tokens). clip_frac: fraction of response tokens (token mean) where the clipped term is the active one, i.e. the
-    token gets no gradient.
+    ratio = exp(logp - logp_old); terms = max(-A * ratio, -A * clip(ratio, 1 - eps_low, 1 + eps_high)), 0 off the
+    mask. `eps_high=None` means eps_low (symmetric PPO). advantages are [B, T] (PPO/GAE) or [B] (GRPO, broadcast over
+    tokens). clipped: where the clipped term is the active one, i.e. the token gets no gradient.
     """
     eps_high = eps_low if eps_high is None else eps_high
     keep = _bool(mask)
@@ -209,8 +207,15 @@ def ppo_clip_loss(logp, logp_old, advantages, mask, eps_low: float = 0.2, eps_hi
     ratio = jnp.exp(jnp.where(keep, logp - logp_old, 0.0).astype(jnp.float32))
     unclipped = -advantages * ratio
     clipped = -advantages * jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
-    loss = aggregate(jnp.maximum(unclipped, clipped), mask, aggregation, max_len)
-    return loss, masked_mean((clipped > unclipped).astype(jnp.float32), mask)
+    return jnp.maximum(unclipped, clipped), clipped > unclipped
+
+
+def ppo_clip_loss(logp, logp_old, advantages, mask, eps_low: float = 0.2, eps_high: float | None = None,
+                  aggregation: str = "token_mean", max_len=None):
+    """`ppo_clip_terms` aggregated by name: (loss, clip_frac), clip_frac the fraction of response tokens (token
+    mean) where the clip is active."""
+    terms, clipped = ppo_clip_terms(logp, logp_old, advantages, mask, eps_low, eps_high)
+    return aggregate(terms, mask, aggregation, max_len), masked_mean(clipped.astype(jnp.float32), mask)
 
 
 def clipped_value_loss(values, old_values, returns, mask, clip_eps: float, aggregation: str = "token_mean",
