@@ -429,7 +429,8 @@ def _start(model, tokens, positions, row_keys, stops, temperature, greedy_rows, 
         hidden, cache = _last_hidden(model, tokens[distinct], positions[distinct],
                                      model.init_cache(distinct.shape[0], cache_len))
         hidden = hidden[source]
-        cache = dict(cache, k=cache["k"][:, source], v=cache["v"][:, source], pos=cache["pos"][source])
+        cache = dict(cache, k=_map_kv(lambda x, rows, _: jnp.take(x, source, axis=rows), cache["k"]),
+                     v=_map_kv(lambda x, rows, _: jnp.take(x, source, axis=rows), cache["v"]), pos=cache["pos"][source])
     window = jnp.full((B, stops.shape[1]), NOT_YET, jnp.int32)  # the last generated tokens, for stop matching
     token, emitted, done, window = _choose_next(0, model.logits(hidden), jnp.zeros((B,), bool), window, row_keys,
                                                 stops, temperature, greedy_rows, **choice)
@@ -497,6 +498,12 @@ def _stream_start(state, tokens, positions, row_keys, stops, temperature, greedy
 @functools.partial(jax.jit, static_argnames=_CHOICE, donate_argnames="carry")
 def _stream_step(state, carry, row_keys, stops, temperature, greedy_rows, *, graphdef, **static):
     return _advance(nnx.merge(graphdef, state), carry, row_keys, stops, temperature, greedy_rows, **static)
+
+
+def _map_kv(fn, kv, *more):
+    """fn(buffer, rows axis, columns axis, *more's buffers) over a cache's k (or v): one buffer per layer
+    [B, K, S, D] or one stacked [layers, B, K, S, D] (lm.model.Transformer.init_cache)."""
+    return jax.tree.map(lambda x, *m: fn(x, x.ndim - 4, x.ndim - 2, *m), kv, *more)
 
 
 def _place_cache(cache, mesh):
@@ -630,10 +637,13 @@ def _grow(carry, row_arrays, *, rows, columns):
         if column_axis is not None:
             widths[column_axis] = (0, columns - x.shape[column_axis])
         return jnp.pad(x, widths, constant_values=value)
+
+    def grow_kv(x, rows_axis, columns_axis):
+        return pad(x, rows_axis, column_axis=columns_axis)
     cache = carry["cache"]
     grown = dict(carry, step=pad(carry["step"]), token=pad(carry["token"]), position=pad(carry["position"]),
                  done=pad(carry["done"], value=True), window=pad(carry["window"], value=NOT_YET),
-                 cache=dict(cache, k=pad(cache["k"], 1, column_axis=3), v=pad(cache["v"], 1, column_axis=3),
+                 cache=dict(cache, k=_map_kv(grow_kv, cache["k"]), v=_map_kv(grow_kv, cache["v"]),
                             pos=pad(cache["pos"], value=-1, column_axis=1)))
     key_data, temperature, greedy_rows = row_arrays
     return grown, (pad(key_data), pad(temperature, value=1.0), pad(greedy_rows, value=True))
@@ -647,16 +657,17 @@ def _splice(carry, row_arrays, new, new_rows, slots, index):
     it stays padding (a prompt itself is never longer than `index`)."""
     size = carry["cache"]["pos"].shape[1]
 
-    def columns(x, fill):   # [L, n, K, length, D] or [n, length] -> the cache's columns
-        axis = 3 if x.ndim == 5 else 1
+    def columns(x, fill, axis):   # x's `axis` (length long) -> the cache's columns
         x = jax.lax.slice_in_dim(x, max(0, x.shape[axis] - size), x.shape[axis], axis=axis)
         widths = [(0, 0)] * x.ndim
         widths[axis] = (0, size - x.shape[axis])
         return jnp.roll(jnp.pad(x, widths, constant_values=fill), index - x.shape[axis], axis=axis)
     cache, fresh = carry["cache"], new["cache"]
-    out = dict(carry, cache=dict(cache, k=cache["k"].at[:, slots].set(columns(fresh["k"], 0)),
-                                 v=cache["v"].at[:, slots].set(columns(fresh["v"], 0)),
-                                 pos=cache["pos"].at[slots].set(columns(fresh["pos"], -1))))
+    def set_rows(old, new):  # a k / v buffer: the new rows at `slots`
+        return _map_kv(lambda x, rows, cols, n: x.at[(slice(None),) * rows + (slots,)].set(columns(n, 0, cols)),
+                       old, new)
+    out = dict(carry, cache=dict(cache, k=set_rows(cache["k"], fresh["k"]), v=set_rows(cache["v"], fresh["v"]),
+                                 pos=cache["pos"].at[slots].set(columns(fresh["pos"], -1, 1))))
     out["step"] = carry["step"].at[slots].set(new["step"])
     for name in ("token", "position", "done", "window"):
         out[name] = carry[name].at[slots].set(new[name])

@@ -222,7 +222,9 @@ def test_shardings_follow_the_rules_table():
     assert specs["blocks/attn/k"] == jax.P(None, "fsdp", "tensor", None)  # the stacked `layers` axis: replicated
     assert specs["head"] == jax.P("fsdp", "tensor")
     cache = Transformer(tiny("gpt2"), rngs=nnx.Rngs(0)).init_cache(4, 16)
-    assert cache_shardings(cache, mesh)["k"].spec == jax.P(None, ("data", "fsdp"), "tensor", None, None)
+    assert [s.spec for s in cache_shardings(cache, mesh)["k"]] == [jax.P(("data", "fsdp"), "tensor", None, None)] * 2
+    cache = Transformer(tiny("llama", scan_layers=True), rngs=nnx.Rngs(0)).init_cache(4, 16)
+    assert cache_shardings(cache, mesh)["v"].spec == jax.P(None, ("data", "fsdp"), "tensor", None, None)
 
 
 def test_flops_per_token_matches_xla_cost_analysis():

@@ -185,8 +185,8 @@ class Attention(nnx.Module):
     def __call__(self, x, rope, mask, kv_cache):
         """x [B, T, d] -> ([B, T, d], updated (k, v) cache or None).
 
-        kv_cache: None or (k, v, layer, write index), k and v the whole stacked cache [layers, B, K, S, D]: this
-        layer's new keys / values are written into it in place (no per-layer copies to re-stack each step).
+        kv_cache: None or (k, v, layer, write index): k and v this layer's cache [B, K, S, D] (layer None) or the
+        whole stacked one [layers, B, K, S, D] (scan_layers); the new keys / values are written into it in place.
         """
         q, k, v = self._qkv(x)
         if rope is not None:
@@ -259,12 +259,16 @@ def take_positions(x, index):
 
 
 def _write_cache(cache, new, layer, index):
-    """Writes `new` [B, T, K, D] into slots index.. of `layer` in `cache` [layers, B, K, S, D].
+    """Writes `new` [B, T, K, D] into slots index.. of the layer's `cache` [B, K, S, D] (layer None) or of `layer`
+    in the stacked `cache` [layers, B, K, S, D].
 
     Returns (updated cache, that layer's [B, K, S, D]).
     """
-    new = new.swapaxes(1, 2).astype(cache.dtype)[None]
-    cache = jax.lax.dynamic_update_slice(cache, new, (layer, 0, 0, index, 0))
+    new = new.swapaxes(1, 2).astype(cache.dtype)
+    if layer is None:
+        cache = jax.lax.dynamic_update_slice(cache, new, (0, 0, index, 0))
+        return cache, cache
+    cache = jax.lax.dynamic_update_slice(cache, new[None], (layer, 0, 0, index, 0))
     return cache, jax.lax.dynamic_index_in_dim(cache, layer, axis=0, keepdims=False)
 
 

@@ -2,7 +2,9 @@
 LLaMA family (RoPE, RMSNorm, SwiGLU, grouped-query attention, untied head), chosen by `config.model.family`.
 
 Decoding uses a KV cache, a plain pytree from `Transformer.init_cache`:
-  k, v   [n_layers, batch, n_kv_heads, max_len, head_dim]  keys / values by cache slot (attention reads it as is)
+  k, v   n_layers arrays [batch, n_kv_heads, max_len, head_dim]: keys / values by cache slot, one buffer per layer
+         (written in place; attention reads it as is). With scan_layers one stacked [n_layers, batch, ...] array,
+         which the scan threads through (each layer's slice is then copied out for its attention each step).
   pos    int32 [batch, max_len]                             position of the token in each slot; -1: empty or padding
   index  int32 []                                           next slot to write (the same for every row)
 Tokens whose position is negative are padding: no token attends to them. Left-padded prompts therefore take
@@ -241,14 +243,18 @@ class Transformer(nnx.Module):
     def init_cache(self, batch_size: int, max_len: int, dtype=None) -> dict:
         """An empty KV cache for `batch_size` rows of up to `max_len` tokens (prompt + generated)."""
         spec = self.spec
-        shape = (spec.n_layers, batch_size, spec.n_kv_heads, max_len, spec.head_dim)
+        shape = (batch_size, spec.n_kv_heads, max_len, spec.head_dim)
         dtype = dtype or spec.dtype
-        return dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                    pos=jnp.full((batch_size, max_len), -1, jnp.int32), index=jnp.zeros((), jnp.int32))
+        if spec.scan_layers:
+            k, v = (jnp.zeros((spec.n_layers, *shape), dtype) for _ in "kv")
+        else:  # a buffer per layer: a stacked one would make each layer copy its slice out for attention each step
+            k, v = (tuple(jnp.zeros(shape, dtype) for _ in range(spec.n_layers)) for _ in "kv")
+        return dict(k=k, v=v, pos=jnp.full((batch_size, max_len), -1, jnp.int32), index=jnp.zeros((), jnp.int32))
 
     def _run_blocks(self, x, rope, mask, cache, read_at=None):
-        """The blocks in order; with a cache, the stacked (k, v) is threaded through and each layer writes its slice;
-        with read_at (hidden_at's positions, unstacked blocks, no cache), the last block runs there only."""
+        """The blocks in order; with a cache, each layer writes its (k, v) buffers (scan_layers: its slice of the
+        stacked ones, threaded through the scan); with read_at (hidden_at's positions, unstacked blocks, no cache),
+        the last block runs there only."""
         index = None if cache is None else cache["index"]
         kv = None if cache is None else (cache["k"], cache["v"])
         if self.spec.scan_layers:
@@ -260,15 +266,20 @@ class Transformer(nnx.Module):
             layers = (state, jnp.arange(self.spec.n_layers, dtype=jnp.int32))
             return jax.lax.scan(layer_step, (x, kv), layers)[0]
         blocks = list(self.blocks)
+        ks, vs = (None, None) if kv is None else map(list, kv)
         for i, block in enumerate(blocks if read_at is None else blocks[:-1]):
             graphdef, state = nnx.split(block)
-            x, kv = self._block_step(graphdef, rope, mask, index)(x, kv, state, i)
+            layer_kv = None if kv is None else (ks[i], vs[i])
+            x, layer_kv = self._block_step(graphdef, rope, mask, index)(x, layer_kv, state, None)
+            if kv is not None:
+                ks[i], vs[i] = layer_kv
         if read_at is not None:
             return blocks[-1].read_at(x, rope, mask, read_at), kv
-        return x, kv
+        return x, None if kv is None else (tuple(ks), tuple(vs))
 
     def _block_step(self, graphdef, rope, mask, index):
-        """(x, stacked (k, v) or None, block state, layer) -> (x, (k, v) or None), remat as config.model.remat says."""
+        """(x, (k, v) or None, block state, layer) -> (x, (k, v) or None), remat as config.model.remat says. k, v:
+        the layer's own buffers (layer None) or the stacked ones (layer: its index)."""
         def step(x, kv, state, layer):
             kv_cache = None if kv is None else (*kv, layer, index)
             return nnx.merge(graphdef, state)(x, rope, mask, kv_cache)
@@ -379,6 +390,11 @@ def flops_per_token(model_config, seq_len: int) -> int:
 
 def cache_shardings(cache: dict, mesh) -> dict:
     """NamedShardings for a KV cache from `init_cache`: rows over the batch axes, kv heads over `tensor`."""
-    kv = ("layers", "batch", "kv_heads", "length", "head_dim")
-    axes = dict(k=kv, v=kv, pos=("batch", "length"), index=())
-    return {name: lm_mesh.named_sharding(mesh, axes[name], value.shape) for name, value in cache.items()}
+    kv = ("batch", "kv_heads", "length", "head_dim")
+
+    def axes(name, value):
+        if name in ("k", "v"):
+            return ("layers", *kv) if value.ndim == 5 else kv
+        return ("batch", "length") if name == "pos" else ()
+    return {name: jax.tree.map(lambda x: lm_mesh.named_sharding(mesh, axes(name, x), x.shape), value)
+            for name, value in cache.items()}
