@@ -11,7 +11,7 @@ from lm import mesh as lm_mesh
 from lm.config import ConfigError
 from lm.model import (Transformer, cache_shardings, flops_per_token, from_params, param_count, shardings, stack_layers,
                       unstack_layers)
-from lm.model.layers import attention
+from lm.model.layers import add_bias, apply_gain, attention
 
 FAMILIES = ("gpt2", "llama")
 T = 14  # one sequence length for the full forward passes, so compiled functions are shared between tests
@@ -78,6 +78,25 @@ def test_bfloat16_compute_tracks_float32():
     assert logits.shape == (2, T, 128) and logits.dtype == jnp.float32
     assert bf16.blocks[0].attn.q[...].dtype == jnp.float32  # params stay float32
     np.testing.assert_allclose(logits, forward(model, x), atol=0.1)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_bias_and_gain_gradients_equal_plain_autodiff(dtype):
+    """add_bias / apply_gain (their parameter gradients a matmul with ones) against jax.grad of y + b and y * g, with
+    a [heads, head_dim] bias as the attention's and a cotangent that is not all ones."""
+    y = jax.random.normal(jax.random.key(0), (3, 5, 4, 8), dtype)
+    b = jax.random.normal(jax.random.key(1), (4, 8), jnp.float32)
+    w = jax.random.normal(jax.random.key(2), y.shape, jnp.float32)
+
+    def loss(f):
+        return lambda y, b: jnp.sum(jnp.sin(f(y, b).astype(jnp.float32)) * w)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-2)
+    for ours, plain in ((add_bias, lambda y, b: y + b.astype(y.dtype)), (apply_gain, lambda y, b: y * b.astype(y.dtype))):
+        np.testing.assert_allclose(np.asarray(ours(y, b), np.float32), np.asarray(plain(y, b), np.float32), **tol)
+        got, want = jax.grad(loss(ours), (0, 1))(y, b), jax.grad(loss(plain), (0, 1))(y, b)
+        for g, e in zip(got, want):
+            assert g.dtype == e.dtype and g.shape == e.shape
+            np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(e, np.float32), **tol)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
