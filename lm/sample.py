@@ -42,6 +42,7 @@ from flax import nnx
 
 from lm import mesh as lm_mesh
 from lm import model as lm_model
+from lm.model import reductions
 
 PROMPT_BUCKET = 16  # the shortest padded prompt length; longer ones round up to a power of two (few compiles)
 NO_TOKEN = -1       # generated-token value after a row has stopped
@@ -98,7 +99,7 @@ def top_p_filter(logits, p: float):
         return logits
     order = jnp.argsort(-logits, axis=-1, stable=True)
     sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    probs = reductions.softmax(sorted_logits)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
     keep_sorted = mass_before < p
     keep = jnp.zeros_like(keep_sorted)
@@ -148,7 +149,7 @@ def inverse_cdf_draw(keys, logits):
     XLA's CPU backend runs a cumsum over V as a reduce-window (0.4 ms a step for 32 x 2,048); over V / 64 block
     sums and one block's 64 entries it costs ~10x less."""
     uniforms = jax.vmap(lambda key: jax.random.uniform(key, ()))(keys)
-    probs = jax.nn.softmax(logits, axis=-1)
+    probs = reductions.softmax(logits)
     B, V = probs.shape
     block = min(CDF_BLOCK, V)
     blocks = -(-V // block)

@@ -11,6 +11,7 @@ from lm import mesh as lm_mesh
 from lm.config import ConfigError
 from lm.model import (Transformer, cache_shardings, flops_per_token, from_params, param_count, shardings, stack_layers,
                       unstack_layers)
+from lm.model import reductions
 from lm.model.layers import add_bias, apply_gain, attention
 
 FAMILIES = ("gpt2", "llama")
@@ -97,6 +98,24 @@ def test_bias_and_gain_gradients_equal_plain_autodiff(dtype):
         for g, e in zip(got, want):
             assert g.dtype == e.dtype and g.shape == e.shape
             np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(e, np.float32), **tol)
+
+
+@pytest.mark.parametrize("shape", [(4, 64, 2048), (3, 1000, 160), (2, 5, 7)])  # folded, odd after a fold, small
+def test_row_reductions_equal_jax_nn(shape):
+    """reductions.row_max / row_sum / logsumexp / softmax (folded maxima and sums as matmuls on CPU for large
+    arrays) against jnp.max, jnp.sum and jax.nn, values and gradients; a row of -inf has logsumexp -inf."""
+    x = 5 * jax.random.normal(jax.random.key(0), shape)
+    assert (x.size >= reductions.MIN_SIZE) == (shape != (2, 5, 7))
+    np.testing.assert_array_equal(reductions.row_max(x), jnp.max(x, axis=-1))
+    np.testing.assert_allclose(reductions.row_sum(x), jnp.sum(x, axis=-1), rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(reductions.logsumexp(x), jax.nn.logsumexp(x, axis=-1), rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(reductions.softmax(x), jax.nn.softmax(x, axis=-1), rtol=1e-5, atol=1e-7)
+    w = jax.random.normal(jax.random.key(1), shape)
+    for ours, ref, weight in ((reductions.logsumexp, lambda x: jax.nn.logsumexp(x, axis=-1), w[..., 0]),
+                              (reductions.softmax, lambda x: jax.nn.softmax(x, axis=-1), w)):
+        got, want = (jax.grad(lambda x, f=f: jnp.sum(f(x) * weight))(x) for f in (ours, ref))
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    assert reductions.logsumexp(x.at[-1, -1].set(-jnp.inf))[-1, -1] == -jnp.inf
 
 
 @pytest.mark.parametrize("family", FAMILIES)

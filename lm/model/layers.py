@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lm import mesh as lm_mesh
+from lm.model import reductions
 
 
 def param(rngs, shape, axes, dtype, std) -> nnx.Param:
@@ -184,7 +185,7 @@ def _masked_attention(q, k, v, mask, kv_heads_first=False):
     q = q.reshape(B, T, K, G, D).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, D)
     scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32) / math.sqrt(D)
     scores = jnp.where(mask[:, None, None], scores.reshape(B, K, G, T, S), jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(B, K, G * T, S)
+    probs = reductions.softmax(scores).astype(v.dtype).reshape(B, K, G * T, S)
     out = jnp.einsum("bkqs,bksd->bkqd", probs, v)
     return out.reshape(B, K, G, T, D).transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
 

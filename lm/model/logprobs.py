@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lm.model import reductions
+
 
 def token_logprobs(logits, targets):
     """log p(targets) under `logits`: [..., V] and int [...] -> float32 [...], computed stably in float32.
@@ -14,7 +16,7 @@ def token_logprobs(logits, targets):
     """
     logits = logits.astype(jnp.float32)
     picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return picked - jax.nn.logsumexp(logits, axis=-1)
+    return picked - reductions.logsumexp(logits)
 
 
 def head_nll_sum(hidden, weight, targets, mask, chunk: int = 128):
@@ -50,7 +52,7 @@ def _chunk_logits(h, weight):
 
 def _chunk_nll(logits, t, m):
     picked = jnp.take_along_axis(logits, t.reshape(-1, 1), axis=-1)[:, 0]
-    return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - picked) * m.reshape(-1))
+    return jnp.sum((reductions.logsumexp(logits) - picked) * m.reshape(-1))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -70,9 +72,9 @@ def _head_nll_sum_fwd(chunk, hidden, weight, targets, mask):
         total, dweight = carry
         h, t, m = xs
         logits = _chunk_logits(h, weight)
-        lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+        lse = reductions.logsumexp(logits)[:, None]
         is_target = jnp.arange(logits.shape[-1])[None, :] == t.reshape(-1, 1)
-        picked = jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1)
+        picked = jnp.take_along_axis(logits, t.reshape(-1, 1), axis=-1)[:, 0]
         rows_mask = m.reshape(-1, 1)
         dlogits = ((jnp.exp(logits - lse) - is_target) * rows_mask).astype(weight.dtype)
         dh = jnp.einsum("nv,vd->nd", dlogits, weight, preferred_element_type=jnp.float32)

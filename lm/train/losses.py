@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from lm.config import ConfigError
-from lm.model import head_nll_sum, token_logprobs
+from lm.model import head_nll_sum, reductions, token_logprobs
 
 FUSED_CHUNK = 128  # positions per chunk of the fused cross-entropy when loss_chunk is 0
 
@@ -128,13 +128,13 @@ def _head_chunk(token_loss, h, weight, t, data, grad: bool):
     B, c, d = h.shape
     flat = h.reshape(-1, d)
     logits = jnp.einsum("nd,vd->nv", flat, weight, preferred_element_type=jnp.float32)
-    shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    shifted = logits - jax.lax.stop_gradient(reductions.row_max(logits))[:, None]
     exp = jnp.exp(shifted)
-    total_exp = jnp.sum(exp, axis=-1, keepdims=True)
+    total_exp = reductions.row_sum(exp)[:, None]
     log_total = jnp.log(total_exp)
     is_target = jnp.arange(logits.shape[-1])[None, :] == t.reshape(-1, 1)
-    logp = (jnp.sum(jnp.where(is_target, shifted, 0.0), axis=-1, keepdims=True) - log_total)
-    entropy = log_total - jnp.sum(exp * shifted, axis=-1, keepdims=True) / total_exp
+    logp = jnp.take_along_axis(shifted, t.reshape(-1, 1), axis=-1) - log_total
+    entropy = log_total - reductions.row_sum(exp * shifted)[:, None] / total_exp
     logp, entropy = logp.reshape(B, c), entropy.reshape(B, c)
     if not grad:
         return jnp.sum(token_loss(logp, *data)), logp, entropy

@@ -17,6 +17,8 @@ Registries (a config picks by name): ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS.
 import jax
 import jax.numpy as jnp
 
+from lm.model import reductions
+
 # ----------------------------------------------------------------------------------------------------------------
 # Masked statistics
 # ----------------------------------------------------------------------------------------------------------------
@@ -235,8 +237,7 @@ def clipped_value_loss(values, old_values, returns, mask, clip_eps: float, aggre
 def token_entropy(logits):
     """Entropy of softmax(logits) per position, [..., V] -> float32 [...], in nats."""
     logits = logits.astype(jnp.float32)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    return log_z - jnp.sum(jax.nn.softmax(logits, axis=-1) * logits, axis=-1)
+    return reductions.logsumexp(logits) - reductions.row_sum(reductions.softmax(logits) * logits)
 
 
 def entropy_from_logits(logits, mask):
