@@ -105,8 +105,8 @@ def main(argv):
     quiet.write_if_quiet(dict(
         benchmark="chat latency at batch 1: lm.sample.stream vs generate_ids",
         command="python benchmarks/bench_chat.py " + " ".join(sys.argv[1:]), results=rows, repeats=_REPEATS.value,
-        machine=dict(platform=platform.platform(), cpus=os.cpu_count(), jax=jax.__version__,
-                     backend=jax.default_backend(), devices=str(jax.devices()[0]))), _OUTPUT.value, load)
+        software=dict(platform=platform.platform(), cpus=os.cpu_count(), jax=jax.__version__,
+                      backend=jax.default_backend(), devices=str(jax.devices()[0]))), _OUTPUT.value, load)
 
 
 if __name__ == "__main__":

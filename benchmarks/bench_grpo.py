@@ -1,7 +1,7 @@
 """GRPO step time (rollout + update) of lm.train.grpo vs TRL's GRPOTrainer, on the same tiny GPT-2 weights on CPU.
 
     ../shared/tools/quiet-run python benchmarks/bench_grpo.py [--trl_python=/work/venv-trl/bin/python]
-        [--threads=1,2] [--prompts=4 --group=8 --new_tokens=32 --steps=6]
+        [--threads=1,2] [--prompts=4 --group=8 --new_tokens=32 --steps=10]
 
 One random tiny GPT-2 (configs/tiny.py's model: 2 layers, d 128, this script's 2,048-token BPE) is saved as our
 run and exported through lm.model.hf for transformers, with our tokenizer's HF tokenizer.json on both sides, so both
@@ -14,8 +14,8 @@ TRL 1.16 runs offline on CPU with use_vllm=False, bf16=False, no gradient checkp
 its per_device_train_batch_size counts completions (P x G). Each side runs in its own process pinned to `threads`
 cores (sched_setaffinity; torch.set_num_threads / XLA's CPU thread pool follow it). The first step (compilation,
 warm-up) is reported apart; the median of the others is the step time (our last step also writes the loop's
-final checkpoint, timed as checkpoint_s; TRL's side saves nothing); each side's faster thread count is compared
-with the other's too. Ours also reports the split: median_sample_s (the sampler alone) and median_update_s (the train
+final checkpoint: timed as checkpoint_s and left out of that step's time, as TRL's side saves nothing); each side's
+faster thread count is compared with the other's too. Ours also reports the split: median_sample_s (the sampler alone) and median_update_s (the train
 step); the rest of a step is rewards and layout. TRL lives in its own venv, never in ours.
 
 The foreign CPU load during each side's run (busy CPU time from /proc/stat minus that side's own, over its wall time)
@@ -99,14 +99,16 @@ def run_ours(directory: pathlib.Path, args) -> dict:
         trainer.save = timed_save
         batches = trainer.train_batches()
         for _ in range(args.steps):
+            saved = len(saves)
             tick = time.perf_counter()
             batch = next(batches)
             sampled = time.perf_counter()
             trainer.step(batch)
-            times.append(time.perf_counter() - tick)
+            saving = sum(saves[saved:])                          # the last step's checkpoint: not a step's work
+            times.append(time.perf_counter() - tick - saving)
             tokens.append(float(batch["loss_mask"].sum()))
             rollouts.append(batch["metrics"]["rollout_sec"])    # the sampler alone
-            updates.append(time.perf_counter() - sampled)        # the train step (and the last step's checkpoint)
+            updates.append(time.perf_counter() - sampled - saving)   # the train step
     return dict(times=times, generated_tokens=tokens, checkpoint_s=saves, sample_s=rollouts, update_s=updates)
 
 
@@ -184,7 +186,7 @@ def main():
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--new_tokens", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--dir", default="/tmp/bench_grpo")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "grpo_bench.json"))
     parser.add_argument("--max_foreign_load", type=float, default=0.1,

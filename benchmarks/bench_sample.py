@@ -129,8 +129,8 @@ def main(argv):
     run = dict(config=_CONFIG.value, params=param_count(config.model), results=rows,
                model={k: config.model[k] for k in ("family", "n_layers", "d_model", "n_heads", "d_ff", "vocab_size",
                                                     "max_len")},
-               machine=dict(platform=platform.platform(), cpus=os.cpu_count(), jax=jax.__version__,
-                            backend=jax.default_backend(), torch=torch.__version__),
+               software=dict(platform=platform.platform(), cpus=os.cpu_count(), jax=jax.__version__,
+                             backend=jax.default_backend(), torch=torch.__version__),
                **load.fields())
     write(pathlib.Path(_OUTPUT.value), run, load)
 

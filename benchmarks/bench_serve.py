@@ -186,7 +186,7 @@ def main(argv):
         benchmark="lm.serve (continuous batching) vs one request at a time (HF generate, generate_ids loop)",
         command="python benchmarks/bench_serve.py " + " ".join(sys.argv[1:]), results=rows, config=_CONFIG.value,
         params=param_count(config.model), vocab_size=tok.n_vocab, new_tokens=_NEW.value, rounds=_ROUNDS.value,
-        machine=dict(platform=platform.platform(), devices=str(jax.devices()), cpus=os.cpu_count())),
+        software=dict(platform=platform.platform(), devices=str(jax.devices()), cpus=os.cpu_count())),
         _OUTPUT.value, load)
 
 
