@@ -15,8 +15,8 @@ its per_device_train_batch_size counts completions (P x G). Each side runs in it
 cores (sched_setaffinity; torch.set_num_threads / XLA's CPU thread pool follow it). The first step (compilation,
 warm-up) is reported apart; the median of the others is the step time (our last step also writes the loop's
 final checkpoint: timed as checkpoint_s and left out of that step's time, as TRL's side saves nothing); each side's
-faster thread count is compared with the other's too. Ours also reports the split: median_sample_s (the sampler alone) and median_update_s (the train
-step); the rest of a step is rewards and layout. TRL lives in its own venv, never in ours.
+faster thread count is compared with the other's too. Ours also reports the split: median_sample_s (the sampler
+alone) and median_update_s (the train step); the rest of a step is rewards and layout. TRL lives in its own venv, never in ours.
 
 The foreign CPU load during each side's run (busy CPU time from /proc/stat minus that side's own, over its wall time)
 is recorded as in bench_train.py; above --max_foreign_load cores the run is CONTENDED: the figures are printed, marked,

@@ -15,7 +15,7 @@ declared as the one alternative before it ran; ~85 s a seed of the 600 s budget)
 grpo_goal_100steps.json).
 Quiet (2026-12-02, second session; benchmarks/grpo_goal.py on a default lm.main run, quiet-run OK): SFT greedy
 0.289, pass@8 0.703 -> greedy 0.453 / 0.484 / 0.477 (+0.16 / +0.20 / +0.19), pass@8 0.73 / 0.77 / 0.73, 100-107 s a
-seed: the goal on every seed (benchmarks/results/grpo_goal.json). The contended runs that chose the settings:
+seed: the goal on every seed (its grpo_goal.json since replaced by the run above). The contended runs that chose the settings:
 
 From the pipeline's own SFT model at 500 SFT steps (configs/sft_tiny.py's default since 2026-12-02; a default lm.main
 run's pretrained model, SFT greedy 0.289, pass@1 0.229, pass@8 0.695 on these draws), this default, 3 seeds run side by

@@ -47,9 +47,15 @@ def _add_bias_fwd(y, b):
 
 
 def _add_bias_bwd(b, g):
-    rows = g.reshape(-1, b.size)
-    db = jnp.dot(jnp.ones((rows.shape[0],), rows.dtype), rows, preferred_element_type=jnp.float32)
-    return g, db.reshape(b.shape).astype(b.dtype)
+    return g, _sum_over_positions(g, b)
+
+
+def _sum_over_positions(x, param):
+    """x [..., *param.shape] summed over its leading positions as ones @ x (float32 accumulation), in param's
+    shape and dtype: the gradient of a parameter broadcast over positions."""
+    rows = x.reshape(-1, param.size)
+    total = jnp.dot(jnp.ones((rows.shape[0],), rows.dtype), rows, preferred_element_type=jnp.float32)
+    return total.reshape(param.shape).astype(param.dtype)
 
 
 add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
@@ -67,9 +73,7 @@ def _gain_fwd(y, g):
 
 def _gain_bwd(residuals, cotangent):
     y, g = residuals
-    rows = (cotangent * y).reshape(-1, g.size)
-    dg = jnp.dot(jnp.ones((rows.shape[0],), rows.dtype), rows, preferred_element_type=jnp.float32)
-    return cotangent * g.astype(cotangent.dtype), dg.reshape(g.shape).astype(g.dtype)
+    return cotangent * g.astype(cotangent.dtype), _sum_over_positions(cotangent * y, g)
 
 
 apply_gain.defvjp(_gain_fwd, _gain_bwd)
