@@ -49,6 +49,13 @@ shared 2-core machine, contended, indicative). "acc" is a proxy's accuracy on th
   beta 0.03 31/2.53, 30/2.68, 31/2.56 (later in 3 of 3, 2 still rising at the end; not further in sqrt KL: the
   penalty delays in updates, not along KL); 1024 pairs 28/3.02, 29/2.69, 3/2.09 (later in 2 of 3, further in 1).
   Outputs in /tmp/hack6/hacking; benchmarks/results/hacking.json.
+- G (declared 2026-12-03 before running; the preset as below): F left "more pairs delay the turnover" at 2 of 3
+  seeds, with the 1024-pair proxy trained for the same 120 steps as the 128-pair one (~2.3 passes over its pairs,
+  where the 128-pair proxy had ~19). G changes only the pairs arm: 128 vs 4096 pairs (32x instead of 8x), every
+  proxy trained for at least 3 passes over its train pairs (proxy_epochs; 4096 pairs: 615 steps; 128 pairs: still
+  120), same KL arm (0.01 vs 0.03), seeds 0-2, base: the SFT of a default lm.main run of 2026-12-03 (greedy pass@1
+  0.336). Judged as in F: the peak (5-rollout smoothing) later in rollouts than the base, seed by seed; sqrt KL
+  reported beside it.
 """
 import ml_collections
 
@@ -96,7 +103,7 @@ def hacking_section(study: bool = False) -> ml_collections.ConfigDict:
         seeds=(0, 1, 2) if study else (0,),
         # reward-model pairs and KL coefficients: the first of each is the base setting, the others should delay
         # the gold turnover
-        pairs=(128, 1024) if study else (64,),
+        pairs=(128, 4096) if study else (64,),
         # (0.3 held sqrt KL at ~1.3, no peak to delay; 0.05 vs 0.02 did not delay; 0.03 vs 0.01 did, in updates)
         kl_coefs=(0.01, 0.03) if study else (0.02,),
         # Bradley-Terry labels: P(a preferred) = sigmoid((gold_a - gold_b) / this). Gold gaps between two answers
@@ -106,6 +113,7 @@ def hacking_section(study: bool = False) -> ml_collections.ConfigDict:
         bon_n=(1, 2, 4, 8, 16, 32),
         bon_prompts=32,
         proxy_steps=120,
+        proxy_epochs=3.0 if study else 0.0,  # at least this many passes over a proxy's train pairs (0: proxy_steps)
         proxy_batch=16,
         proxy_lr=1e-3,
         rollouts=32 if study else 24,  # study F: 32 (time); at 24 with 64 pairs and beta 0.02 1 of 3 turned over

@@ -3,6 +3,7 @@ report, the plot and the samples at the gold peak and the end are written; the g
 import json
 import math
 
+import ml_collections
 import pytest
 
 from lm.train import hacking
@@ -16,6 +17,14 @@ def test_gold_reward_by_hand():
     assert hacking.gold_reward("The answer is 68.", "68") == pytest.approx(1 + 1 - math.exp(-2 / 3))
     assert hacking.gold_reward("6868686868", "12") == pytest.approx(1 - math.exp(-10 / 3) - 2 * 0.75)
     assert hacking.gold_reward("", "1") == 0.0
+
+
+def test_proxy_steps_cover_the_declared_passes_over_large_pair_sets():
+    hacking_ = ml_collections.ConfigDict(dict(proxy_steps=120, proxy_batch=16, proxy_epochs=3.0))
+    assert hacking.proxy_steps(hacking_, 3276) == 615  # ceil(3 * 3276 / 16): 3 passes over 4096 pairs' 80%
+    assert hacking.proxy_steps(hacking_, 102) == 120   # a small set keeps the step floor
+    hacking_.proxy_epochs = 0.0
+    assert hacking.proxy_steps(hacking_, 3276) == 120
 
 
 def test_peak_and_description():

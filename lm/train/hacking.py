@@ -160,12 +160,20 @@ def row_width(config) -> int:
 
 # --- one setting -----------------------------------------------------------------------------------------------------
 
-def proxy_config(config, seed: int):
+def proxy_steps(hacking, train_pairs: int) -> int:
+    """proxy_steps, or more where proxy_epochs (> 0) passes over the train pairs need more: a fixed step count
+    would see only part of a large pair set, so it would not show what more pairs buy."""
+    batch = int(hacking.proxy_batch)
+    needed = math.ceil(float(hacking.get("proxy_epochs", 0.0)) * train_pairs / batch)
+    return max(int(hacking.proxy_steps), needed)
+
+
+def proxy_config(config, seed: int, train_pairs: int):
     hacking = config.hacking
     c = ml_collections.ConfigDict(config.to_dict())
     c.seed = seed
     c.reward = ml_collections.ConfigDict(dict(margin=0.0, center_coef=0.01))
-    steps = int(hacking.proxy_steps)
+    steps = proxy_steps(hacking, train_pairs)
     c.train.update(steps=steps, batch_size=int(hacking.proxy_batch), lr=float(hacking.proxy_lr), warmup_steps=5,
                    schedule="cosine", eval_every=steps, checkpoint_every=steps, log_every=max(steps // 4, 1),
                    seq_len=row_width(config))
@@ -181,8 +189,8 @@ def train_proxy(config, base, model, tokenizer, pool, n_pairs, seed, out_dir, ya
     else:
         pairs, stats = gold_pairs(model, tokenizer, pool, config, n_pairs, seed,
                                   float(config.hacking.label_temperature))
-        c = proxy_config(config, seed)
         train, held = preferences.split_pairs([pair[0] for pair in pairs], 0.2, seed)
+        c = proxy_config(config, seed, len(train))
         train_rows, held_rows = (pair_rows([pairs[p.line] for p in split], tokenizer, row_width(config))
                                  for split in (train, held))
         report = reward.train_reward_model(c, run_dir, base, tokenizer, train_rows, held_rows,
