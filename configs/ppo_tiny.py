@@ -55,7 +55,11 @@ shared 2-core machine, contended, indicative). "acc" is a proxy's accuracy on th
   proxy trained for at least 3 passes over its train pairs (proxy_epochs; 4096 pairs: 615 steps; 128 pairs: still
   120), same KL arm (0.01 vs 0.03), seeds 0-2, base: the SFT of a default lm.main run of 2026-12-03 (greedy pass@1
   0.336). Judged as in F: the peak (5-rollout smoothing) later in rollouts than the base, seed by seed; sqrt KL
-  reported beside it.
+  reported beside it. Result (11 min, shared machine): acc 128 pairs 0.594, 4096 0.790. Peak rollout / sqrt KL,
+  seeds 0, 1, 2: base 20/3.88, 15/3.03, 8/2.39 (gold gains only ~0.1, flat); 4096 pairs 31/3.72, 26/3.26, 30/4.08
+  (later in 3 of 3, +11/+11/+22 rollouts; further in sqrt KL in 2); beta 0.03 11/2.43, 20/2.27, 4/1.86 (later in
+  1 of 3: with a flat base gold curve its peak is noise). Outputs in /tmp/mainrun2/hacking_g;
+  benchmarks/results/hacking_g.json.
 """
 import ml_collections
 

@@ -203,6 +203,46 @@ def test_rollout_rows_and_first_pass_ratio_is_one(workdir, tok):
     np.testing.assert_allclose(ratio, 1.0, atol=1e-4)
 
 
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_shared_prompts_give_the_loss_and_gradients_of_whole_rows(workdir, tok, scan_layers):
+    """grpo_loss with group_size=G (each group's prompt run once, its KV cache shared by the G completions) equals
+    the whole-row path in loss, metrics and parameter gradients, on a sampled rollout (left-padded prompts of
+    several lengths, completions stopped early), with stacked layers too; and the config shares prompts only where
+    a step sees whole groups in order."""
+    model, _, config, _ = init_model(workdir)
+    config = grpo.with_init_model(grpo_config(), config)
+    pool = grpo.problem_pool(tiny_runs.HasDigit(), tok, config.grpo, seed=0)[:2]
+    rows, _ = grpo.make_rollout(model, tiny_runs.HasDigit(), tok, pool, config.grpo, seed=0, index=1)
+    prompt_lengths = (rows["positions"][:, :-config.grpo.max_new_tokens + 1] >= 0).sum(1)
+    assert len(set(prompt_lengths.tolist())) > 1 and rows["loss_mask"].sum(1).min() < config.grpo.max_new_tokens
+    rows["ref_logprobs"] = rows["old_logprobs"] - 0.1
+    rows["advantages"] = rows["advantages"] + 0.5
+    batch = {k: jnp.asarray(v) for k, v in rows.items()}
+    if scan_layers:
+        stacked = lm_config.load("configs/tiny.py", {**MODEL, "model.n_layers": 2, "model.scan_layers": True,
+                                                     "train.seq_len": 37, "model.vocab_size": tok.n_vocab})
+        model = Transformer(stacked.model, rngs=nnx.Rngs(3))
+    graphdef, params = nnx.split(model)
+    G, N = config.grpo.group_size, config.grpo.max_new_tokens
+
+    def value_and_grad(group_size):
+        def of_params(p):
+            loss_sum, weight, sums = grpo.grpo_loss(nnx.merge(graphdef, p), batch, beta=0.1, completion_start=-N,
+                                                    chunk=4, group_size=group_size)
+            return loss_sum, (weight, sums)
+        return jax.jit(jax.value_and_grad(of_params, has_aux=True))(params)
+
+    want, got = value_and_grad(1), value_and_grad(G)
+    assert float(jnp.abs(want[0][0])) > 0 and all(np.isfinite(x).all() for x in jax.tree.leaves(got))
+    # (a prompt token's gradient sums its G completions' shares in another order: float32 noise of that size)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6 * max(1.0, np.abs(b).max())),
+                 got, want)
+    assert grpo.shares_prompts(lm_config.load("configs/grpo_tiny.py", {"grpo.minibatches": 1}))
+    assert not grpo.shares_prompts(lm_config.load("configs/grpo_tiny.py", {"grpo.minibatches": 2}))
+    assert not grpo.shares_prompts(lm_config.load("configs/grpo_tiny.py", {"grpo.minibatches": 1,
+                                                                           "train.grad_accum": 2}))
+
+
 # --- learning, resume, errors -------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from lm import mesh as lm_mesh
@@ -315,7 +316,7 @@ def _check_capacity(index, n_new, size):
 def _check_max_len(positions, max_len):
     """Learned positions end at max_len. Under jit only the length is known (later decode steps go unchecked)."""
     traced = isinstance(positions, jax.core.Tracer)
-    last = positions.shape[1] - 1 if traced else int(positions.max())
+    last = positions.shape[1] - 1 if traced else int(np.asarray(positions).max())  # (a jit constant stays concrete)
     if last >= max_len:
         raise ValueError(f"position {last} >= config.model.max_len={max_len} (GPT-2's learned positions)")
 

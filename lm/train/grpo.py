@@ -312,8 +312,26 @@ def token_weights(mask, aggregation: str, max_len=None):
     return jax.grad(lambda x: rl_math.aggregate(x, mask, aggregation, max_len=max_len))(jnp.zeros(mask.shape))
 
 
+def shared_prompt_hidden(model, inputs, positions, start: int, group_size: int):
+    """`model.hidden(inputs, positions)` at columns start.. (the last prompt column and the completions) of rows
+    that come in groups of `group_size` consecutive rows with one prompt in columns ..start: each group's prompt
+    runs once, and its keys and values (a KV cache) serve the group's completions, so the trunk sees P prompts
+    instead of P x G copies of them (a third of the tokens of the tiny arithmetic rows)."""
+    width = start + 1
+    prompt_hidden, cache = model.hidden(inputs[::group_size, :width], positions[::group_size, :width],
+                                        cache=model.init_cache(inputs.shape[0] // group_size, inputs.shape[1]))
+
+    def repeat(x, axis=0):
+        return jnp.repeat(x, group_size, axis=axis)
+    kv_rows = 1 if model.spec.scan_layers else 0  # the rows axis of the (stacked) key / value buffers
+    cache = dict(cache, k=jax.tree.map(lambda x: repeat(x, kv_rows), cache["k"]),
+                 v=jax.tree.map(lambda x: repeat(x, kv_rows), cache["v"]), pos=repeat(cache["pos"]))
+    hidden, _ = model.hidden(inputs[:, width:], positions[:, width:], cache=cache)
+    return jnp.concatenate([repeat(prompt_hidden[:, -1:]), hidden], axis=1)
+
+
 def grpo_loss(model, batch, aggregation="token_mean", eps_low=0.2, eps_high=0.28, beta=0.0, kl="k3",
-              completion_start=0, max_len=None, chunk=0):
+              completion_start=0, max_len=None, chunk=0, group_size=1):
     """(loss_sum, weight, metric_sums) of the clipped-ratio loss (+ beta x KL to the reference) on training rows.
 
     completion_start: the first target column that can be a completion token (the row's prompt width - 1, or
@@ -322,7 +340,9 @@ def grpo_loss(model, batch, aggregation="token_mean", eps_low=0.2, eps_high=0.28
     logits_to_keep). Dr. GRPO's constant is `max_len` (default the whole row length), so the loss is the same as
     over every column. The head, its log-softmax, the per-token loss (`clipped_token_loss`) and their gradients
     run fused, `chunk` positions at a time (losses.head_token_loss): one exponential per logit gives the
-    log-probs, the entropy metric and the gradient."""
+    log-probs, the entropy metric and the gradient. group_size > 1: the rows come in groups of that many
+    consecutive rows with one prompt (a whole rollout in its order), and each prompt runs once
+    (`shared_prompt_hidden`); the loss is the same."""
     columns = batch["targets"].shape[1] if max_len is None else max_len
 
     def completions(x):
@@ -335,8 +355,11 @@ def grpo_loss(model, batch, aggregation="token_mean", eps_low=0.2, eps_high=0.28
     token_loss = functools.partial(clipped_token_loss, eps_low=eps_low, eps_high=eps_high, beta=beta, kl=kl)
     rows, T = batch["targets"].shape
     start = completion_start % T if completion_start else 0
-    hidden = model.hidden_at(batch["inputs"], jnp.broadcast_to(jnp.arange(start, T, dtype=jnp.int32),
-                                                               (rows, T - start)), batch["positions"])
+    if group_size > 1:
+        hidden = shared_prompt_hidden(model, batch["inputs"], batch["positions"], start, group_size)
+    else:
+        hidden = model.hidden_at(batch["inputs"], jnp.broadcast_to(jnp.arange(start, T, dtype=jnp.int32),
+                                                                   (rows, T - start)), batch["positions"])
     loss, logp, entropy = losses.head_token_loss(model, hidden, completions(batch["targets"]), token_loss, data,
                                                  chunk)
     _, clip_frac = rl_math.ppo_clip_loss(logp, old_logprobs, batch["advantages"], mask, eps_low, eps_high)
@@ -348,13 +371,21 @@ def grpo_loss(model, batch, aggregation="token_mean", eps_low=0.2, eps_high=0.28
     return loss * weight, weight, {name: value * weight for name, value in metrics.items()}
 
 
-def make_loss(grpo):
+def shares_prompts(config) -> bool:
+    """Whether each train step sees whole groups in rollout order (one minibatch, no gradient accumulation, whose
+    micro batches take strided rows), so that grpo_loss can run each prompt once."""
+    return int(config.grpo.minibatches) == 1 and int(config.train.get("grad_accum", 1)) == 1
+
+
+def make_loss(config):
     # Rows are as wide as their rollout's prompts need (prompt_width): the completions are the last max_new_tokens
     # columns, and Dr. GRPO's constant stays prompt_len + max_new_tokens - 1 whatever the width.
+    grpo = config.grpo
     return functools.partial(grpo_loss, aggregation=grpo.aggregation, eps_low=float(grpo.eps_low),
                              eps_high=float(grpo.eps_high), beta=float(grpo.beta), kl=grpo.kl,
                              completion_start=-int(grpo.max_new_tokens),
-                             max_len=int(grpo.prompt_len) + int(grpo.max_new_tokens) - 1, chunk=HEAD_CHUNK)
+                             max_len=int(grpo.prompt_len) + int(grpo.max_new_tokens) - 1, chunk=HEAD_CHUNK,
+                             group_size=int(grpo.group_size) if shares_prompts(config) else 1)
 
 
 # --- evaluation ----------------------------------------------------------------------------------------------------
@@ -460,7 +491,7 @@ def objective(config, workdir, tokenizer, task, report: dict, init_run, tokenize
         return result
 
     return loop.Objective(
-        loss=make_loss(grpo), train_batches=train_batches, on_policy=True,
+        loss=make_loss(config), train_batches=train_batches, on_policy=True,
         make_model=lambda: lm_model.Transformer(config.model, rngs=nnx.Rngs(seed)),
         evals={"eval": run_eval} if int(grpo.eval_problems) else {},
         flops_per_token=lm_model.flops_per_token(config.model, config.train.seq_len),
