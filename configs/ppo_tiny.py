@@ -60,6 +60,12 @@ shared 2-core machine, contended, indicative). "acc" is a proxy's accuracy on th
   (later in 3 of 3, +11/+11/+22 rollouts; further in sqrt KL in 2); beta 0.03 11/2.43, 20/2.27, 4/1.86 (later in
   1 of 3: with a flat base gold curve its peak is noise). Outputs in /tmp/mainrun2/hacking_g;
   benchmarks/results/hacking_g.json.
+- H (declared 2026-12-03 after G, before running): the KL arm needs a base whose gold rises before it can turn
+  over; G's 128-pair proxy (0.59) gave a flat one. H: the G preset with pairs=(512,) (one proxy per seed, 3
+  passes), kl_coefs 0.01 vs 0.03, seeds 0-2, the same SFT start; judged as F and G. Result (5 min): acc 0.707;
+  peak rollout / sqrt KL, seeds 0, 1, 2: base 31/3.14 (still rising), 10/2.74 (then -0.085), 5/2.30 (-0.158);
+  beta 0.03 17/2.74, 26/2.39, 16/2.73: later in 2 of 3 (-14/+16/+11), and it loses less gold after its peak
+  (-0.024 vs -0.081 on average). benchmarks/results/hacking_h.json.
 """
 import ml_collections
 

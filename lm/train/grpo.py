@@ -18,7 +18,10 @@ Rows of a training batch (all [rows, W + max_new_tokens - 1]): the prompt left-p
 prompt rounded up as the sampler pads it (`prompt_width`: a power of two, at least 16, at most `grpo.prompt_len`;
 padding at position -1, which attention ignores), then the completion;
 inputs/targets are that sequence shifted by one; loss_mask marks the completion's tokens as targets; old_logprobs
-(the sampler's), advantages [rows], and ref_logprobs when beta > 0.
+(the sampler's), advantages [rows], and ref_logprobs when beta > 0. Where a step's rows are the whole rollout in
+order (one minibatch, no gradient accumulation: `shares_prompts`), the loss runs each group's prompt once and
+shares its keys and values with the group's G completions (`shared_prompt_hidden`); minibatches of shuffled rows
+run every row whole.
 
 Logged every step (batch metrics): reward (total), reward_task, reward_format, no_signal (fraction of groups whose
 rewards are all equal), response_len, truncated, rollout and pass; on the first step of every
