@@ -1,7 +1,7 @@
 """GRPO step time (rollout + update) of lm.train.grpo vs TRL's GRPOTrainer, on the same tiny GPT-2 weights on CPU.
 
     ../shared/tools/quiet-run python benchmarks/bench_grpo.py [--trl_python=/work/venv-trl/bin/python]
-        [--threads=1,2] [--prompts=4 --group=8 --new_tokens=32 --steps=10]
+        [--threads=1,2] [--prompts=4 --group=8 --new_tokens=32 --steps=20]
 
 One random tiny GPT-2 (configs/tiny.py's model: 2 layers, d 128, this script's 2,048-token BPE) is saved as our
 run and exported through lm.model.hf for transformers, with our tokenizer's HF tokenizer.json on both sides, so both
@@ -186,7 +186,7 @@ def main():
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--new_tokens", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--dir", default="/tmp/bench_grpo")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "grpo_bench.json"))
     parser.add_argument("--max_foreign_load", type=float, default=0.1,

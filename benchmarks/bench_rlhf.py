@@ -12,7 +12,9 @@ runs in its own venv, once per torch thread count, in worker processes of this s
 of TRL is imported by lm or by this process. Peers: TRL 1.16 RewardTrainer; PPO was removed from TRL after 1.12, so
 the PPO side is trl==1.12.0's trl.experimental.ppo.PPOTrainer in a separate venv (pre-tokenized prompts, an
 explicit reference model); its phases are timed by wrapping its generation (rollout), reward/value forward passes
-(scoring) and the rest of the update (training).
+(scoring) and the rest of the update (training). Each side's first update (compilation, warm-up) is left out and
+each part is the median over the other updates (TRL: per update, from a callback after each one; until 2026-12-03
+TRL's parts were means over all updates with the first included, which flattered us).
 
 Reward-model tokens: TRL's collator pads each batch of 2B rows (chosen, then rejected) to its longest row; ours
 lays each pair out as one row, the shared prompt once and each answer blind to the other (lm.train.reward.pack_pairs;
@@ -259,7 +261,8 @@ def trl_reward_worker(spec: dict, steps: int, threads: int) -> dict:
 def trl_ppo_worker(spec: dict, steps: int, threads: int) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedTokenizerFast
+    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedTokenizerFast,
+                              TrainerCallback)
     from trl.experimental.ppo import PPOConfig, PPOTrainer
     from trl.experimental.ppo import ppo_trainer as trl_ppo
 
@@ -306,17 +309,31 @@ def trl_ppo_worker(spec: dict, steps: int, threads: int) -> dict:
                      stop_token="eos", temperature=1.0, kl_coef=0.05, learning_rate=3e-5, bf16=False, fp16=False,
                      use_cpu=True, gradient_checkpointing=False, report_to=[], logging_steps=10 ** 6,
                      save_strategy="no", num_sample_generations=0, missing_eos_penalty=1.0)
+    marks = []  # (time, phase totals so far) at the start and after every update
+
+    class Marks(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            marks.append((time.perf_counter(), dict(phases)))
+
+        def on_step_end(self, args, state, control, **kwargs):
+            marks.append((time.perf_counter(), dict(phases)))
+
     prompts = Dataset.from_list([{"input_ids": ids} for ids in spec["prompts"]])
     trainer = PPOTrainer(args=args, processing_class=tokenizer, model=causal(), ref_model=reference,
-                         reward_model=scalar(), value_model=scalar(), train_dataset=prompts)
-    tick = time.perf_counter()
+                         reward_model=scalar(), value_model=scalar(), train_dataset=prompts, callbacks=[Marks()])
     trainer.train()
-    total = time.perf_counter() - tick
-    updates = steps + 1
-    per = {k: v / updates for k, v in phases.items()}
-    per["training"] = total / updates - per["rollout"] - per["scoring"]
-    per["update"] = total / updates
-    return {"ppo_seconds": per, "note": "TRL per-update times are means over all updates, the first included"}
+    if len(marks) != steps + 2:
+        raise RuntimeError(f"TRL PPO: {len(marks) - 1} update marks for {steps + 1} updates")
+    per_update = []
+    for (t0, p0), (t1, p1) in zip(marks, marks[1:]):
+        update = {k: p1[k] - p0[k] for k in phases}
+        update.update(training=t1 - t0 - update["rollout"] - update["scoring"], update=t1 - t0)
+        per_update.append(update)
+    # as ours: the first update (warm-up) left out, the median of each part over the others
+    per = {k: statistics.median(u[k] for u in per_update[1:]) for k in ("rollout", "scoring", "training")}
+    per["update"] = sum(per.values())  # as ours: the sum of the parts' medians
+    return {"ppo_seconds": per, "update_seconds": [u["update"] for u in per_update],
+            "note": "TRL per-update times: medians over the updates after the first, as ours"}
 
 
 WORKERS = {"trl_reward": trl_reward_worker, "trl_ppo": trl_ppo_worker}
