@@ -47,6 +47,8 @@ SIZES = {   # model overrides of configs/sft_tiny.py (its model is configs/tiny.
 
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved rounds (each times `steps` steps of SFT, then pretraining).")
 _STEPS = flags.DEFINE_integer("steps", 10, "Train steps per round and side.")
+_WARMUP = flags.DEFINE_integer("warmup_steps", 20, "Untimed steps per side first (compilation, and tf.data's buffers: "
+                               "with one, a pretraining round ran at half speed while its pipeline filled).")
 _SIZES = flags.DEFINE_list("sizes", ["tiny"], f"Sizes to run: {', '.join(SIZES)}.")
 _VOCAB = flags.DEFINE_integer("vocab", 2048, "Vocabulary of the BPE trained on CPython's docs for the run.")
 
@@ -98,7 +100,7 @@ def trainer(config, batch_source):
     return step
 
 
-def worker(side: str, size: dict, vocab: int, directory: str, connection):
+def worker(side: str, size: dict, vocab: int, directory: str, connection, warmup: int):
     config = make_config(size, vocab)
     train = config.train
     if side == "sft":
@@ -110,7 +112,10 @@ def worker(side: str, size: dict, vocab: int, directory: str, connection):
         batches = pipeline.train_batches(pathlib.Path(directory) / "tokens", train.seq_len, train.batch_size,
                                          config.seed, process_index=0, process_count=1)
         step = trainer(config, lambda i: next(batches))
-    connection.send(step(0))  # the first step also warms up
+    first = step(0)  # compiles
+    for i in range(1, warmup):
+        step(i)
+    connection.send(first)
     while (request := connection.recv()) is not None:
         first, n = request
         supervised = processed = 0
@@ -122,12 +127,12 @@ def worker(side: str, size: dict, vocab: int, directory: str, connection):
         connection.send((supervised / seconds, processed / seconds))
 
 
-def run_size(name, size, vocab, directory, rounds, steps):
+def run_size(name, size, vocab, directory, rounds, steps, warmup):
     context = multiprocessing.get_context("spawn")
     workers = {}
     for side in ("sft", "pretrain"):
         parent, child = context.Pipe()
-        process = context.Process(target=worker, args=(side, size, vocab, str(directory), child), daemon=True)
+        process = context.Process(target=worker, args=(side, size, vocab, str(directory), child, warmup), daemon=True)
         process.start()
         workers[side] = (process, parent)
     first = {side: connection.recv() for side, (_, connection) in workers.items()}
@@ -135,7 +140,7 @@ def run_size(name, size, vocab, directory, rounds, steps):
     with quiet.ForeignLoad(pids=[process.pid for process, _ in workers.values()]) as load:
         for r in range(rounds):
             for side, (_, connection) in workers.items():
-                connection.send((1 + r * steps, steps))
+                connection.send((warmup + r * steps, steps))
                 rates[side].append(connection.recv())
     for process, connection in workers.values():
         connection.send(None)
@@ -170,7 +175,8 @@ def main(argv):
             size = SIZES[name]
             if not (directory / f"sft_{size['seq_len']}").exists():
                 write_conversations(directory, size["seq_len"])
-            results[name], loads[name] = run_size(name, size, _VOCAB.value, directory, _ROUNDS.value, _STEPS.value)
+            results[name], loads[name] = run_size(name, size, _VOCAB.value, directory, _ROUNDS.value, _STEPS.value,
+                                                  max(_WARMUP.value, 1))
     report = dict(benchmark="SFT (supervised and all tokens/s) vs pretraining tokens/s, same model, interleaved",
                   command="python benchmarks/bench_sft.py " + " ".join(sys.argv[1:]),
                   machine=dict(cpus=os.cpu_count(), processor=platform.processor() or platform.machine()),
