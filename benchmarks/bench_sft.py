@@ -112,10 +112,10 @@ def worker(side: str, size: dict, vocab: int, directory: str, connection, warmup
         batches = pipeline.train_batches(pathlib.Path(directory) / "tokens", train.seq_len, train.batch_size,
                                          config.seed, process_index=0, process_count=1)
         step = trainer(config, lambda i: next(batches))
-    first = step(0)  # compiles
+    first_step = step(0)  # compiles
     for i in range(1, warmup):
         step(i)
-    connection.send(first)
+    connection.send(first_step)
     while (request := connection.recv()) is not None:
         first, n = request
         supervised = processed = 0

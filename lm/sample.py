@@ -429,10 +429,7 @@ def _start(model, tokens, positions, row_keys, stops, temperature, greedy_rows, 
         distinct, source = sources
         hidden, cache = _last_hidden(model, tokens[distinct], positions[distinct],
                                      model.init_cache(distinct.shape[0], cache_len))
-        hidden = hidden[source]
-        def repeat(x, rows_axis, _):
-            return jnp.take(x, source, axis=rows_axis)
-        cache = dict(cache, k=_map_kv(repeat, cache["k"]), v=_map_kv(repeat, cache["v"]), pos=cache["pos"][source])
+        hidden, cache = hidden[source], lm_model.take_cache_rows(cache, source)
     window = jnp.full((B, stops.shape[1]), NOT_YET, jnp.int32)  # the last generated tokens, for stop matching
     token, emitted, done, window = _choose_next(0, model.logits(hidden), jnp.zeros((B,), bool), window, row_keys,
                                                 stops, temperature, greedy_rows, **choice)

@@ -308,6 +308,14 @@ def _positions_and_mask(tokens, positions, cache):
     return positions, causal[None] & (pos >= 0)[:, None, :], pos
 
 
+def take_cache_rows(cache: dict, rows) -> dict:
+    """The KV cache (`Transformer.init_cache`'s layout, per-layer or stacked buffers) with rows `rows` int [n] of
+    every buffer and of pos: e.g. each prompt's cache copied to every row that continues it."""
+    def take(x):
+        return jnp.take(x, rows, axis=x.ndim - 4)  # [(layers,) B, K, S, D]
+    return dict(cache, k=jax.tree.map(take, cache["k"]), v=jax.tree.map(take, cache["v"]), pos=cache["pos"][rows])
+
+
 def _check_capacity(index, n_new, size):
     if not isinstance(index, jax.core.Tracer) and int(index) + n_new > size:
         raise ValueError(f"KV cache overflow: {int(index)} slots used + {n_new} new tokens > cache length {size}")

@@ -320,17 +320,13 @@ def shared_prompt_hidden(model, inputs, positions, start: int, group_size: int):
     that come in groups of `group_size` consecutive rows with one prompt in columns ..start: each group's prompt
     runs once, and its keys and values (a KV cache) serve the group's completions, so the trunk sees P prompts
     instead of P x G copies of them (a third of the tokens of the tiny arithmetic rows)."""
-    width = start + 1
+    width, prompts = start + 1, inputs.shape[0] // group_size
     prompt_hidden, cache = model.hidden(inputs[::group_size, :width], positions[::group_size, :width],
-                                        cache=model.init_cache(inputs.shape[0] // group_size, inputs.shape[1]))
-
-    def repeat(x, axis=0):
-        return jnp.repeat(x, group_size, axis=axis)
-    kv_rows = 1 if model.spec.scan_layers else 0  # the rows axis of the (stacked) key / value buffers
-    cache = dict(cache, k=jax.tree.map(lambda x: repeat(x, kv_rows), cache["k"]),
-                 v=jax.tree.map(lambda x: repeat(x, kv_rows), cache["v"]), pos=repeat(cache["pos"]))
-    hidden, _ = model.hidden(inputs[:, width:], positions[:, width:], cache=cache)
-    return jnp.concatenate([repeat(prompt_hidden[:, -1:]), hidden], axis=1)
+                                        cache=model.init_cache(prompts, inputs.shape[1]))
+    group_of_row = jnp.repeat(jnp.arange(prompts), group_size)
+    hidden, _ = model.hidden(inputs[:, width:], positions[:, width:],
+                             cache=lm_model.take_cache_rows(cache, group_of_row))
+    return jnp.concatenate([prompt_hidden[group_of_row, -1:], hidden], axis=1)
 
 
 def grpo_loss(model, batch, aggregation="token_mean", eps_low=0.2, eps_high=0.28, beta=0.0, kl="k3",
