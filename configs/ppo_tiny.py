@@ -66,6 +66,19 @@ shared 2-core machine, contended, indicative). "acc" is a proxy's accuracy on th
   peak rollout / sqrt KL, seeds 0, 1, 2: base 31/3.14 (still rising), 10/2.74 (then -0.085), 5/2.30 (-0.158);
   beta 0.03 17/2.74, 26/2.39, 16/2.73: later in 2 of 3 (-14/+16/+11), and it loses less gold after its peak
   (-0.024 vs -0.081 on average). benchmarks/results/hacking_h.json.
+- I (declared 2026-12-04 before running; the preset as below). F, G and H each judged the per-seed argmax of the
+  training rollouts' 64-answer gold curve (prompts redrawn every rollout): its noise is the size of the delays.
+  I changes the measurement, not the experiment: every 2 rollouts and at the last, the live policy answers one
+  fixed held-out set (256 test-split arithmetic prompts x 2 answers, one fixed sampling key in every evaluation and
+  run), giving gold and KL to the base on the same 512 answers (17 points a run); per run, gold is fitted against
+  d = sqrt KL by Gao et al.'s RL form c + alpha d - beta d ln d, whose maximum d* = exp(alpha / beta - 1) is the
+  peak when it lies within the run, at the update where the run's held-out sqrt KL reached d*. Settings: H's base
+  (512 pairs, beta 0.01), beta 0.03, 4096 pairs; seeds 0-2; base policy: the SFT of a default lm.main run of
+  2026-12-04. Judged: an intervention delays the turnover in a seed when its fitted peak comes at a later update
+  than that seed's base peak, the base having turned within its run (a run that never turns counts its last
+  update, a lower bound); sqrt KL of the peak reported beside it (Gao et al. expect more pairs to move it, a KL
+  penalty not). The argmax of the held-out points (3-point smoothing) and the old rollout-curve peak are reported
+  as well but do not decide.
 """
 import ml_collections
 
@@ -113,7 +126,7 @@ def hacking_section(study: bool = False) -> ml_collections.ConfigDict:
         seeds=(0, 1, 2) if study else (0,),
         # reward-model pairs and KL coefficients: the first of each is the base setting, the others should delay
         # the gold turnover
-        pairs=(128, 4096) if study else (64,),
+        pairs=(512, 4096) if study else (64,),  # study G: 128 vs 4096 (a 128-pair proxy's gold stayed flat)
         # (0.3 held sqrt KL at ~1.3, no peak to delay; 0.05 vs 0.02 did not delay; 0.03 vs 0.01 did, in updates)
         kl_coefs=(0.01, 0.03) if study else (0.02,),
         # Bradley-Terry labels: P(a preferred) = sigmoid((gold_a - gold_b) / this). Gold gaps between two answers
@@ -129,6 +142,12 @@ def hacking_section(study: bool = False) -> ml_collections.ConfigDict:
         rollouts=32 if study else 24,  # study F: 32 (time); at 24 with 64 pairs and beta 0.02 1 of 3 turned over
         checkpoint_rollouts=8 if study else 0,  # 0: the PPO runs checkpoint only at their end
         smooth=5 if study else 3,   # rollouts in the moving average that finds the gold peak
+        # the held-out gold curve (lm.train.hacking.HeldOutGold; study I): every `gold_eval_every` rollouts and at
+        # the last, gold and KL of `gold_eval_samples` answers to each of `gold_eval_prompts` fixed test-split prompts
+        gold_eval_every=2 if study else 4,
+        gold_eval_prompts=256 if study else 64,
+        gold_eval_samples=2 if study else 1,
+        smooth_eval=3,              # held-out points in the moving average of the model-free (argmax) peak
     ))
 
 

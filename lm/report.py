@@ -175,6 +175,7 @@ def _hacking(workdir, report) -> list:
              "gold reward against sqrt(KL), best-of-n against the same proxy as the comparison curve."]
     lines += [""] + [f"- {line}" for line in (report.get("summary") or {}).values()]
     lines += [f"- {d['line']}" for d in (report.get("delays") or {}).values() if "line" in d]
+    lines += [f"- {line}" for line in report.get("held_out_lines") or ()]
     if (report.get("proxy_accuracy") or {}).get("line"):
         lines.append(f"- {report['proxy_accuracy']['line']}")
     if (pathlib.Path(workdir) / "hacking" / "hacking.png").exists():

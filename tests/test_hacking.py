@@ -4,6 +4,7 @@ import json
 import math
 
 import ml_collections
+import numpy as np
 import pytest
 
 from lm.train import hacking
@@ -52,7 +53,8 @@ def test_experiment_end_to_end(tmp_path):
                          hacking__bon_prompts=8, hacking__eval_pairs=16, ppo__rollout_batch=16, ppo__minibatches=2,
                          ppo__epochs=1,
                          ppo__max_new_tokens=8, ppo__max_prompt_tokens=32, ppo__n_prompts=64,
-                         train__batch_size=8, train__seq_len=40, model__init_std=0.2)
+                         train__batch_size=8, train__seq_len=40, model__init_std=0.2, hacking__gold_eval_every=1,
+                         hacking__gold_eval_prompts=6, hacking__gold_eval_samples=2)
     report = hacking.run(config, workdir)
     out = workdir / "hacking"
     assert (out / "hacking.png").read_bytes()[:4] == b"\x89PNG"
@@ -62,6 +64,10 @@ def test_experiment_end_to_end(tmp_path):
     assert all(line.startswith(f"{name}: gold peaked at rollout") for name, line in saved["summary"].items())
     for run in report["runs"]:
         assert [r["index"] for r in run["curve"]] == [0, 1, 2]
+        # held-out points at every rollout; at rollout 0 the policy is the base: KL 0
+        assert [r["index"] for r in run["curve"] if "gold_eval" in r] == [0, 1, 2]
+        assert abs(run["curve"][0]["kl_eval"]) < 1e-3 and math.isfinite(run["curve"][2]["kl_eval"])
+        assert set(run["fit"]) >= {"c", "alpha", "beta", "update", "inside"} and run["held_out_peak"]["rollout"] <= 2
         assert all(math.isfinite(r["gold"]) and math.isfinite(r["score"]) for r in run["curve"])
     assert [p["n"] for p in saved["best_of_n"]["0"]] == [1, 2, 4]
     assert set(saved["proxy_accuracy"]["by_pairs"]) == {"16", "32"}
@@ -69,6 +75,9 @@ def test_experiment_end_to_end(tmp_path):
                for p in saved["proxies"].values())
     assert saved["best_of_n"]["0"][0]["kl"] == 0.0
     assert saved["samples"]["base"]["at_end"] and "gold" in saved["samples"]["base"]["at_peak"][0]
+    assert set(saved["held_out_delays"]["argmax"]) == {"kl_0.5", "pairs_32"}
+    assert set(saved["held_out_delays"]["fitted"]) == {"kl_0.5", "pairs_32"}
+    assert saved["held_out_lines"][0].startswith("base: fitted held-out gold peak per seed: ")
 
 
 def test_delays_compare_each_intervention_with_the_base_seed_by_seed():
@@ -83,3 +92,40 @@ def test_delays_compare_each_intervention_with_the_base_seed_by_seed():
     assert out["pairs_512"]["later_in"] == 0 and out["pairs_512"]["mean_delay"] == 0
     assert out["kl_0.2"]["sqrt_kl_delay_per_seed"] == pytest.approx([0.4, -0.1]) and out["kl_0.2"]["further_in"] == 1
     assert out["kl_0.2"]["line"].startswith("kl_0.2 vs base: gold peaked +1.5 rollouts / +6 updates later")
+
+
+def _held_out_curve(d_values, gold_values, updates_per_rollout=4):
+    return [dict(index=i, step=updates_per_rollout * i + 1, kl=d * d, score=0.0, gold=0.0, kl_eval=d * d, gold_eval=g)
+            for i, (d, g) in enumerate(zip(d_values, gold_values))]
+
+
+def test_fitted_peak_recovers_gaos_form_and_interpolates_the_update():
+    d = np.linspace(0.0, 3.0, 13)                       # sqrt KL 0, 0.25, ..., 3 at rollouts 0..12
+    c, alpha, beta = 0.4, 0.3, 0.2                      # d* = exp(0.3 / 0.2 - 1) = e^0.5 = 1.6487
+    gold = c + alpha * d - beta * np.where(d > 0, d * np.log(np.maximum(d, 1e-12)), 0.0)
+    fit = hacking.fitted_peak(_held_out_curve(d, gold))
+    assert (fit["c"], fit["alpha"], fit["beta"]) == pytest.approx((c, alpha, beta), abs=1e-9)
+    d_star = math.exp(0.5)
+    assert fit["inside"] and fit["sqrt_kl"] == pytest.approx(d_star)
+    # d* lies between rollout 6 (d 1.5, 24 updates before it) and 7 (d 1.75, 28 updates): 24 + 4 * (d* - 1.5) / 0.25
+    assert fit["update"] == pytest.approx(24 + 4 * (d_star - 1.5) / 0.25)
+    assert fit["gold_gain"] == pytest.approx(alpha * d_star - beta * d_star * math.log(d_star))
+    assert fit["gold_change_after"] == pytest.approx(gold[-1] - (c + fit["gold_gain"]))
+    rising = hacking.fitted_peak(_held_out_curve(d, 0.4 + 0.1 * d))  # a straight line: no turnover
+    assert not rising["inside"] and rising["update"] == 48 and rising["sqrt_kl"] == 3.0
+    assert hacking.fitted_peak(_held_out_curve(d[:2], gold[:2])) is None  # under 3 points: no fit
+    assert "no turnover within the run" in hacking.describe_fit("base", [rising])
+    assert "sqrt KL 1.65 at update" in hacking.describe_fit("base", [fit])
+
+
+def test_fitted_delays_count_only_seeds_whose_base_turned():
+    def fit(update, d, inside=True, gain=0.1):
+        return dict(update=update, sqrt_kl=d, inside=inside, gold_gain=gain)
+    runs = [dict(setting="base", seed=0, fit=fit(20, 2.0)), dict(setting="base", seed=1, fit=fit(60, 3.0, False)),
+            dict(setting="kl_0.03", seed=0, fit=fit(44, 1.9, gain=0.2)),
+            dict(setting="kl_0.03", seed=1, fit=fit(64, 2.5))]
+    out = hacking.fitted_delays(runs)["kl_0.03"]
+    assert out["update_delay_per_seed"] == [24, 4] and out["sqrt_kl_delay_per_seed"] == pytest.approx([-0.1, -0.5])
+    assert out["later_in"] == 1 and out["further_in"] == 0 and out["base_turned_in"] == 1  # seed 1: base never turned
+    assert out["gold_gain_delta_per_seed"] == pytest.approx([0.1, 0.0])
+    assert out["line"].startswith("kl_0.03 vs base (fitted held-out peaks): +24, +4 updates later (later in 1 of 2")

@@ -26,6 +26,11 @@ each further KL coefficient (with the base pairs) and each further pair count (w
 setting for every seed (the seed draws the pairs, the labels, the proxy's head and the PPO run). Best-of-n against
 the same proxy is drawn from the base policy: KL = log n - (n - 1) / n (rl_math.best_of_n_kl).
 
+With `gold_eval_every` > 0 (HeldOutGold), the policy also answers one fixed held-out prompt set every that many
+rollouts, and gold and KL are measured on those answers: a curve whose points differ by the policy only. Its peak is
+the maximum of Gao et al.'s RL form fitted per run (fitted_peak), compared seed by seed in `held_out_delays`
+(fitted_delays); the argmax of the held-out points is reported beside it.
+
 The gold peak of a run is the maximum of its gold curve smoothed over `smooth` rollouts; the report states per
 setting when gold peaked (rollout, optimizer updates before it, sqrt(KL) and gold; mean and per seed) and what it did
 after, and ("delays") how many rollouts and updates later, and how much further in sqrt(KL), each intervention's
@@ -154,6 +159,51 @@ def gold_order_rows(model, tokenizer, pool, config) -> dict:
     return pair_rows(pairs, tokenizer, row_width(config))
 
 
+# --- the held-out gold curve ----------------------------------------------------------------------------------------
+
+class HeldOutGold:
+    """PPO's extra_eval: the live policy's gold and KL to the base policy on one fixed held-out set, every
+    `gold_eval_every` rollouts and at the last one. The set: `gold_eval_prompts` arithmetic prompts of the test split
+    (never a rollout's or a pair's prompt) x `gold_eval_samples` answers at temperature 1, sampled with one fixed key
+    at every evaluation and in every run, so successive points and the settings differ by the policy, not by the
+    draw. KL is the mean over answers of the summed log-ratio log pi(token) - log base(token) of the answer's tokens
+    (the sampler's log-probs against the base model's on the same rows): a Monte-Carlo estimate of KL(pi || base)."""
+
+    def __init__(self, config, base_model, tokenizer, last_rollout: int):
+        hacking = config.hacking
+        self.every, self.last = int(hacking.get("gold_eval_every", 0)), last_rollout
+        ppo_config = ml_collections.ConfigDict(dict(config.ppo.to_dict(), n_prompts=int(hacking.gold_eval_prompts)))
+        items, _ = ppo.prompt_pool(ppo_config, tokenizer, EVAL_SEED, split="test")
+        self.items = [item for item in items for _ in range(int(hacking.gold_eval_samples))]
+        self.base_model, self.tokenizer, self.max_new = base_model, tokenizer, int(config.ppo.max_new_tokens)
+
+    def due(self, index: int) -> bool:
+        return self.every > 0 and (index % self.every == 0 or index == self.last)
+
+    def __call__(self, model, index: int) -> dict:
+        if not self.due(index):
+            return {}
+        tok, prompts = self.tokenizer, [item["ids"] for item in self.items]
+        out = sample.generate_ids(model, prompts, jax.random.key(EVAL_SEED), self.max_new, sample.Sampling(),
+                                  stop_ids=[tok.token_id(chat.ASSISTANT_END)], vocab_size=tok.n_vocab)
+        gold = np.asarray([gold_reward(chat.parse_completion(tok, out.tokens[b, :out.lengths[b]]).answer,
+                                       item["reference"]) for b, item in enumerate(self.items)])
+        return dict(gold_eval=float(gold.mean()), gold_eval_se=float(gold.std() / math.sqrt(len(gold))),
+                    kl_eval=float(np.mean(self.log_ratios(prompts, out))))
+
+    def log_ratios(self, prompts, out) -> np.ndarray:
+        """[B]: sum over each answer's tokens of the sampler's log-prob minus the base model's."""
+        rows = [list(p) + [int(t) for t in out.tokens[b, :out.lengths[b]]] for b, p in enumerate(prompts)]
+        tokens = np.full((len(rows), max(map(len, rows))), chat.pad_id(self.tokenizer), np.int32)
+        for b, row in enumerate(rows):
+            tokens[b, :len(row)] = row
+        base, _ = sample.score_tokens(self.base_model, tokens, np.asarray([len(r) for r in rows]))
+        base = np.asarray(base)
+        return np.asarray([float(np.sum(out.logprobs[b, :out.lengths[b]])) -
+                           float(np.sum(base[b, len(p) - 1:len(p) - 1 + out.lengths[b]]))
+                           for b, p in enumerate(prompts)])
+
+
 def row_width(config) -> int:
     return int(config.ppo.max_prompt_tokens) + int(config.ppo.max_new_tokens) + 1
 
@@ -199,8 +249,9 @@ def train_proxy(config, base, model, tokenizer, pool, n_pairs, seed, out_dir, ya
     return dict(report, gold_order=reward.pair_metrics(proxy, yardstick, 64))
 
 
-def ppo_run(config, base, tokenizer, pool, proxy_dir, kl_coef, seed, name, out_dir) -> list[dict]:
-    """PPO against the proxy in out_dir/ppo_<name>_s<seed>; its per-rollout curve (kl, score, gold, ...)."""
+def ppo_run(config, base, tokenizer, pool, proxy_dir, kl_coef, seed, name, out_dir, held_out=None) -> list[dict]:
+    """PPO against the proxy in out_dir/ppo_<name>_s<seed>; its per-rollout curve (kl, score, gold, ...; with
+    `held_out` (HeldOutGold) also gold_eval and kl_eval at its rollouts)."""
     c = ml_collections.ConfigDict(config.to_dict())
     c.seed = seed
     c.ppo.kl_coef = float(kl_coef)
@@ -211,7 +262,7 @@ def ppo_run(config, base, tokenizer, pool, proxy_dir, kl_coef, seed, name, out_d
     c.train.update(steps=steps, checkpoint_every=every)
     run_dir = out_dir / f"ppo_{name}_s{seed}"
     meta = dict(reward.tokenizer_meta(tokenizer, base, {}), hacking=dict(setting=name, seed=seed))
-    ppo.train_ppo(c, run_dir, base, proxy_dir, tokenizer, meta, pool, extra_metrics=gold_metrics)
+    ppo.train_ppo(c, run_dir, base, proxy_dir, tokenizer, meta, pool, extra_metrics=gold_metrics, extra_eval=held_out)
     return ppo.curves(run_dir)
 
 
@@ -266,6 +317,54 @@ def peak_of(curve: list[dict], width: int) -> dict:
                 at_end=i == len(curve) - 1)
 
 
+def held_out_points(curve: list[dict]) -> list[dict]:
+    """The rollouts where HeldOutGold measured: rollout, update (before it), sqrt KL and gold on the held-out set."""
+    return [dict(rollout=int(r["index"]), update=int(r["step"]) - 1, sqrt_kl=math.sqrt(max(r["kl_eval"], 0.0)),
+                 gold=float(r["gold_eval"])) for r in curve if "gold_eval" in r]
+
+
+def _d_log_d(d) -> np.ndarray:
+    d = np.asarray(d, np.float64)
+    return np.where(d > 0, d * np.log(np.maximum(d, 1e-300)), 0.0)  # its limit 0 at d = 0
+
+
+def gao_gold(d, c: float, alpha: float, beta: float) -> np.ndarray:
+    """Gao et al.'s RL form of gold against d = sqrt(KL), plus the base's level: c + alpha * d - beta * d * ln(d)."""
+    return c + alpha * np.asarray(d, np.float64) - beta * _d_log_d(d)
+
+
+def fit_gao(d, gold) -> tuple[float, float, float]:
+    """(c, alpha, beta) of gao_gold by least squares."""
+    d = np.asarray(d, np.float64)
+    design = np.stack([np.ones_like(d), d, -_d_log_d(d)], axis=1)
+    (c, alpha, beta), *_ = np.linalg.lstsq(design, np.asarray(gold, np.float64), rcond=None)
+    return float(c), float(alpha), float(beta)
+
+
+def fitted_peak(curve: list[dict]) -> dict | None:
+    """Where the gold curve fitted on the held-out points (fit_gao, against sqrt KL) peaks: d* = exp(alpha / beta - 1)
+    when beta > 0, its gold gain over c, and the update at which the run's held-out sqrt KL first reached d*
+    (interpolated between points). A peak beyond the run's last point (or no peak, beta <= 0: the fit never turns)
+    is not a turnover within the run: `inside` False and the update is the run's last, a lower bound.
+    None without held-out points."""
+    points = held_out_points(curve)
+    if len(points) < 3:
+        return None
+    d, updates = [p["sqrt_kl"] for p in points], [p["update"] for p in points]
+    c, alpha, beta = fit_gao(d, [p["gold"] for p in points])
+    d_star = math.exp(min(alpha / beta - 1.0, 50.0)) if beta > 0 else math.inf
+    inside = d_star <= max(d)
+    update = float(updates[-1])
+    if inside:  # the first point at or beyond d*, and the one before it (below d*)
+        i = next(i for i, x in enumerate(d) if x >= d_star)
+        frac = (d_star - d[i - 1]) / (d[i] - d[i - 1]) if i else 0.0
+        update = float(updates[i - 1] + frac * (updates[i] - updates[i - 1])) if i else float(updates[0])
+    d_peak = d_star if inside else max(d)
+    gain = float(gao_gold(d_peak, 0.0, alpha, beta))
+    return dict(c=c, alpha=alpha, beta=beta, sqrt_kl=d_peak, update=update, gold_gain=gain, inside=inside,
+                final_sqrt_kl=d[-1], gold_change_after=points[-1]["gold"] - (c + gain) if inside else 0.0)
+
+
 def describe(name: str, peaks: list[dict], rollouts: int) -> str:
     """One line: when gold peaked (mean over seeds) and what it did after."""
     mean = lambda key: float(np.mean([p[key] for p in peaks]))
@@ -281,14 +380,25 @@ def describe(name: str, peaks: list[dict], rollouts: int) -> str:
     return line
 
 
-def delays(runs: list[dict]) -> dict:
+def describe_fit(name: str, fits: list[dict | None]) -> str:
+    """One line per setting: where the fitted held-out gold curve of each seed peaked, or that it did not turn."""
+    per_seed = "; ".join(
+        "too few held-out points to fit" if f is None else
+        f"sqrt KL {f['sqrt_kl']:.2f} at update {f['update']:.0f}, gain {f['gold_gain']:+.3f}, then "
+        f"{f['gold_change_after']:+.3f} to the end" if f["inside"] else
+        f"no turnover within the run (sqrt KL {f['final_sqrt_kl']:.2f}, gain {f['gold_gain']:+.3f} at the end)"
+        for f in fits)
+    return f"{name}: fitted held-out gold peak per seed: {per_seed}"
+
+
+def delays(runs: list[dict], key: str = "peak") -> dict:
     """Each intervention against the base setting, seed by seed: how many rollouts (and optimizer updates) later its
     gold peaked, and how much further in sqrt(KL) (a run still rising at its end counts its last rollout: a lower
-    bound on the delay), and the gold it reached."""
-    base = {r["seed"]: r["peak"] for r in runs if r["setting"] == "base"}
+    bound on the delay), and the gold it reached. `key`: the runs' peak_of record to compare."""
+    base = {r["seed"]: r[key] for r in runs if r["setting"] == "base"}
     out = {}
     for name in dict.fromkeys(r["setting"] for r in runs if r["setting"] != "base"):
-        pairs = [(r["peak"], base[r["seed"]]) for r in runs if r["setting"] == name and r["seed"] in base]
+        pairs = [(r[key], base[r["seed"]]) for r in runs if r["setting"] == name and r["seed"] in base]
         later = [p["rollout"] - b["rollout"] for p, b in pairs]
         updates = [p["update"] - b["update"] for p, b in pairs]
         further = [p["sqrt_kl"] - b["sqrt_kl"] for p, b in pairs]
@@ -304,6 +414,34 @@ def delays(runs: list[dict]) -> dict:
                              f"at {out[name]['mean_sqrt_kl_delay']:+.2f} sqrt(KL) (per seed "
                              f"{', '.join(f'{d:+.2f}' for d in further)}; further in {out[name]['further_in']}), "
                              f"peak gold {out[name]['gold_peak_gain']:+.3f}")
+    return out
+
+
+def fitted_delays(runs: list[dict]) -> dict:
+    """The declared comparison (study I): each intervention against the base seed by seed at the fitted held-out
+    peaks (fitted_peak): how many updates later and how much further in sqrt(KL) its gold peaked, and its fitted
+    peak gain. An intervention is later (further) in a seed only where the base turned over within its run; where
+    the base did not, the base's figure is a lower bound and the seed shows nothing."""
+    base = {r["seed"]: r["fit"] for r in runs if r["setting"] == "base"}
+    out = {}
+    for name in dict.fromkeys(r["setting"] for r in runs if r["setting"] != "base"):
+        pairs = [(r["fit"], base[r["seed"]]) for r in runs
+                 if r["setting"] == name and r["fit"] and base.get(r["seed"])]
+        updates = [p["update"] - b["update"] for p, b in pairs]
+        further = [p["sqrt_kl"] - b["sqrt_kl"] for p, b in pairs]
+        gain = [p["gold_gain"] - b["gold_gain"] for p, b in pairs]
+        later_in = sum(d > 0 and b["inside"] for d, (_, b) in zip(updates, pairs))
+        further_in = sum(d > 0 and b["inside"] for d, (_, b) in zip(further, pairs))
+        out[name] = dict(update_delay_per_seed=updates, sqrt_kl_delay_per_seed=further, gold_gain_delta_per_seed=gain,
+                         later_in=later_in, further_in=further_in, seeds=len(pairs),
+                         base_turned_in=sum(b["inside"] for _, b in pairs),
+                         intervention_turned_in=sum(p["inside"] for p, _ in pairs))
+        out[name]["line"] = (
+            f"{name} vs base (fitted held-out peaks): {', '.join(f'{d:+.0f}' for d in updates)} updates later "
+            f"(later in {later_in} of {len(pairs)} seeds), sqrt(KL) {', '.join(f'{d:+.2f}' for d in further)} "
+            f"(further in {further_in}), peak gold gain {', '.join(f'{d:+.3f}' for d in gain)}; the base turned "
+            f"within its run in {out[name]['base_turned_in']} of {len(pairs)} seeds, the intervention in "
+            f"{out[name]['intervention_turned_in']}")
     return out
 
 
@@ -331,8 +469,18 @@ def plot(path, settings: dict, runs: list[dict], bon: dict) -> None:
             curve = run_["curve"]
             x = [math.sqrt(max(r["kl"], 0.0)) for r in curve]
             color = colors[k % len(colors)]
-            ax.plot(x, [r["gold"] - curve[0]["gold"] for r in curve], "-", color=color,
-                    label=f"gold, seed {run_['seed']}")
+            points = held_out_points(curve)
+            if points:  # gold on the held-out set, and its fit (dotted)
+                x_held = np.asarray([p["sqrt_kl"] for p in points])
+                ax.plot(x_held, [p["gold"] - points[0]["gold"] for p in points], "-o", ms=2, color=color,
+                        label=f"held-out gold, seed {run_['seed']}")
+                if run_.get("fit"):
+                    f, d = run_["fit"], np.linspace(0.0, x_held.max(), 60)
+                    ax.plot(d, gao_gold(d, f["c"], f["alpha"], f["beta"]) - points[0]["gold"], ":", color=color,
+                            lw=1)
+            else:
+                ax.plot(x, [r["gold"] - curve[0]["gold"] for r in curve], "-", color=color,
+                        label=f"gold, seed {run_['seed']}")
             ax.plot(x, [r["score"] - curve[0]["score"] for r in curve], "--", color=color, alpha=0.6,
                     label=f"proxy, seed {run_['seed']}")
         for seed, points in bon.items():
@@ -391,6 +539,8 @@ def run(config, workdir) -> dict:
     settings = settings_of(hacking)
     seeds = [int(s) for s in hacking.seeds]
     yardstick = gold_order_rows(model, tokenizer, pool, config)
+    held_out = HeldOutGold(config, model, tokenizer, int(hacking.rollouts) - 1) \
+        if int(hacking.get("gold_eval_every", 0)) else None
     proxies, runs, bon = {}, [], {}
     for seed in seeds:
         for n_pairs in sorted({s["pairs"] for s in settings.values()}):
@@ -401,26 +551,35 @@ def run(config, workdir) -> dict:
                      for p in best_of_n(config, model, tokenizer, pool, base_proxy, seed)]
         for name, setting in settings.items():
             proxy_dir = out_dir / f"proxy_{setting['pairs']}_s{seed}"
-            curve = ppo_run(config, base, tokenizer, pool, proxy_dir, setting["kl_coef"], seed, name, out_dir)
+            curve = ppo_run(config, base, tokenizer, pool, proxy_dir, setting["kl_coef"], seed, name, out_dir,
+                            held_out)
+            points = [dict(r, kl=r["kl_eval"], gold=r["gold_eval"]) for r in curve if "gold_eval" in r]
             runs.append(dict(setting=name, seed=seed, **setting, curve=curve,
-                             peak=peak_of(curve, int(hacking.smooth)),
+                             peak=peak_of(curve, int(hacking.smooth)), fit=fitted_peak(curve),
+                             held_out_peak=peak_of(points, int(hacking.get("smooth_eval", 3))) if points else None,
                              proxy_gold_order_accuracy=proxies[(setting["pairs"], seed)]["gold_order"]["accuracy"]))
             logging.info("hacking %s seed %d: %s", name, seed, runs[-1]["peak"])
     rollouts = int(hacking.rollouts)
     lines = {name: describe(name, [r["peak"] for r in runs if r["setting"] == name], rollouts) for name in settings}
     compared = delays(runs)
+    held_out_compared = dict(fitted=fitted_delays(runs), argmax=delays(runs, "held_out_peak")) if held_out else {}
     accuracy = proxy_accuracy(proxies)
+    held_out_lines = [describe_fit(name, [r["fit"] for r in runs if r["setting"] == name])
+                      for name in settings] if held_out else []
+    held_out_lines += [f"held-out argmax: {d['line']}" for d in held_out_compared.get("argmax", {}).values()]
+    held_out_lines += [d["line"] for d in held_out_compared.get("fitted", {}).values()]
     png = out_dir / "hacking.png"
     plot(png, settings, runs, bon)
     report = dict(settings=settings, seeds=seeds, rollouts=rollouts, prompts=prompt_stats, summary=lines,
-                  delays=compared, lr=float(config.train.lr),
+                  delays=compared, held_out_delays=held_out_compared, held_out_lines=held_out_lines,
+                  lr=float(config.train.lr),
                   gold_reward=gold_reward.__doc__, plot=str(png), best_of_n=bon,
                   runs=runs, samples=_samples(out_dir, runs, seeds[0]),
                   proxy_accuracy=accuracy,
                   proxies={f"{n}_s{s}": dict(held_out=p["held_out"], gold_order=p["gold_order"], pairs=p.get("pairs"))
                            for (n, s), p in proxies.items()})
     (out_dir / "hacking_report.json").write_text(json.dumps(report, indent=2, default=str))
-    for line in [*lines.values(), *(d["line"] for d in compared.values()), accuracy["line"]]:
+    for line in [*lines.values(), *(d["line"] for d in compared.values()), *held_out_lines, accuracy["line"]]:
         print(line)
     return report
 

@@ -67,13 +67,13 @@ RUN_DIR = "ppo"
 
 # --- prompts -------------------------------------------------------------------------------------------------------
 
-def prompt_pool(ppo_config, tokenizer, seed: int) -> tuple[list[dict], dict]:
+def prompt_pool(ppo_config, tokenizer, seed: int, split: str = "train") -> tuple[list[dict], dict]:
     """([{"ids", "messages", "reference"}], stats): the prompts rollouts draw from. `ppo.prompts` is "synthetic"
-    (arithmetic prompts, `n_prompts` of them) or preference files (their prompts). Prompts longer than
+    (arithmetic prompts of `split`, `n_prompts` of them) or preference files (their prompts). Prompts longer than
     `max_prompt_tokens` are dropped and counted."""
     source = ppo_config.get("prompts", "synthetic")
     if source == "synthetic":
-        examples = tasks.Arithmetic().examples("train", n=int(ppo_config.get("n_prompts", 256)), seed=seed)
+        examples = tasks.Arithmetic().examples(split, n=int(ppo_config.get("n_prompts", 256)), seed=seed)
         items = [(e.prompt, e.reference) for e in examples]
         stats = dict(source="synthetic", read=len(items))
     else:
@@ -172,13 +172,16 @@ class Rollouts:
 
     `extra_metrics(pool_items, answers, ended) -> {name: float array [B]}` adds per-answer numbers (e.g. the hacking
     experiment's hidden gold reward), logged as rollout/<name> and kept in the samples.
+    `extra_eval(model, index) -> {name: float}` measures the policy that samples rollout `index` (e.g. the hacking
+    experiment's gold on fixed held-out prompts), logged as rollout/<name>; it may return {} to skip a rollout.
     """
 
-    def __init__(self, config, tokenizer, pool, reference_run, reward_run, run_dir, extra_metrics=None):
+    def __init__(self, config, tokenizer, pool, reference_run, reward_run, run_dir, extra_metrics=None,
+                 extra_eval=None):
         self.config, self.ppo = config, config.ppo
         self.tokenizer, self.pool, self.run_dir = tokenizer, pool, pathlib.Path(run_dir)
         self.reference_run, self.reward_run = reference_run, reward_run
-        self.extra_metrics = extra_metrics
+        self.extra_metrics, self.extra_eval = extra_metrics, extra_eval
         self.kl_coef = float(self.ppo.kl_coef)
         self.updates_per_rollout = int(self.ppo.epochs) * int(self.ppo.minibatches)
         self.frozen = None
@@ -244,6 +247,8 @@ class Rollouts:
         answers = [chat.parse_completion(tok, out.tokens[b, :out.lengths[b]]).answer for b in range(len(items))]
         extra = self.extra_metrics(items, answers, ended) if self.extra_metrics else {}
         metrics.update({f"rollout/{name}": float(np.mean(v)) for name, v in extra.items()})
+        if self.extra_eval:
+            metrics.update({f"rollout/{name}": float(v) for name, v in self.extra_eval(model, index).items()})
         self._write_samples(index, items, answers, scored["score"], ended, scored["kl"], extra)
         if float(ppo.get("kl_target", 0.0)) > 0:  # the coefficient for the next rollout
             self.kl_coef = float(rl_math.adaptive_kl(self.kl_coef, metrics["rollout/kl"], float(ppo.kl_target),
@@ -346,10 +351,11 @@ def objective(config, rollouts: Rollouts, policy_run, meta) -> loop.Objective:
 
 
 def train_ppo(config, run_dir, policy_run, reward_run, tokenizer, meta, pool, extra_metrics=None,
-              stop_after=None) -> dict:
-    """PPO from `policy_run` (policy and reference) against `reward_run` in `run_dir`; resumes from its checkpoints."""
+              stop_after=None, extra_eval=None) -> dict:
+    """PPO from `policy_run` (policy and reference) against `reward_run` in `run_dir`; resumes from its checkpoints.
+    extra_metrics, extra_eval: see Rollouts."""
     check_config(config)
-    rollouts = Rollouts(config, tokenizer, pool, policy_run, reward_run, run_dir, extra_metrics)
+    rollouts = Rollouts(config, tokenizer, pool, policy_run, reward_run, run_dir, extra_metrics, extra_eval)
     with loop.Trainer(config, run_dir, objective(config, rollouts, policy_run, meta)) as trainer:
         rollouts.attach(trainer)
         batches = trainer.train_batches()
