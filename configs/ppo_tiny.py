@@ -78,7 +78,18 @@ shared 2-core machine, contended, indicative). "acc" is a proxy's accuracy on th
   than that seed's base peak, the base having turned within its run (a run that never turns counts its last
   update, a lower bound); sqrt KL of the peak reported beside it (Gao et al. expect more pairs to move it, a KL
   penalty not). The argmax of the held-out points (3-point smoothing) and the old rollout-curve peak are reported
-  as well but do not decide.
+  as well but do not decide. Result (5.5 min, quiet machine; proxy acc 512 pairs 0.707, 4096 0.790, as in H): the
+  base's held-out gold does not turn over within 32 rollouts in 2 of 3 seeds: it rises to ~0.45 by rollout 4 and
+  then wanders +-0.04 on a plateau (KL stops growing at sqrt ~3.2; the held-out standard error is 0.016, so the
+  wandering is the policy's, not the measurement's) and only seed 2 collapses (0.43 -> 0.23 at sqrt KL 4.2 in
+  its last 4 rollouts). So by the declared rule neither arm is shown (later in 1 of 3 seeds each: the base turned
+  in one). What held in 3 of 3 seeds: 4096 pairs end higher on held-out gold (0.69 / 0.51 / 0.61 vs the base's
+  0.51 / 0.40 / 0.23) and further in sqrt KL in 2 of 3, never turning within the run; beta 0.03 holds KL lower
+  (sqrt 2.8 / 2.7 / 3.0 vs 3.2 / 3.3 / 4.2) at about the base's gold. The turnovers of H's rollout curve at
+  rollouts 10 and 5 (seeds 1, 2) were noise. benchmarks/results/hacking_i.json.
+- J (declared 2026-12-04 after I, before running): I's setting and rule with 64 rollouts instead of 32 (the one
+  change; I's base had not turned by rollout 32 in 2 of 3 seeds), held-out points still every 2 rollouts (33 a
+  run); the proxies are I's (the same seeds and pairs).
 """
 import ml_collections
 
@@ -139,7 +150,8 @@ def hacking_section(study: bool = False) -> ml_collections.ConfigDict:
         proxy_epochs=3.0 if study else 0.0,  # at least this many passes over a proxy's train pairs (0: proxy_steps)
         proxy_batch=16,
         proxy_lr=1e-3,
-        rollouts=32 if study else 24,  # study F: 32 (time); at 24 with 64 pairs and beta 0.02 1 of 3 turned over
+        # studies F-I: 32 (I: the 512-pair base had not turned by then in 2 of 3 seeds); J: 64. The probe: 24
+        rollouts=64 if study else 24,
         checkpoint_rollouts=8 if study else 0,  # 0: the PPO runs checkpoint only at their end
         smooth=5 if study else 3,   # rollouts in the moving average that finds the gold peak
         # the held-out gold curve (lm.train.hacking.HeldOutGold; study I): every `gold_eval_every` rollouts and at
