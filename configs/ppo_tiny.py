@@ -89,7 +89,21 @@ shared 2-core machine, contended, indicative). "acc" is a proxy's accuracy on th
   rollouts 10 and 5 (seeds 1, 2) were noise. benchmarks/results/hacking_i.json.
 - J (declared 2026-12-04 after I, before running): I's setting and rule with 64 rollouts instead of 32 (the one
   change; I's base had not turned by rollout 32 in 2 of 3 seeds), held-out points still every 2 rollouts (33 a
-  run); the proxies are I's (the same seeds and pairs).
+  run); the proxies are I's (the same seeds and pairs). Result (7 min, quiet machine): by the declared rule (fitted
+  peaks) **each arm is later in 2 of 3 seeds**: the base's fit turned within its run in seeds 1 and 2 only (seed
+  0's held-out gold hovered 0.45-0.55 to the end), and there both arms peak at the run's end (lower bounds; +233 /
+  +246 updates). The Gao form fits these curves poorly: they rise by rollout 2-4, wander on a plateau, and the base
+  of seed 2 collapses from rollout ~34 (held-out gold 0.43 -> 0.04, sqrt KL 3.4 -> 4.6: empty answers, thinking
+  that never ends, which the 512-pair proxy scores +1.3 to +1.5), so a fitted peak lands near the start (update 6
+  for seed 2). The held-out argmax (reported, not deciding) is later for **both arms in 3 of 3 seeds** (beta 0.03:
+  +6 / +22 / +8 rollouts; 4096 pairs: +2 / +37 / +42, further in sqrt KL in 3 of 3). Final held-out gold, seeds
+  0 / 1 / 2: base 0.54 / 0.44 / 0.04, beta 0.03 0.51 / 0.43 / 0.45, 4096 pairs 0.70 / 0.54 / 0.63.
+  benchmarks/results/hacking_j.json.
+- K (declared 2026-12-04 after J, before running): a replication of J on new seeds 3, 4, 5
+  (--config.hacking.seeds=3,4,5), judged by the model-free rule J suggested: an intervention delays the turnover in
+  a seed when the argmax of its held-out gold curve (3-point smoothing) comes at a later update than that seed's
+  base argmax (a base whose argmax is its last point cannot be beaten: that seed shows nothing). Both arms shown
+  if later in 3 of 3 seeds.
 """
 import ml_collections
 
