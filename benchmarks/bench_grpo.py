@@ -17,6 +17,8 @@ warm-up) is reported apart; the median of the others is the step time (our last 
 final checkpoint: timed as checkpoint_s and left out of that step's time, as TRL's side saves nothing); each side's
 faster thread count is compared with the other's too. Ours also reports the split: median_sample_s (the sampler
 alone) and median_update_s (the train step); the rest of a step is rewards and layout. TRL lives in its own venv, never in ours.
+--ours_devices=1,2 also runs our side over 2 XLA host devices (its mesh's data axis: rows split over the cores,
+gradients all-reduced in process), reported as ours_<threads>_dp2.
 
 The foreign CPU load during each side's run (busy CPU time from /proc/stat minus that side's own, over its wall time)
 is recorded as in bench_train.py; above --max_foreign_load cores the run is CONTENDED: the figures are printed, marked,
@@ -88,7 +90,7 @@ def run_ours(directory: pathlib.Path, args) -> dict:
     grpo.check_config(config)
     objective = grpo.objective(config, directory, tok, tiny_runs.HasDigit(), {}, init)
     times, tokens, saves, rollouts, updates = [], [], [], [], []
-    run_dir = directory / f"ours_{args.threads}"
+    run_dir = directory / f"ours_{args.threads}_{args.ours_devices}"
     with loop.Trainer(config, run_dir, objective) as trainer:
         save = trainer.save
 
@@ -183,6 +185,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trl_python", default="/work/venv-trl/bin/python")
     parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--ours_devices", default="1",
+                        help="host devices for our side (comma list; XLA_FLAGS=--xla_force_host_platform_device_count"
+                             "=N, the rows split over them: data parallelism across cores); N > threads is skipped")
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--new_tokens", type=int, default=32)
@@ -194,7 +199,7 @@ def main():
     parser.add_argument("--side", choices=("ours", "trl"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
-        args.threads = int(args.threads)
+        args.threads, args.ours_devices = int(args.threads), int(args.ours_devices)
         return child(args)
 
     directory = pathlib.Path(args.dir)
@@ -206,28 +211,34 @@ def main():
               f"--new_tokens={args.new_tokens}", f"--steps={args.steps}"]
     results = {}
     for threads in [int(t) for t in args.threads.split(",")]:
-        for side, python in (("ours", sys.executable), ("trl", args.trl_python)):
+        runs = [("ours", sys.executable, n) for n in map(int, args.ours_devices.split(",")) if n <= threads]
+        for side, python, devices in runs + [("trl", args.trl_python, 1)]:
+            name = f"{side}_{threads}" + (f"_dp{devices}" if devices > 1 else "")
             env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="",
                        HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-                       OMP_NUM_THREADS=str(threads), XLA_FLAGS="")
+                       OMP_NUM_THREADS=str(threads),
+                       XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}" if devices > 1 else "")
             busy, own, wall = busy_cpu_seconds(), own_cpu_seconds(resource.RUSAGE_CHILDREN), time.perf_counter()
-            out = subprocess.run([python, __file__, f"--side={side}", f"--threads={threads}", *common], cwd=REPO,
-                                 env=env, capture_output=True, text=True)
+            out = subprocess.run([python, __file__, f"--side={side}", f"--threads={threads}",
+                                  f"--ours_devices={devices}", *common], cwd=REPO, env=env, capture_output=True,
+                                 text=True)
             wall = time.perf_counter() - wall
             foreign = max(0.0, busy_cpu_seconds() - busy - (own_cpu_seconds(resource.RUSAGE_CHILDREN) - own)) / wall
             line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
             if out.returncode or not line:
                 raise SystemExit(f"{side} with {threads} threads failed:\n{out.stderr[-4000:]}")
-            results[f"{side}_{threads}"] = dict(summarise(json.loads(line[-1][len("RESULT "):])),
-                                                foreign_load_cores=round(foreign, 3), wall_s=round(wall, 1))
-            print(side, threads, {k: v for k, v in results[f"{side}_{threads}"].items() if k != "times"}, flush=True)
+            results[name] = dict(summarise(json.loads(line[-1][len("RESULT "):])), devices=devices,
+                                 foreign_load_cores=round(foreign, 3), wall_s=round(wall, 1))
+            print(name, {k: v for k, v in results[name].items() if k != "times"}, flush=True)
     step = {name: r["median_step_s"] for name, r in results.items()}
-    ratios = {f"trl_over_ours_step_time_{t}": step[f"trl_{t}"] / step[f"ours_{t}"] for t in args.threads.split(",")}
+    ratios = {f"trl_over_{name}_step_time": step[f"trl_{name.split('_')[1]}"] / v for name, v in step.items()
+              if name.startswith("ours_")}
     best = {side: min(v for name, v in step.items() if name.startswith(side + "_")) for side in ("ours", "trl")}
     ratios["trl_best_over_ours_best_step_time"] = best["trl"] / best["ours"]   # each at its faster thread count
     foreign = max(r["foreign_load_cores"] for r in results.values())
     verdict = "CONTENDED" if foreign > args.max_foreign_load else "OK"
     result = dict(prompts=args.prompts, group=args.group, new_tokens=args.new_tokens, steps=args.steps,
+                  ours_devices=args.ours_devices,
                   verdict=verdict, foreign_load_cores=foreign, max_foreign_load=args.max_foreign_load,
                   quiet_run=os.environ.get("QUIET_RUN") == "1", load_average=list(os.getloadavg()),
                   cpu_count=os.cpu_count(), machine=machine(), ratios=ratios, results=results)
