@@ -103,7 +103,7 @@ shared 2-core machine, contended, indicative). "acc" is a proxy's accuracy on th
   (--config.hacking.seeds=3,4,5), judged by the model-free rule J suggested: an intervention delays the turnover in
   a seed when the argmax of its held-out gold curve (3-point smoothing) comes at a later update than that seed's
   base argmax (a base whose argmax is its last point cannot be beaten: that seed shows nothing). Both arms shown
-  if later in 3 of 3 seeds. Result (16 min incl. the new seeds' proxies, quiet machine; proxy acc 512 pairs 0.671,
+  if later in 3 of 3 seeds. Result (8 min incl. the new seeds' proxies, quiet machine; proxy acc 512 pairs 0.671,
   4096 0.763): **4096 pairs later in 3 of 3 seeds** (+52 / +38 / +19 rollouts, further in sqrt KL in 3 of 3);
   **beta 0.03 later in 2 of 3** (+24 / +12 / -18 rollouts): in seed 5 the base climbed to 0.61 at rollout 44 and
   fell to 0.44, while beta 0.03 peaked at 0.54 at rollout 26 and lost only 0.05. Held-out argmax over J and K's
