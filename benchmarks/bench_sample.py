@@ -46,6 +46,9 @@ _TORCH_THREADS = flags.DEFINE_list("torch_threads", ["1", "2"], "torch.set_num_t
 _NO_CACHE = flags.DEFINE_bool("no_cache", True, "Also time greedy decoding without a KV cache (minutes per call at "
                                "gpt2_124m: --nono_cache there).")
 _OUTPUT = flags.DEFINE_string("output", str(RESULTS), "Where to write the JSON results.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and compute of both sides (lm: "
+                           "model.param_dtype and model.dtype; HF: the model cast with .to()). At batch 1 a decode "
+                           "step reads every weight once: bfloat16 halves the bytes.")
 
 
 def measure(paths: dict, repeats: int) -> dict:
@@ -111,7 +114,7 @@ def hf_model(model, model_config):
 
 def main(argv):
     del argv
-    config = lm_config.load(_CONFIG.value, {"model.dtype": "float32"})
+    config = lm_config.load(_CONFIG.value, {"model.dtype": _DTYPE.value, "model.param_dtype": _DTYPE.value})
     if not config.model.vocab_size:
         config.model.vocab_size = _VOCAB.value
     if config.model.family != "gpt2":
@@ -120,13 +123,13 @@ def main(argv):
         raise app.UsageError(f"prompt_len + new_tokens > max_len={config.model.max_len}")
     import torch
     model = Transformer(config.model, rngs=nnx.Rngs(0))
-    torch_model = hf_model(model, config.model)
+    torch_model = hf_model(model, config.model).to(getattr(torch, _DTYPE.value))
     rng = np.random.default_rng(0)
     rows = []
     with quiet.ForeignLoad() as load:
         for batch in map(int, _BATCHES.value):
             rows.append(measure_batch(model, torch_model, rng, batch, config.model.vocab_size))
-    run = dict(config=_CONFIG.value, params=param_count(config.model), results=rows,
+    run = dict(config=_CONFIG.value, dtype=_DTYPE.value, params=param_count(config.model), results=rows,
                model={k: config.model[k] for k in ("family", "n_layers", "d_model", "n_heads", "d_ff", "vocab_size",
                                                     "max_len")},
                software=dict(platform=platform.platform(), cpus=os.cpu_count(), jax=jax.__version__,
@@ -163,7 +166,8 @@ def measure_batch(model, torch_model, rng, batch: int, vocab_size: int) -> dict:
 def write(path, run, load):
     """Adds this run to the results file, replacing an earlier run of the same config (only from a quiet run)."""
     result = json.loads(path.read_text()) if path.exists() else {}
-    runs = [r for r in result.get("runs", []) if r["config"] != run["config"] and r.get("verdict") == "OK"] + [run]
+    same = lambda r: (r["config"], r.get("dtype", "float32")) == (run["config"], run["dtype"])
+    runs = [r for r in result.get("runs", []) if not same(r) and r.get("verdict") == "OK"] + [run]
     result = dict(benchmark="greedy decode tokens/s: lm.sample (KV cache) vs no cache vs HF generate (use_cache)",
                   command="python benchmarks/bench_sample.py [--config=...]", runs=runs)
     quiet.write_if_quiet(result, path, load)
