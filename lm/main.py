@@ -110,19 +110,19 @@ def posttrain_stage(name: str, module: str, needs: tuple, outputs: tuple, typica
 
 # typical_s: the default run's stage times on 2 quiet cores (see the README's quick start), shown as the expected time
 STAGES = (
-    Stage("corpus", ("corpus",), run_corpus, ("data",), typical_s=4),
-    Stage("filter", ("text", "dropped", "filter*"), run_filter, ("filter",), typical_s=18),
+    Stage("corpus", ("corpus",), run_corpus, ("data",), typical_s=2),
+    Stage("filter", ("text", "dropped", "filter*"), run_filter, ("filter",), typical_s=10),
     Stage("tokenizer", ("tokenizer",), run_tokenizer, ("tokenizer",), typical_s=1),
     Stage("tokenize", ("tokens",), run_tokenize, ("dataset",), typical_s=1),
     Stage("pretrain", ("checkpoints", "metrics.jsonl", "tb", "*.png"), run_pretrain, ("seed", "model", "train", "mesh"),
-          typical_s=151),
-    Stage("sample", (), run_sample, ("sample",), needs=("checkpoints",), typical_s=11),
-    posttrain_stage("sft", "sft", ("checkpoints", "tokenizer"), ("sft",), typical_s=108),
-    posttrain_stage("reward", "reward", ("sft/checkpoints",), ("reward",), typical_s=36),
-    posttrain_stage("dpo", "dpo", ("sft/checkpoints",), ("dpo",), typical_s=67),
-    posttrain_stage("ppo", "ppo", ("sft/checkpoints", "reward/checkpoints"), ("ppo",), typical_s=30),
-    posttrain_stage("hacking", "hacking", ("sft/checkpoints",), ("hacking",), typical_s=46),
-    posttrain_stage("grpo", "grpo", ("sft/checkpoints",), ("grpo",), typical_s=85),
+          typical_s=87),
+    Stage("sample", (), run_sample, ("sample",), needs=("checkpoints",), typical_s=5),
+    posttrain_stage("sft", "sft", ("checkpoints", "tokenizer"), ("sft",), typical_s=40),
+    posttrain_stage("reward", "reward", ("sft/checkpoints",), ("reward",), typical_s=19),
+    posttrain_stage("dpo", "dpo", ("sft/checkpoints",), ("dpo",), typical_s=38),
+    posttrain_stage("ppo", "ppo", ("sft/checkpoints", "reward/checkpoints"), ("ppo",), typical_s=17),
+    posttrain_stage("hacking", "hacking", ("sft/checkpoints",), ("hacking",), typical_s=28),
+    posttrain_stage("grpo", "grpo", ("sft/checkpoints",), ("grpo",), typical_s=100),
 )
 
 
