@@ -3,11 +3,16 @@ report, the plot and the samples at the gold peak and the end are written; the g
 import json
 import math
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
+from flax import nnx
 
-from lm.train import hacking
+from lm import sample
+from lm.model import Transformer
+from lm.tokenizer import chat
+from lm.train import hacking, reward
 from tests.test_reward import make_pipeline_workdir, tiny_config
 
 
@@ -129,3 +134,31 @@ def test_fitted_delays_count_only_seeds_whose_base_turned():
     assert out["later_in"] == 1 and out["further_in"] == 0 and out["base_turned_in"] == 1  # seed 1: base never turned
     assert out["gold_gain_delta_per_seed"] == pytest.approx([0.1, 0.0])
     assert out["line"].startswith("kl_0.03 vs base (fitted held-out peaks): +24, +4 updates later (later in 1 of 2")
+
+
+def test_held_out_gold_against_full_forward_passes_of_both_models(tmp_path):
+    """HeldOutGold's KL (the sampler's log-probs minus the base's) equals the one from full forward passes of the
+    policy and the base over the same rows; its gold is gold_reward of the parsed answers; it measures only when due."""
+    workdir = make_pipeline_workdir(tmp_path)
+    config = tiny_config("configs/ppo_tiny.py:hacking", hacking__gold_eval_every=2, hacking__gold_eval_prompts=3,
+                         hacking__gold_eval_samples=2, ppo__max_new_tokens=6, model__init_std=0.2)
+    config, tok, _ = reward.setup_from_source(config, workdir, None)
+    base, policy = (Transformer(config.model, rngs=nnx.Rngs(seed)) for seed in (0, 1))
+    held = hacking.HeldOutGold(config, base, tok, last_rollout=3)
+    assert len(held.items) == 6 and held(policy, 1) == {} and held.due(2) and held.due(3) and not held.due(1)
+    measured = held(policy, 0)
+    prompts = [item["ids"] for item in held.items]
+    out = sample.generate_ids(policy, prompts, jax.random.key(hacking.EVAL_SEED), 6, sample.Sampling(),
+                              stop_ids=[tok.token_id(chat.ASSISTANT_END)], vocab_size=tok.n_vocab)
+    rows = [p + out.tokens[b, :out.lengths[b]].tolist() for b, p in enumerate(prompts)]
+    tokens = np.zeros((len(rows), max(map(len, rows))), np.int32)
+    for b, row in enumerate(rows):
+        tokens[b, :len(row)] = row
+    lengths = np.asarray([len(r) for r in rows])
+    policy_lp, base_lp = (np.asarray(sample.score_tokens(m, tokens, lengths)[0], np.float64) for m in (policy, base))
+    kl = np.mean([np.sum(policy_lp[b, len(p) - 1:len(rows[b]) - 1] - base_lp[b, len(p) - 1:len(rows[b]) - 1])
+                  for b, p in enumerate(prompts)])
+    assert abs(kl) > 0.1 and measured["kl_eval"] == pytest.approx(kl, abs=1e-3)
+    gold = [hacking.gold_reward(chat.parse_completion(tok, out.tokens[b, :out.lengths[b]]).answer, item["reference"])
+            for b, item in enumerate(held.items)]
+    assert measured["gold_eval"] == pytest.approx(np.mean(gold))
