@@ -125,7 +125,7 @@ def ours_reward(prep: dict, steps: int, mesh, levers=None) -> dict:
         tick = time.perf_counter()
         state, _ = block(steps_by_shape[b["tokens"].shape](state, b))
         times.append(time.perf_counter() - tick)
-    return {"reward_pairs_per_sec": RM["batch"] / statistics.median(times),
+    return {"reward_pairs_per_sec": RM["batch"] / statistics.median(times), "reward_step_seconds": times,
             "reward_shapes": sorted(list(shape) for shape in steps_by_shape),
             "reward_tokens_per_step": statistics.mean(b["tokens"].size for b in batches[1:])}
 
@@ -254,7 +254,7 @@ def trl_reward_worker(spec: dict, steps: int, threads: int) -> dict:
         return out
     trainer.data_collator = recording_collate
     trainer.train()
-    return {"reward_pairs_per_sec": spec["rm"]["batch"] / statistics.median(times[1:]),
+    return {"reward_pairs_per_sec": spec["rm"]["batch"] / statistics.median(times[1:]), "reward_step_seconds": times,
             "reward_tokens_per_step": statistics.mean(2 * spec["rm"]["batch"] * w for w in widths[1:])}
 
 
