@@ -386,7 +386,7 @@ def describe_fit(name: str, fits: list[dict | None]) -> str:
         "too few held-out points to fit" if f is None else
         f"sqrt KL {f['sqrt_kl']:.2f} at update {f['update']:.0f}, gain {f['gold_gain']:+.3f}, then "
         f"{f['gold_change_after']:+.3f} to the end" if f["inside"] else
-        f"no turnover within the run (sqrt KL {f['final_sqrt_kl']:.2f}, gain {f['gold_gain']:+.3f} at the end)"
+        f"no turnover within the run (furthest sqrt KL {f['sqrt_kl']:.2f}, fitted gain {f['gold_gain']:+.3f} there)"
         for f in fits)
     return f"{name}: fitted held-out gold peak per seed: {per_seed}"
 
