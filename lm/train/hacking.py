@@ -457,12 +457,16 @@ def proxy_accuracy(proxies: dict) -> dict:
 
 
 def plot(path, settings: dict, runs: list[dict], bon: dict) -> None:
-    """Proxy and gold gain over the first rollout vs sqrt(KL), one panel per setting; best-of-n in black."""
+    """Proxy and gold gain over the first rollout vs sqrt(KL), one panel per setting; best-of-n in black. With
+    held-out points, a second row: held-out gold against optimizer updates, each seed's argmax marked (where the
+    delays are read)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(settings), figsize=(5 * len(settings), 4), squeeze=False, sharey=True)
+    held_out = any(held_out_points(r["curve"]) for r in runs)
+    fig, axes = plt.subplots(2 if held_out else 1, len(settings), figsize=(5 * len(settings), 8 if held_out else 4),
+                             squeeze=False, sharey="row")
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (name, setting) in zip(axes[0], settings.items()):
         for k, run_ in enumerate(r for r in runs if r["setting"] == name):
@@ -495,9 +499,28 @@ def plot(path, settings: dict, runs: list[dict], bon: dict) -> None:
         ax.axhline(0, color="grey", lw=0.5)
     axes[0][0].set_ylabel("gain over the base policy")
     axes[0][0].legend(fontsize=7)
+    if held_out:
+        _plot_against_updates(axes[1], settings, runs, colors)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plot_against_updates(axes, settings: dict, runs: list[dict], colors) -> None:
+    for ax, name in zip(axes, settings):
+        for k, run_ in enumerate(r for r in runs if r["setting"] == name):
+            points = held_out_points(run_["curve"])
+            if not points:
+                continue
+            color = colors[k % len(colors)]
+            ax.plot([p["update"] for p in points], [p["gold"] for p in points], "-", color=color, lw=1,
+                    label=f"held-out gold, seed {run_['seed']}")
+            peak = run_.get("held_out_peak")
+            if peak:
+                ax.plot([peak["update"]], [peak["gold_at_peak"]], "v", color=color, ms=8)
+        ax.set_xlabel("optimizer updates")
+    axes[0].set_ylabel("held-out gold (v: argmax, 3-point smoothing)")
+    axes[0].legend(fontsize=7)
 
 
 # --- the experiment --------------------------------------------------------------------------------------------------
