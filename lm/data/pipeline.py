@@ -22,10 +22,13 @@ TensorFlow is imported only here, lazily, and kept off accelerators; the window 
 
     python -m lm.data.pipeline --config=configs/tiny.py --workdir=runs/tiny [--steps=100]
 """
+import atexit
 import json
 import pathlib
 import sys
+import threading
 import time
+import weakref
 
 import numpy as np
 from absl import app, flags, logging
@@ -240,6 +243,63 @@ def import_tensorflow():
     return tf
 
 
+class _Shutdown:
+    """tf.data runs make_batch (a numpy_function) on its own threads. An iterator still alive when the interpreter
+    finalizes has those threads call into a Python that is going away, and the process then hangs or aborts
+    ("terminate called without an active exception": 1 to 3 of 4 exits of a script that kept one iterator). So
+    every iterator is registered, and at exit, while Python still runs, the live ones are released, later calls
+    refused and the calls in flight waited for."""
+    live = weakref.WeakSet()
+    calls = threading.Condition()
+    in_flight = 0
+    closing = False
+
+    @classmethod
+    def call(cls, fn, *args):
+        with cls.calls:
+            if cls.closing:
+                raise RuntimeError("lm.data.pipeline: the interpreter is exiting")
+            cls.in_flight += 1
+        try:
+            return fn(*args)
+        finally:
+            with cls.calls:
+                cls.in_flight -= 1
+                cls.calls.notify_all()
+
+    @classmethod
+    def release(cls, timeout: float = 10.0) -> None:
+        with cls.calls:
+            cls.closing = True
+        for batches in list(cls.live):
+            batches.close()
+        with cls.calls:
+            cls.calls.wait_for(lambda: cls.in_flight == 0, timeout)
+
+
+atexit.register(_Shutdown.release)
+
+
+class Batches:
+    """Iterator of a tf.data pipeline's batches as numpy dicts; close() releases the pipeline (done for every live
+    one at exit)."""
+
+    def __init__(self, dataset):
+        self._iterator = dataset.as_numpy_iterator()
+        _Shutdown.live.add(self)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._iterator is None:
+            raise StopIteration
+        return next(self._iterator)
+
+    def close(self) -> None:
+        self._iterator = None
+
+
 def _dataset(make_batch, first: int, stop: int, batch_rows: int, seq_len: int, prefetch: int):
     """tf.data over Dataset.range(first, stop) mapped through `make_batch(index) -> dict of numpy`."""
     tf = import_tensorflow()
@@ -247,7 +307,7 @@ def _dataset(make_batch, first: int, stop: int, batch_rows: int, seq_len: int, p
     dtypes = (tf.int32, tf.int32, tf.float32)
 
     def as_tuple(index):
-        batch = make_batch(int(index))
+        batch = _Shutdown.call(make_batch, int(index))
         return tuple(batch[k] for k in keys)
 
     def map_fn(index):
@@ -282,7 +342,7 @@ def train_batches(tokens_dir, seq_len: int, global_batch: int, seed: int, start_
     def make_batch(step):
         return train_batch(windows, step, global_batch, seed, process_index, process_count)
 
-    return _dataset(make_batch, start_step, stop, n_rows, seq_len, prefetch).as_numpy_iterator()
+    return Batches(_dataset(make_batch, start_step, stop, n_rows, seq_len, prefetch))
 
 
 def val_batches(tokens_dir, seq_len: int, batch_size: int, process_index=None, process_count=None,
@@ -300,7 +360,7 @@ def val_batches(tokens_dir, seq_len: int, batch_size: int, process_index=None, p
     def make_batch(index):
         return val_batch(windows, index, batch_size, process_index, process_count)
 
-    return _dataset(make_batch, 0, n_batches, n_rows, seq_len, prefetch).as_numpy_iterator()
+    return Batches(_dataset(make_batch, 0, n_batches, n_rows, seq_len, prefetch))
 
 
 # --- CLI -----------------------------------------------------------------------------------------------------------
