@@ -194,14 +194,19 @@ class HeldOutGold:
     def log_ratios(self, prompts, out) -> np.ndarray:
         """[B]: sum over each answer's tokens of the sampler's log-prob minus the base model's."""
         rows = [list(p) + [int(t) for t in out.tokens[b, :out.lengths[b]]] for b, p in enumerate(prompts)]
-        tokens = np.full((len(rows), max(map(len, rows))), chat.pad_id(self.tokenizer), np.int32)
-        for b, row in enumerate(rows):
-            tokens[b, :len(row)] = row
-        base, _ = sample.score_tokens(self.base_model, tokens, np.asarray([len(r) for r in rows]))
+        base, _ = sample.score_tokens(self.base_model, *right_padded(rows, chat.pad_id(self.tokenizer)))
         base = np.asarray(base)
         return np.asarray([float(np.sum(out.logprobs[b, :out.lengths[b]])) -
                            float(np.sum(base[b, len(p) - 1:len(p) - 1 + out.lengths[b]]))
                            for b, p in enumerate(prompts)])
+
+
+def right_padded(rows: list, pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token rows (lists of ids) as (int32 [B, longest] right-padded with `pad`, lengths int32 [B])."""
+    tokens = np.full((len(rows), max(map(len, rows))), pad, np.int32)
+    for i, row in enumerate(rows):
+        tokens[i, :len(row)] = row
+    return tokens, np.asarray([len(row) for row in rows], np.int32)
 
 
 def row_width(config) -> int:
@@ -275,12 +280,8 @@ def best_of_n(config, model, tokenizer, pool, proxy_dir, seed) -> list[dict]:
     items = [pool[i] for i in rng.choice(len(pool), int(hacking.bon_prompts))]
     answers = sample_answers(model, tokenizer, items, jax.random.key(seed + 2000), config, ns[-1])
     proxy, _, _, stats = reward.load_reward_model(proxy_dir)
-    pad = chat.pad_id(tokenizer)
     rows = [item["ids"] + ids for item, group in zip(items, answers) for ids, _ in group]
-    tokens = np.full((len(rows), max(map(len, rows))), pad, np.int32)
-    for i, r in enumerate(rows):
-        tokens[i, :len(r)] = r
-    lengths = np.asarray([len(r) for r in rows], np.int32)
+    tokens, lengths = right_padded(rows, chat.pad_id(tokenizer))
     scores = reward.score_rows(proxy, tokens, lengths, 64).reshape(len(items), ns[-1])
     scores = (scores - stats["mean"]) / max(stats["std"], 1e-6)
     gold = np.asarray([[gold_reward(text, item["reference"]) for _, text in group]
@@ -317,10 +318,16 @@ def peak_of(curve: list[dict], width: int) -> dict:
                 at_end=i == len(curve) - 1)
 
 
+def held_out_curve(curve: list[dict]) -> list[dict]:
+    """The rollouts where HeldOutGold measured, as curve records whose kl and gold are the held-out set's (what
+    peak_of reads)."""
+    return [dict(r, kl=r["kl_eval"], gold=r["gold_eval"]) for r in curve if "gold_eval" in r]
+
+
 def held_out_points(curve: list[dict]) -> list[dict]:
     """The rollouts where HeldOutGold measured: rollout, update (before it), sqrt KL and gold on the held-out set."""
-    return [dict(rollout=int(r["index"]), update=int(r["step"]) - 1, sqrt_kl=math.sqrt(max(r["kl_eval"], 0.0)),
-                 gold=float(r["gold_eval"])) for r in curve if "gold_eval" in r]
+    return [dict(rollout=int(r["index"]), update=int(r["step"]) - 1, sqrt_kl=math.sqrt(max(r["kl"], 0.0)),
+                 gold=float(r["gold"])) for r in held_out_curve(curve)]
 
 
 def _d_log_d(d) -> np.ndarray:
@@ -576,7 +583,7 @@ def run(config, workdir) -> dict:
             proxy_dir = out_dir / f"proxy_{setting['pairs']}_s{seed}"
             curve = ppo_run(config, base, tokenizer, pool, proxy_dir, setting["kl_coef"], seed, name, out_dir,
                             held_out)
-            points = [dict(r, kl=r["kl_eval"], gold=r["gold_eval"]) for r in curve if "gold_eval" in r]
+            points = held_out_curve(curve)
             runs.append(dict(setting=name, seed=seed, **setting, curve=curve,
                              peak=peak_of(curve, int(hacking.smooth)), fit=fitted_peak(curve),
                              held_out_peak=peak_of(points, int(hacking.get("smooth_eval", 3))) if points else None,
