@@ -46,6 +46,9 @@ _TORCH_THREADS = flags.DEFINE_list("torch_threads", ["1", "2"], "torch.set_num_t
 _NO_CACHE = flags.DEFINE_bool("no_cache", True, "Also time greedy decoding without a KV cache (minutes per call at "
                                "gpt2_124m: --nono_cache there).")
 _OUTPUT = flags.DEFINE_string("output", str(RESULTS), "Where to write the JSON results.")
+_FLOOR = flags.DEFINE_bool("floor", True, "Also time each side's matmuls of one decode step alone (every weight matrix "
+                            "once against [batch, in] rows, the LM head included): a floor under any decode loop "
+                            "built on that side's matmuls, set beside the step time each side gets and the goal's.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and compute of both sides (lm: "
                            "model.param_dtype and model.dtype; HF: the model cast with .to()). At batch 1 a decode "
                            "step reads every weight once: bfloat16 halves the bytes.")
@@ -98,6 +101,48 @@ def hf_generate(torch_model, prompts, new_tokens, threads: int):
         out = torch_model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=new_tokens,
                                    min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0)
     return out[:, inputs.shape[1]:].numpy()
+
+
+def lm_matmuls(model, batch: int, rng):
+    """One decode step's matmuls as lm runs them (2-D, config.model.flat_matmuls; the tied head contracting the
+    embedding's model axis) -> a function that runs them once and waits."""
+    matrices = []
+    for path, param in nnx.to_flat_state(nnx.state(model.blocks, nnx.Param)):
+        w, name = param[...], path[-1]
+        if name in ("q", "k", "v"):
+            matrices.append(w.reshape(w.shape[0], -1))
+        elif name == "o":
+            matrices.append(w.reshape(-1, w.shape[-1]))
+        elif name in ("up", "gate", "down"):
+            matrices.append(w)
+    tied = model.head is None
+    head = model.embed[...] if tied else model.head[...]
+    dims = {w.shape[0] for w in matrices} | {model.spec.d_model}
+    rows = {n: jnp.asarray(rng.standard_normal((batch, n)), model.spec.dtype) for n in dims}
+
+    @jax.jit
+    def step(matrices, head, rows):
+        logits = jnp.einsum("nd,vd->nv" if tied else "nd,dv->nv", rows[model.spec.d_model], head)
+        return sum(jnp.sum(rows[w.shape[0]] @ w) for w in matrices) + jnp.sum(logits)
+    return lambda: step(matrices, head, rows).block_until_ready()
+
+
+def hf_matmuls(torch_model, batch: int, threads: int):
+    """The same for HF's GPT2LMHeadModel: its Conv1D weights [in, out] as `x @ w` (Conv1D runs addmm; the bias
+    add left out as on lm's side) and the tied lm_head as F.linear, at `threads` torch threads."""
+    import torch
+    blocks = torch_model.transformer.h
+    matrices = [m.weight for b in blocks for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
+    head = torch_model.lm_head.weight
+    dtype = head.dtype
+    rows = {n: torch.randn(batch, n, dtype=dtype) for n in {w.shape[0] for w in matrices} | {head.shape[1]}}
+
+    def step():
+        torch.set_num_threads(threads)
+        with torch.inference_mode():
+            total = sum((rows[w.shape[0]] @ w).sum() for w in matrices)
+            return float(total + torch.nn.functional.linear(rows[head.shape[1]], head).sum())
+    return step
 
 
 def hf_model(model, model_config):
@@ -155,11 +200,27 @@ def measure_batch(model, torch_model, rng, batch: int, vocab_size: int) -> dict:
                        same_tokens_as_no_cache=float(np.mean(tokens["kv_cache"] == tokens["no_cache"])))
                   if no_cache else {}),
                same_tokens_as_hf=float(np.mean(tokens["kv_cache"] == tokens[best_hf])))
+    if _FLOOR.value:
+        row.update(floor(model, torch_model, rng, batch, measured, best_hf))
     hf_speeds = ", ".join(f"{name} {speed[name]:.0f}" for name in hf_paths)
     vs_no_cache = (f", {row['speedup_vs_no_cache']:.2f}x no cache ({speed['no_cache']:.0f} tok/s, tokens equal "
                    f"{row['same_tokens_as_no_cache']:.0%})" if no_cache else "")
     print(f"batch {batch}: KV cache {speed['kv_cache']:.0f} tok/s, {hf_speeds} tok/s -> {row['speedup_vs_hf']:.2f}x "
           f"HF ({best_hf}){vs_no_cache}; tokens equal HF's: {row['same_tokens_as_hf']:.0%}", flush=True)
+    return row
+
+
+def floor(model, torch_model, rng, batch: int, measured: dict, best_hf: str) -> dict:
+    """Each side's decode step (ms per generated token, prefill included) beside its matmuls alone (ms, median
+    of 11, interleaved), HF's at the thread count its generate ran fastest with, and the step the 1.5x goal needs."""
+    threads = int(best_hf.rsplit("_", 1)[1].rstrip("t"))
+    timed = measure({"lm": lm_matmuls(model, batch, rng), "hf": hf_matmuls(torch_model, batch, threads)}, 11)
+    step_ms = {name: round(1e3 * measured[name][0] / _NEW.value, 2) for name in ("kv_cache", best_hf)}
+    row = dict(step_ms=step_ms, matmuls_ms={name: round(1e3 * t, 2) for name, (t, _) in timed.items()},
+               goal_step_ms=round(step_ms[best_hf] / 1.5, 2))
+    print(f"batch {batch}: step ms lm {step_ms['kv_cache']}, HF {step_ms[best_hf]} (1.5x needs "
+          f"{row['goal_step_ms']}); matmuls alone ms lm {row['matmuls_ms']['lm']}, HF {row['matmuls_ms']['hf']}",
+          flush=True)
     return row
 
 

@@ -12,7 +12,7 @@ from lm.config import ConfigError
 from lm.model import (Transformer, cache_shardings, flops_per_token, from_params, param_count, shardings, stack_layers,
                       unstack_layers)
 from lm.model import reductions
-from lm.model.layers import add_bias, apply_gain, attention
+from lm.model.layers import add_bias, apply_gain, attention, dense
 
 FAMILIES = ("gpt2", "llama")
 T = 14  # one sequence length for the full forward passes, so compiled functions are shared between tests
@@ -98,6 +98,26 @@ def test_bias_and_gain_gradients_equal_plain_autodiff(dtype):
         for g, e in zip(got, want):
             assert g.dtype == e.dtype and g.shape == e.shape
             np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(e, np.float32), **tol)
+
+
+@pytest.mark.parametrize("rows", [1, 8, 64])
+def test_bfloat16_dense_rounds_a_float32_product_once(rows):
+    """dense in bfloat16 (on CPU a bf16 x bf16 -> f32 matmul rounded back) against numpy's float32 product of the
+    same bf16 values rounded once to bf16; its gradients keep the operands' dtypes and track float32 autodiff."""
+    x = jax.random.normal(jax.random.key(0), (2, rows, 96), jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(1), (96, 40), jnp.bfloat16)
+    want = (np.asarray(x, np.float32) @ np.asarray(w, np.float32)).astype(jnp.bfloat16)
+    for flat in (False, True):
+        y = dense(x, w, flat=flat)
+        assert y.dtype == jnp.bfloat16 and y.shape == (2, rows, 40)
+        np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(want, np.float32), rtol=8e-3, atol=1e-6)
+    cotangent = jax.random.normal(jax.random.key(2), (2, rows, 40), jnp.float32)
+    loss = lambda f: (lambda x, w: jnp.sum(f(x, w).astype(jnp.float32) * cotangent))
+    got = jax.grad(loss(lambda x, w: dense(x, w, flat=True)), (0, 1))(x, w)
+    exact = jax.grad(loss(lambda x, w: x @ w), (0, 1))(x.astype(jnp.float32), w.astype(jnp.float32))
+    for g, e in zip(got, exact):
+        assert g.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(e), rtol=2e-2, atol=2e-2 * float(jnp.abs(e).max()))
 
 
 @pytest.mark.parametrize("shape", [(4, 64, 2048), (3, 1000, 160), (2, 5, 7)])  # folded, odd after a fold, small
