@@ -30,7 +30,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks import quiet  # noqa: E402
 from lm import config as lm_config  # noqa: E402
 from lm import sample  # noqa: E402
-from lm.model import hf  # noqa: E402
+from lm.model import hf, layers  # noqa: E402
 from lm.model import Transformer, param_count  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "sample.json"
@@ -104,8 +104,8 @@ def hf_generate(torch_model, prompts, new_tokens, threads: int):
 
 
 def lm_matmuls(model, batch: int, rng):
-    """One decode step's matmuls as lm runs them (2-D, config.model.flat_matmuls; the tied head contracting the
-    embedding's model axis) -> a function that runs them once and waits."""
+    """One decode step's matmuls as lm runs them (lm.model.layers.dense, 2-D as config.model.flat_matmuls; the tied
+    head contracting the embedding's model axis, float32 out) -> a function that runs them once and waits."""
     matrices = []
     for path, param in nnx.to_flat_state(nnx.state(model.blocks, nnx.Param)):
         w, name = param[...], path[-1]
@@ -122,8 +122,9 @@ def lm_matmuls(model, batch: int, rng):
 
     @jax.jit
     def step(matrices, head, rows):
-        logits = jnp.einsum("nd,vd->nv" if tied else "nd,dv->nv", rows[model.spec.d_model], head)
-        return sum(jnp.sum(rows[w.shape[0]] @ w) for w in matrices) + jnp.sum(logits)
+        logits = jnp.einsum("nd,vd->nv" if tied else "nd,dv->nv", rows[model.spec.d_model], head,
+                            preferred_element_type=jnp.float32)  # as Transformer.logits
+        return sum(jnp.sum(layers.dense(rows[w.shape[0]], w)) for w in matrices) + jnp.sum(logits)
     return lambda: step(matrices, head, rows).block_until_ready()
 
 
