@@ -6,7 +6,9 @@
 tokens/s = batch * new_tokens / median seconds of one whole generate call (prefill included, compilation excluded:
 each path runs once before it is timed; the paths take turns so load changes on a shared machine hit them alike).
 HF runs at each of --torch_threads (1 and 2 by default; lm is compared with HF's faster one). Also checks that the
-paths produce the same greedy tokens. Writes benchmarks/results/sample.json only from a quiet run (benchmarks/quiet.py):
+paths produce the same greedy tokens. --floor (on by default) also times each side's matmuls of one decode step
+alone: a decode loop built on them cannot be faster, so a goal below both sides' floors needs fewer bytes per weight
+or faster kernels, not a better loop. Writes benchmarks/results/sample.json only from a quiet run (benchmarks/quiet.py):
 
     ../shared/tools/quiet-run -- python benchmarks/bench_sample.py
     ../shared/tools/quiet-run -- python benchmarks/bench_sample.py --config=configs/gpt2_124m.py --repeats=3 --nono_cache
